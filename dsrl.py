@@ -1,0 +1,859 @@
+"""dsrl.py - Dual Space RL (DSRL) for math reasoning, in one file.
+
+Paper:    From P(y|x) to P(y): Investigating Reinforcement Learning in Pre-train Space
+          (Tan et al., 2026, arXiv 2604.14142).
+Official: github.com/Trae1ounG/Pretrain_Space_RLVR (a verl fork). Semantics reproduced here are
+          the ones of that code (ray_trainer.py, dp_actor.py, core_algos.py, run_code/DSRL_qwen3-4b.sh).
+
+The idea in four lines. Sample G answers per problem from the policy P(y|x) and score them (0/1).
+NSR-PreRL: push DOWN log P(y) = sum_t log pi(y_t | <|im_start|>, y_<t) of the wrong answers, i.e. the
+gradient goes through the model *without the prompt* ("pre-train space"). DSRL: do that for a short
+warm-up, then hand the weights over to ordinary GRPO in P(y|x) ("policy reincarnation").
+
+Run:   python dsrl.py --model Qwen/Qwen3-0.6B                  (DSRL, one GPU)
+       python dsrl.py --model PATH --mode grpo --steps 100     (any of the six modes)
+       python dsrl.py --output-dir runs/x --resume             (continue a stopped run)
+
+Departures from the official code (each also in README.md, "Departures"):
+ 1. Token-mean over ALL kept tokens of the step. Official: token-mean per micro-batch, micro-batches
+    weighted by their share of sequences. Ours is the clean definition and makes micro-batching exact.
+ 2. Work that cannot change the gradient is skipped: no conditional forward in P(y)-only steps, no P(y)
+    forward in GRPO steps, no forward for masked or zero-advantage samples (their tokens still count in
+    the GRPO denominator, as in the official loss). Official computes all of them and multiplies by 0.
+ 3. No separate old-log-prob pass: with one update per batch the PPO ratio is exactly 1, so
+    old_logp = logp.detach(). The clipped (and dual-clipped) form is kept for the general case.
+ 4. Reward: by default an equivalence checker (strings, then exact numbers, then bounded sympy) that
+    accepts everything the official Hendrycks string scorer accepts and more (0.50 = 1/2).
+    `--reward official` gives the official string scorer bit for bit.
+ 5. Sampling with Hugging Face `generate` (official: vLLM), from a bf16 copy of the fp32 master
+    weights that is re-synced after every update (official: FSDP fp32 master + bf16 rollout engine).
+ 6. Default sizes for one GPU: Qwen3-0.6B, 16 prompts x 8 samples, 1,024 new tokens
+    (official: Qwen3-4B, 128 x 8, 8,192). Loss, clip and optimizer settings are the official ones.
+ 7. `--warmup-steps W` counts warm-up UPDATES: steps 1..W use P(y), steps W+1.. use P(y|x).
+    The official `pretrain_loss_disable_step=D` runs steps 1..D-1 in P(y), so W = D - 1 (default 19).
+"""
+
+import argparse
+import dataclasses
+import glob
+import json
+import math
+import os
+import random
+import re
+import shutil
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field, fields
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
+START_TOKEN = "<|im_start|>"   # the one token that stands in for the prompt in P(y) space
+STOP_TOKEN = "<|im_end|>"      # chat end of turn: Qwen's EOS for chat responses
+DEFAULT_DATASET = "DigitalLearningGmbH/MATH-lighteval"
+MODES = {  # mode -> list of (space, samples) phases; see phase_for_step
+    "dsrl": "NSR-PreRL warm-up (P(y), wrong answers), then GRPO (P(y|x), all samples)",
+    "grpo": "P(y|x), all samples (baseline)",
+    "nsr-prerl": "P(y), negative samples only (the paper's key mechanism)",
+    "psr-prerl": "P(y), positive samples only",
+    "nsr-rl": "P(y|x), negative samples only (ablation: same pruning, prompt kept)",
+    "psr-rl": "P(y|x), positive samples only (ablation)",
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Settings: one source of truth. The help line names the official value where ours differs.
+# ----------------------------------------------------------------------------------------------------
+@dataclass
+class Args:
+    model: str = field(default="Qwen/Qwen3-0.6B", metadata={"help": "hub id or local path of a causal LM (official: Qwen3-4B)"})
+    dataset: str = field(default=DEFAULT_DATASET, metadata={"help": "hub id or local .parquet/.jsonl (verl format, problem+answer or problem+solution)"})
+    mode: str = field(default="dsrl", metadata={"help": "one of: " + ", ".join(MODES)})
+    warmup_steps: int = field(default=19, metadata={"help": "dsrl: number of NSR-PreRL updates before GRPO (official pretrain_loss_disable_step=20 -> 19)"})
+    prerl_coef: float = field(default=0.01, metadata={"help": "scale of the P(y) loss (official pretrain_loss_coef)"})
+    steps: int = field(default=348, metadata={"help": "optimizer steps in total (official: 348 = 6 epochs of 128 prompts)"})
+    prompts_per_step: int = field(default=16, metadata={"help": "prompts per step (official: 128)"})
+    group_size: int = field(default=8, metadata={"help": "responses sampled per prompt, G >= 2"})
+    max_prompt_tokens: int = field(default=1024, metadata={"help": "prompts longer than this are cut from the left"})
+    max_new_tokens: int = field(default=1024, metadata={"help": "response length limit (official: 8192)"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature; log-probs use the same one"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling"})
+    lr: float = field(default=1e-6, metadata={"help": "AdamW learning rate, constant"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
+    clip_low: float = field(default=0.2, metadata={"help": "PPO clip epsilon below 1"})
+    clip_high: float = field(default=0.2, metadata={"help": "PPO clip epsilon above 1 (official GRPO baseline script: 0.28)"})
+    clip_dual: float = field(default=10.0, metadata={"help": "dual-clip constant c for negative advantages"})
+    grad_clip: float = field(default=1.0, metadata={"help": "gradient-norm clip"})
+    micro_batch_size: int = field(default=8, metadata={"help": "sequences per forward/backward (gradient accumulation, exact)"})
+    gen_batch_size: int = field(default=0, metadata={"help": "sequences per generate call, 0 = all at once"})
+    logprob_chunk: int = field(default=1024, metadata={"help": "tokens per chunk when computing log-probs over the vocabulary"})
+    reward: str = field(default="math", metadata={"help": "math (equivalence checker) or official (exact official string scorer)"})
+    seed: int = field(default=0, metadata={"help": "seed for data order, sampling and init of everything random"})
+    output_dir: str = field(default="runs/dsrl", metadata={"help": "where config, metrics, samples and checkpoints go"})
+    save_every: int = field(default=50, metadata={"help": "checkpoint every N steps (and always at the end)"})
+    save_total_limit: int = field(default=2, metadata={"help": "keep only the last N checkpoints, 0 = keep all"})
+    resume: str = field(default="", metadata={"help": "continue from the latest checkpoint in --output-dir (bare flag) or from a checkpoint path"})
+    max_bad_steps: int = field(default=5, metadata={"help": "stop after this many non-finite steps in a row"})
+    eval_every: int = field(default=0, metadata={"help": "run eval.py accuracy every N steps, 0 = never (official: 5)"})
+    eval_benchmarks: str = field(default="aime24,aime25,amc23", metadata={"help": "benchmarks for --eval-every (names or files)"})
+    eval_k: int = field(default=4, metadata={"help": "samples per problem for --eval-every (official: 20)"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
+    dtype: str = field(default="auto", metadata={"help": "compute dtype: auto (bf16 on GPU, fp32 on CPU), bfloat16, float16, float32; weights stay fp32"})
+
+
+# Keys that may change between a run and its resumption without changing what the run computes.
+RESUMABLE_CHANGES = {"steps", "output_dir", "resume", "save_every", "save_total_limit", "device", "micro_batch_size",
+                     "gen_batch_size", "logprob_chunk", "max_bad_steps", "eval_every", "eval_benchmarks", "eval_k"}
+
+
+class UsageError(Exception):
+    """Bad input: reported as one line on stderr, exit code 2, no traceback."""
+
+
+def build_parser(suppress_defaults=False):
+    p = argparse.ArgumentParser(description="Dual Space RL (DSRL) trainer: " + MODES["dsrl"],
+                                argument_default=argparse.SUPPRESS if suppress_defaults else None)
+    for f in fields(Args):
+        kw = {"help": f.metadata["help"] + ("" if suppress_defaults else f" (default: {f.default})")}
+        if not suppress_defaults:
+            kw["default"] = f.default
+        if f.name == "resume":
+            kw.update(nargs="?", const="latest")
+        elif f.name == "mode":
+            kw.update(choices=list(MODES))
+        elif f.name == "reward":
+            kw.update(choices=["math", "official"])
+        elif f.name == "dtype":
+            kw.update(choices=["auto", "bfloat16", "float16", "float32"])
+        else:
+            kw["type"] = type(f.default)
+        p.add_argument("--" + f.name.replace("_", "-"), **kw)
+    return p
+
+
+def parse_args(argv=None):
+    """Returns (Args, set of keys given explicitly on the command line)."""
+    args = Args(**vars(build_parser().parse_args(argv)))
+    explicit = set(vars(build_parser(suppress_defaults=True).parse_args(argv)))
+    return args, explicit
+
+
+def check_args(a: Args):
+    checks = [
+        (a.group_size >= 2, f"--group-size {a.group_size}: needs >= 2 (with one sample every advantage is 0)"),
+        (a.steps >= 1, f"--steps {a.steps}: needs >= 1"),
+        (a.prompts_per_step >= 1, f"--prompts-per-step {a.prompts_per_step}: needs >= 1"),
+        (0 <= a.warmup_steps <= a.steps, f"--warmup-steps {a.warmup_steps}: must be between 0 and --steps {a.steps}"),
+        (a.lr > 0, f"--lr {a.lr}: must be > 0"),
+        (a.weight_decay >= 0, f"--weight-decay {a.weight_decay}: must be >= 0"),
+        (a.prerl_coef > 0, f"--prerl-coef {a.prerl_coef}: must be > 0"),
+        (a.temperature > 0, f"--temperature {a.temperature}: must be > 0"),
+        (0 < a.top_p <= 1, f"--top-p {a.top_p}: must be in (0, 1]"),
+        (a.max_new_tokens >= 1 and a.max_prompt_tokens >= 1, "--max-new-tokens and --max-prompt-tokens must be >= 1"),
+        (a.clip_low > 0 and a.clip_high > 0 and a.clip_dual > 1, "clip epsilons must be > 0 and --clip-dual > 1"),
+        (a.grad_clip > 0, f"--grad-clip {a.grad_clip}: must be > 0"),
+        (a.micro_batch_size >= 1 and a.gen_batch_size >= 0 and a.logprob_chunk >= 1, "batch and chunk sizes must be >= 1"),
+        (a.save_every >= 1 and a.save_total_limit >= 0, "--save-every must be >= 1 and --save-total-limit >= 0"),
+        (a.max_bad_steps >= 1 and a.eval_every >= 0 and a.eval_k >= 1, "--max-bad-steps and --eval-k must be >= 1, --eval-every >= 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data and the chat prompt
+# ----------------------------------------------------------------------------------------------------
+def read_rows(source: str, split: str = "train") -> list:
+    """Rows of a local .parquet/.jsonl file, or of a hub dataset split."""
+    is_file = source.endswith((".parquet", ".jsonl", ".json")) or os.sep in source and os.path.exists(source)
+    if is_file:
+        if not os.path.isfile(source):
+            raise UsageError(f"dataset file not found: {source} (give an existing .parquet/.jsonl file or a hub id)")
+        try:
+            if source.endswith(".parquet"):
+                import pyarrow.parquet as pq  # comes with `datasets`
+                return pq.read_table(source).to_pylist()
+            rows = []
+            with open(source, encoding="utf-8") as fh:
+                for n, line in enumerate(fh, 1):
+                    if line.strip():
+                        try:
+                            rows.append(json.loads(line))
+                        except json.JSONDecodeError:
+                            rows.append({"__malformed__": f"line {n}"})
+            return rows
+        except UsageError:
+            raise
+        except Exception as e:
+            raise UsageError(f"cannot read dataset file {source}: {type(e).__name__}: {str(e)[:200]} (is it a valid parquet/jsonl file?)")
+    try:
+        import datasets
+        return datasets.load_dataset(source, split=split).to_list()
+    except Exception as e:
+        raise UsageError(f"cannot load dataset '{source}' from the hub ({type(e).__name__}); "
+                         "check the id or give a local .parquet/.jsonl file")
+
+
+def row_to_example(row: dict):
+    """One row -> {"messages": chat, "answer": gold}, or None if the row is malformed.
+    Accepted: the official verl format (prompt = chat messages, reward_model.ground_truth),
+    problem + answer, problem + solution (answer = last \\boxed{} of the solution)."""
+    if isinstance(row.get("prompt"), list) and isinstance(row.get("reward_model"), dict):
+        messages = [m for m in row["prompt"] if isinstance(m, dict) and m.get("content")]
+        gold = row["reward_model"].get("ground_truth")
+    elif "problem" in row and ("answer" in row or "solution" in row):
+        messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": row["problem"]}]
+        gold = row["answer"] if "answer" in row else last_boxed(str(row.get("solution") or ""))
+    else:
+        return None
+    if not messages or not all(isinstance(m.get("content"), str) for m in messages) or messages[-1].get("role") != "user":
+        return None
+    if gold is None or not str(gold).strip():
+        return None
+    return {"messages": messages, "answer": str(gold).strip()}
+
+
+def load_problems(source: str, split: str = "train"):
+    """Returns (examples, n_malformed). Unknown columns or nothing usable -> UsageError."""
+    rows = read_rows(source, split)
+    if not rows:
+        raise UsageError(f"dataset {source} is empty")
+    columns = sorted({k for r in rows[:100] for k in r if k != "__malformed__"})
+    known = ({"prompt", "reward_model"}, {"problem", "answer"}, {"problem", "solution"})
+    if not any(need <= set(columns) for need in known):
+        raise UsageError(f"dataset {source} has columns {columns}; need prompt+reward_model (verl), "
+                         "problem+answer or problem+solution")
+    examples = [e for e in (row_to_example(r) for r in rows) if e is not None]
+    if not examples:
+        raise UsageError(f"dataset {source}: none of its {len(rows)} rows has a problem and a non-empty answer")
+    return examples, len(rows) - len(examples)
+
+
+def build_prompt(tokenizer, messages, max_prompt_tokens: int) -> list:
+    """Chat template with the generation prompt; Qwen3 in non-thinking mode ("qwen3_no_thinking").
+    Templates that do not know `enable_thinking` ignore it. Too long: keep the last tokens (left truncation)."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=False)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ids[-max_prompt_tokens:]
+
+
+def data_order(n_examples: int, seed: int, epoch: int) -> list:
+    """A fixed permutation per epoch: position in the data is a function of (seed, step) alone,
+    so resuming needs no sampler state."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n_examples, generator=g).tolist()
+
+
+def batch_indices(n_examples: int, seed: int, step: int, batch: int) -> list:
+    """Dataset indices of the prompts of optimizer step `step` (1-based); epochs roll over."""
+    start = (step - 1) * batch
+    out = []
+    for pos in range(start, start + batch):
+        epoch, offset = divmod(pos, n_examples)
+        out.append(data_order(n_examples, seed, epoch)[offset])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reward
+# ----------------------------------------------------------------------------------------------------
+def last_boxed(text: str):
+    """Content of the last \\boxed{...} or \\fbox{...}, or None."""
+    i = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    if i < 0:
+        return None
+    j = text.find("{", i)
+    if j < 0:
+        return None
+    depth = 0
+    for k in range(j, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[k], 0)
+        if depth == 0:
+            return text[j + 1:k]
+    return None
+
+
+def strip_string(s: str) -> str:
+    return s.replace(" ", "").replace("\\dfrac", "\\frac").replace("\\left", "").replace("\\right", "")
+
+
+def official_reward(response: str, gold: str) -> float:
+    box = last_boxed(response)
+    return float(box is not None and strip_string(box) == strip_string(gold))
+
+
+def reward_outcome(response: str, gold: str):
+    box = last_boxed(response)
+    if box is None:
+        return 0.0, "no_box"
+    ok = strip_string(box) == strip_string(gold)
+    return float(ok), "right" if ok else "wrong"
+
+
+def math_reward(response: str, gold: str) -> float:
+    return reward_outcome(response, gold)[0]
+
+
+REWARD_OUTCOMES = ("right", "wrong", "no_box", "unparseable", "timeout")
+
+
+def score(responses, golds, kind: str = "math"):
+    """Rewards (list of float) and outcome counts for a batch of responses."""
+    counts = dict.fromkeys(REWARD_OUTCOMES, 0)
+    rewards = []
+    for response, gold in zip(responses, golds):
+        if kind == "official":
+            r = official_reward(response, gold)
+            outcome = "right" if r else ("no_box" if last_boxed(response) is None else "wrong")
+        else:
+            r, outcome = reward_outcome(response, gold)
+        rewards.append(r)
+        counts[outcome] += 1
+    return rewards, counts
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sampling from P(y|x)
+# ----------------------------------------------------------------------------------------------------
+def token_id(tokenizer, token: str) -> int:
+    """Id of a special token, taken from the tokenizer (never hard-coded)."""
+    tid = tokenizer.convert_tokens_to_ids(token)
+    if tid is None or tid == tokenizer.unk_token_id or not isinstance(tid, int):
+        raise UsageError(f"tokenizer has no {token} token; DSRL needs a ChatML tokenizer (e.g. Qwen) "
+                         f"so that {token} can stand in for the prompt")
+    return tid
+
+
+def stop_ids(tokenizer) -> list:
+    ids = {tokenizer.eos_token_id}
+    ids.add(tokenizer.convert_tokens_to_ids(STOP_TOKEN))
+    return sorted(i for i in ids if isinstance(i, int) and i != tokenizer.unk_token_id)
+
+
+def pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def left_pad(seqs, pad: int, device):
+    """Left-padded (N, L) ids and attention mask; position ids come from the mask (see positions_from_mask)."""
+    L = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), L), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), L), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, L - len(s):] = torch.tensor(s)
+        mask[i, L - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def right_pad(seqs, pad: int, device):
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s)
+        mask[i, :len(s)] = True
+    return ids.to(device), mask.to(device)
+
+
+def positions_from_mask(mask):
+    """Real positions for left-padded rows: 0 at the first real token (as `generate` does it)."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def cut_at_stop(ids: list, stops: set):
+    """Keep tokens up to and including the first stop token; the rest is padding. -> (ids, truncated)."""
+    for k, t in enumerate(ids):
+        if t in stops:
+            return ids[:k + 1], False
+    return ids, True
+
+
+@torch.no_grad()
+def sample_responses(model, tokenizer, prompt_ids, group_size, max_new_tokens, temperature=1.0, top_p=1.0,
+                     batch_size=0, min_new_tokens=0, dtype=torch.float32):
+    """G samples per prompt from P(y|x), prompt-major (sample i*G+g belongs to prompt i).
+    Returns (response_ids: list of lists ending with the stop token unless truncated, truncated: list of bool)."""
+    device = next(model.parameters()).device
+    rows = [p for p in prompt_ids for _ in range(group_size)]
+    stops, pad = stop_ids(tokenizer), pad_id(tokenizer)
+    responses, truncated = [], []
+    step = batch_size or len(rows)
+    for s in range(0, len(rows), step):
+        ids, mask = left_pad(rows[s:s + step], pad, device)  # (n, L)
+        with autocast(device, dtype):
+            out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=temperature,
+                                 top_p=top_p, top_k=0, min_p=None, repetition_penalty=1.0,
+                                 max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                                 eos_token_id=stops, pad_token_id=pad, use_cache=True)
+        for row in out[:, ids.shape[1]:].tolist():  # (n, T_new)
+            r, cut = cut_at_stop(row, set(stops))
+            responses.append(r)
+            truncated.append(cut)
+    return responses, truncated
+
+
+def autocast(device, dtype):
+    if dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Log-probs of y in the two spaces: P(y|x) (prompt kept) and P(y) (prompt replaced by <|im_start|>)
+# ----------------------------------------------------------------------------------------------------
+def _chunk_logprob(hidden, targets, weight, bias, temperature):
+    """log pi(target | state) for (K, H) states. Logits (K, V) live only inside this chunk."""
+    logits = F.linear(hidden, weight, bias).float() / temperature  # (K, V)
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)  # (K,)
+
+
+def token_logprobs(model, input_ids, attention_mask, position_ids, targets, target_mask, first, temperature, chunk):
+    """Per-token log-probs of `targets` (N, T), predicted by the hidden states at positions first-1 .. first+T-2.
+    Never builds the (N, T, vocab) log-softmax: the vocabulary projection runs on `chunk` real tokens at a
+    time under activation checkpointing, so memory stays flat in T (Qwen3's vocabulary is 151,936)."""
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                              position_ids=position_ids).last_hidden_state  # (N, L, H)
+    T = targets.shape[1]
+    states = hidden[:, first - 1:first - 1 + T][target_mask]  # (K, H), real response tokens only
+    flat_targets = targets[target_mask]  # (K,)
+    head = model.get_output_embeddings()
+    parts = [checkpoint(_chunk_logprob, states[s:s + chunk], flat_targets[s:s + chunk], head.weight, head.bias,
+                        temperature, use_reentrant=False)
+             for s in range(0, states.shape[0], chunk)]
+    logp = torch.zeros(targets.shape, dtype=torch.float32, device=targets.device)  # (N, T)
+    logp = logp.masked_scatter(target_mask, torch.cat(parts)) if parts else logp
+    return logp
+
+
+def logprob_y_given_x(model, prompt_ids, response_ids, pad, temperature=1.0, chunk=1024):
+    """log pi(y_t | x, y_<t) for each response token: the standard RL space.
+    Prompts left-padded, responses right-padded, positions from the attention mask. -> (logp, mask), (N, T)."""
+    device = next(model.parameters()).device
+    x, x_mask = left_pad(prompt_ids, pad, device)  # (N, P)
+    y, y_mask = right_pad(response_ids, pad, device)  # (N, T)
+    ids = torch.cat([x, y], 1)  # (N, P+T)
+    mask = torch.cat([x_mask, y_mask.long()], 1)
+    logp = token_logprobs(model, ids, mask, positions_from_mask(mask), y, y_mask, x.shape[1], temperature, chunk)
+    return logp, y_mask
+
+
+def logprob_y(model, start_id, response_ids, pad, temperature=1.0, chunk=1024):
+    """log pi(y_t | <|im_start|>, y_<t): the pre-train space P(y). Input [<|im_start|>] + y, positions 0..|y|.
+    -> (logp, mask), (N, T)."""
+    device = next(model.parameters()).device
+    y, y_mask = right_pad(response_ids, pad, device)  # (N, T)
+    start = torch.full((y.shape[0], 1), start_id, dtype=torch.long, device=device)
+    ids = torch.cat([start, y], 1)  # (N, 1+T)
+    mask = torch.cat([torch.ones_like(start), y_mask.long()], 1)
+    positions = torch.arange(ids.shape[1], device=device).expand_as(ids)  # 0..|y| (pads are masked)
+    logp = token_logprobs(model, ids, mask, positions, y, y_mask, 1, temperature, chunk)
+    return logp, y_mask
+
+
+# ----------------------------------------------------------------------------------------------------
+# Advantages, sample masks (NSR / PSR), the clipped token-mean loss
+# ----------------------------------------------------------------------------------------------------
+def group_advantages(rewards, group_size: int, use_std: bool):
+    """A_i = r_i - mean_g r, divided by (std_g r + 1e-6) in P(y|x) space (GRPO) and not in P(y) space
+    (official pretrain_norm_adv_by_std=False). std is unbiased (torch.std). rewards (N,) -> (N,)."""
+    r = torch.as_tensor(rewards, dtype=torch.float32).view(-1, group_size)  # (B, G)
+    adv = r - r.mean(1, keepdim=True)
+    if use_std:
+        adv = adv / (r.std(1, keepdim=True) + 1e-6)
+    return adv.view(-1)
+
+
+def sample_mask(adv, samples: str):
+    """Which samples take part in the loss. NSR: A < 0 (wrong answers in groups with a right one);
+    PSR: A > 0; all: every sample, A = 0 included (it adds tokens to the token-mean denominator)."""
+    if samples == "neg":
+        return adv < 0
+    if samples == "pos":
+        return adv > 0
+    return torch.ones_like(adv, dtype=torch.bool)
+
+
+def ppo_clip_loss(logp, old_logp, adv, clip_low, clip_high, clip_dual):
+    """Per-token PPO surrogate with dual clip (verl core_algos.compute_policy_loss). adv broadcasts (N, 1)."""
+    ratio = torch.exp(logp - old_logp)
+    loss = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip_low, 1 + clip_high))
+    dual = torch.minimum(loss, -adv * clip_dual)  # dual clip: bound the loss of A < 0 tokens
+    return torch.where(adv < 0, dual, loss)
+
+
+def token_mean_loss(per_token, mask, n_tokens):
+    """Sum of per-token losses over the kept tokens / number of kept tokens of the WHOLE step, so
+    micro-batches add up to exactly the one-batch loss."""
+    return (per_token * mask).sum() / max(n_tokens, 1)
+
+
+def phase_for_step(mode: str, step: int, warmup_steps: int):
+    """(space, samples) of a 1-based step. space: "y" = P(y), "y|x" = P(y|x); samples: neg / pos / all."""
+    if mode == "dsrl":
+        return ("y", "neg") if step <= warmup_steps else ("y|x", "all")
+    return {"grpo": ("y|x", "all"), "nsr-prerl": ("y", "neg"), "psr-prerl": ("y", "pos"),
+            "nsr-rl": ("y|x", "neg"), "psr-rl": ("y|x", "pos")}[mode]
+
+
+def policy_loss_backward(model, space, prompt_ids, response_ids, adv, keep, coef, args, start_id, pad):
+    """Forward + backward of coef * token_mean(PPO loss) in one space, gradient-accumulated over
+    length-sorted micro-batches. Only samples that can change the gradient (kept, A != 0) are run.
+    Returns (loss value, number of samples run, tokens run, tokens in the denominator)."""
+    kept = [i for i in range(len(response_ids)) if keep[i]]
+    n_tokens = sum(len(response_ids[i]) for i in kept)  # token-mean denominator
+    active = sorted((i for i in kept if adv[i] != 0), key=lambda i: len(response_ids[i]))
+    total = 0.0
+    dtype = resolve_dtype(args.dtype, args.device)
+    device = next(model.parameters()).device
+    for s in range(0, len(active), args.micro_batch_size):
+        mb = active[s:s + args.micro_batch_size]
+        ys = [response_ids[i] for i in mb]
+        with autocast(device, dtype):
+            if space == "y":
+                logp, mask = logprob_y(model, start_id, ys, pad, args.temperature, args.logprob_chunk)
+            else:
+                logp, mask = logprob_y_given_x(model, [prompt_ids[i] for i in mb], ys, pad, args.temperature,
+                                               args.logprob_chunk)
+        a = adv[mb].to(device)[:, None]  # (n, 1)
+        # One update per batch: old log-probs equal the current ones, so the ratio is exactly 1.
+        per_token = ppo_clip_loss(logp, logp.detach(), a, args.clip_low, args.clip_high, args.clip_dual)
+        loss = coef * token_mean_loss(per_token, mask, n_tokens)
+        loss.backward()
+        total += loss.item()
+    return total, len(active), sum(len(response_ids[i]) for i in active), n_tokens
+
+
+def optimizer_step(model, optimizer, grad_clip):
+    """Clip, step, zero. A non-finite grad norm skips the update (official behaviour) -> (grad_norm, skipped)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:  # a step with no active samples still steps AdamW (momentum, weight decay), as officially
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip).item()
+    skipped = not math.isfinite(grad_norm)
+    if not skipped:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, skipped
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model, checkpoints, logs
+# ----------------------------------------------------------------------------------------------------
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: no CUDA device is available (use --device cpu)")
+    return name
+
+
+def resolve_dtype(name: str, device: str):
+    if name == "auto":
+        return torch.bfloat16 if resolve_device(device).startswith("cuda") else torch.float32
+    return getattr(torch, name)
+
+
+def load_model_and_tokenizer(name_or_path: str, device: str = "cpu"):
+    """fp32 master weights (an AdamW update at lr 1e-6 vanishes in bf16 weights); compute runs in
+    autocast. Hub ids and local paths both work."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    local = os.path.exists(name_or_path) or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if local and not os.path.isdir(name_or_path):
+        raise UsageError(f"model path not found: {name_or_path} (give a model directory or a hub id)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32)
+    except Exception as e:
+        raise UsageError(f"cannot load a causal LM from '{name_or_path}': {type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:160] if str(e) else ''} (check the path or hub id)")
+    if not tokenizer.chat_template:
+        raise UsageError(f"tokenizer of {name_or_path} has no chat template; DSRL builds chat prompts")
+    tokenizer.padding_side = "left"
+    return model.to(device), tokenizer
+
+
+def generation_copy(model, dtype):
+    """The sampler: the model itself in fp32, or a low-precision copy (re-synced after each update)."""
+    if dtype == torch.float32:
+        return model
+    import copy
+    return copy.deepcopy(model).to(dtype).eval()
+
+
+@torch.no_grad()
+def sync_generation_copy(gen_model, model):
+    if gen_model is not model:
+        for p_gen, p in zip(gen_model.parameters(), model.parameters()):
+            p_gen.copy_(p)
+
+
+def rng_state():
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+CHECKPOINT_FILES = ("config.json", "trainer_state.pt")
+
+
+def save_checkpoint(output_dir, step, model, tokenizer, optimizer, args, extra, keep_last=0):
+    """checkpoint-N/: HF weights + tokenizer (AutoModelForCausalLM.from_pretrained works on it) and
+    trainer_state.pt. Written to a temporary folder and renamed, so a kill never leaves a checkpoint that
+    looks complete but is not. A failed write (disk full) removes the partial folder and raises UsageError."""
+    final = os.path.join(output_dir, f"checkpoint-{step}")
+    tmp = os.path.join(output_dir, f".tmp-checkpoint-{step}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state(),
+                    "args": dataclasses.asdict(args), **extra}, os.path.join(tmp, "trainer_state.pt"))
+        if os.path.exists(final):  # re-saving the same step after a resume
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UsageError(f"could not write checkpoint-{step} ({e.strerror or e}); free disk space and "
+                         "resume with --resume (the previous checkpoint is intact)")
+    if keep_last:
+        for old in list_checkpoints(output_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(output_dir):
+    """Complete checkpoints, oldest first. Partial ones (a kill during saving) are skipped with a warning."""
+    found = []
+    for path in glob.glob(os.path.join(output_dir, "checkpoint-*")) + glob.glob(os.path.join(output_dir, ".tmp-checkpoint-*")):
+        complete = os.path.basename(path).startswith("checkpoint-") and all(
+            os.path.exists(os.path.join(path, f)) for f in CHECKPOINT_FILES)
+        if not complete:
+            print(f"warning: ignoring incomplete checkpoint {path}", file=sys.stderr)
+        elif re.fullmatch(r"checkpoint-\d+", os.path.basename(path)):
+            found.append(path)
+    return sorted(found, key=lambda p: int(p.rsplit("-", 1)[1]))
+
+
+def truncate_jsonl(path, last_step):
+    """Drop lines of steps after `last_step` (a run resumed from checkpoint-N repeats steps N+1..)."""
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as fh:
+        lines = [ln for ln in fh if ln.strip() and _line_step(ln) <= last_step]
+    with open(path + ".tmp", "w", encoding="utf-8") as fh:
+        fh.writelines(lines)
+    os.replace(path + ".tmp", path)
+
+
+def _line_step(line):
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return 10 ** 12  # a torn last line from a kill: dropped
+
+
+def append_jsonl(path, rows):
+    with open(path, "a", encoding="utf-8") as fh:
+        for r in rows:
+            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def resolve_resume(args: Args, explicit: set):
+    """Resume: find the checkpoint, restore the run's settings, refuse changes that break resuming.
+    -> (args, checkpoint path or None)."""
+    if not args.resume:
+        return args, None
+    if args.resume == "latest":
+        ckpts = list_checkpoints(args.output_dir)
+        if not ckpts:
+            raise UsageError(f"--resume: no complete checkpoint in {args.output_dir} (start without --resume)")
+        path = ckpts[-1]
+    else:
+        path = args.resume.rstrip("/")
+        if not all(os.path.exists(os.path.join(path, f)) for f in CHECKPOINT_FILES):
+            raise UsageError(f"--resume {path}: not a complete checkpoint folder (needs {', '.join(CHECKPOINT_FILES)})")
+        if "output_dir" not in explicit:
+            args.output_dir = os.path.dirname(os.path.abspath(path))
+    saved = torch.load(os.path.join(path, "trainer_state.pt"), map_location="cpu", weights_only=False)["args"]
+    clash = sorted(k for k in explicit - RESUMABLE_CHANGES if k in saved and saved[k] != getattr(args, k))
+    if clash:
+        raise UsageError(f"--resume: {', '.join(clash)} differ from the checkpoint's run "
+                         f"({', '.join(f'{k}={saved[k]!r}' for k in clash)}); drop these flags or use a new --output-dir")
+    for k, v in saved.items():  # unspecified flags take the run's values
+        if k not in explicit and k not in ("resume", "output_dir") and hasattr(args, k):
+            setattr(args, k, v)
+    return args, path
+
+
+# ----------------------------------------------------------------------------------------------------
+# The training loop
+# ----------------------------------------------------------------------------------------------------
+STOP_REQUEST = {"signal": None}
+
+
+def _request_stop(signum, frame):
+    if STOP_REQUEST["signal"] is not None:  # second Ctrl-C: give up at once
+        raise KeyboardInterrupt
+    STOP_REQUEST["signal"] = signal.Signals(signum).name
+    print(f"\n{STOP_REQUEST['signal']}: finishing this step, saving a checkpoint, then exiting", file=sys.stderr)
+
+
+def train(args: Args, resume_path=None):
+    from tqdm import tqdm
+    check_args(args)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    try:
+        os.makedirs(args.output_dir, exist_ok=True)
+        probe = os.path.join(args.output_dir, ".write-test")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise UsageError(f"output dir {args.output_dir} is not writable ({e.strerror}); choose another --output-dir")
+    examples, n_malformed = load_problems(args.dataset)
+    model, tokenizer = load_model_and_tokenizer(resume_path or args.model, device)
+    start_id = token_id(tokenizer, START_TOKEN)
+    pad = pad_id(tokenizer)
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
+    first_step, bad_in_row = 1, 0
+    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+    samples_path = os.path.join(args.output_dir, "samples.jsonl")
+    if resume_path:
+        state = torch.load(os.path.join(resume_path, "trainer_state.pt"), map_location="cpu", weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"])
+        first_step, bad_in_row = state["step"] + 1, state.get("bad_in_row", 0)
+        for path in (metrics_path, samples_path):
+            truncate_jsonl(path, state["step"])
+        print(f"resumed from {resume_path} at step {state['step']}", file=sys.stderr)
+    else:
+        for path in (metrics_path, samples_path):
+            open(path, "w").close()
+    with open(os.path.join(args.output_dir, "config.json"), "w") as fh:
+        json.dump({**dataclasses.asdict(args), "resolved_device": device, "resolved_dtype": str(dtype),
+                   "n_examples": len(examples), "n_malformed_rows": n_malformed}, fh, indent=2)
+    if n_malformed:
+        print(f"warning: skipped {n_malformed} malformed rows of {args.dataset}", file=sys.stderr)
+    gen_model = generation_copy(model, dtype)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _request_stop)
+
+    def checkpoint_now(step):
+        return save_checkpoint(args.output_dir, step, model, tokenizer, optimizer, args,
+                               {"bad_in_row": bad_in_row}, args.save_total_limit)
+
+    bar = tqdm(range(first_step, args.steps + 1), initial=first_step - 1, total=args.steps, dynamic_ncols=True)
+    step = first_step - 1
+    for step in bar:
+        t0 = time.time()
+        space, samples = phase_for_step(args.mode, step, args.warmup_steps)
+        if args.mode == "dsrl" and step == args.warmup_steps + 1:
+            tqdm.write(f"=== step {step}: warm-up over, policy reincarnation: GRPO in P(y|x) from here ===")
+        # 1. sample G responses per prompt from P(y|x)
+        idx = batch_indices(len(examples), args.seed, step, args.prompts_per_step)
+        batch = [examples[i] for i in idx]
+        prompt_ids = [build_prompt(tokenizer, ex["messages"], args.max_prompt_tokens) for ex in batch]
+        responses, truncated = sample_responses(gen_model, tokenizer, prompt_ids, args.group_size, args.max_new_tokens,
+                                                args.temperature, args.top_p, args.gen_batch_size, dtype=dtype)
+        t_gen = time.time() - t0
+        # 2. reward
+        texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+        golds = [ex["answer"] for ex in batch for _ in range(args.group_size)]
+        rewards, outcomes = score(texts, golds, args.reward)
+        # 3. advantages and which samples take part
+        adv = group_advantages(rewards, args.group_size, use_std=(space == "y|x"))  # (N,)
+        keep = sample_mask(adv, samples)
+        # 4. loss in the phase's space, backward, update
+        coef = args.prerl_coef if space == "y" else 1.0
+        x_ids = [p for p in prompt_ids for _ in range(args.group_size)]
+        loss, n_used, tokens_used, loss_tokens = policy_loss_backward(model, space, x_ids, responses, adv, keep, coef,
+                                                                      args, start_id, pad)
+        skipped = not math.isfinite(loss)
+        if skipped:
+            model.zero_grad(set_to_none=True)
+            grad_norm = float("nan")
+        else:
+            grad_norm, skipped = optimizer_step(model, optimizer, args.grad_clip)
+        bad_in_row = bad_in_row + 1 if skipped else 0
+        if not skipped:
+            sync_generation_copy(gen_model, model)
+        # 5. log
+        r = torch.tensor(rewards).view(-1, args.group_size)  # (B, G)
+        lengths = [len(y) for y in responses]
+        row = {"step": step, "phase": "warmup" if (args.mode == "dsrl" and space == "y") else "rl",
+               "space": "P(y)" if space == "y" else "P(y|x)", "samples": samples,
+               "reward_mean": r.mean().item(), "n_pos": int((adv > 0).sum()), "n_neg": int((adv < 0).sum()),
+               "n_used": n_used, "tokens_used": tokens_used, "loss_tokens": loss_tokens,
+               "solved_all": int((r.min(1).values == 1).sum()), "solved_none": int((r.max(1).values == 0).sum()),
+               "loss": loss, "grad_norm": grad_norm, "skipped": int(skipped),
+               "response_len_mean": sum(lengths) / len(lengths), "truncated_frac": sum(truncated) / len(truncated),
+               "gen_tokens": sum(lengths), **{f"reward_{k}": v for k, v in outcomes.items()},
+               "lr": optimizer.param_groups[0]["lr"], "time_gen_s": t_gen, "time_step_s": time.time() - t0}
+        if args.eval_every and step % args.eval_every == 0:
+            row.update(evaluate_during_training(gen_model, tokenizer, args, dtype))
+        append_jsonl(metrics_path, [row])
+        append_jsonl(samples_path, [{"step": step, "prompt_index": idx[i // args.group_size], "response": texts[i],
+                                     "gold": golds[i], "reward": rewards[i], "advantage": adv[i].item(),
+                                     "used_in_loss": bool(keep[i]), "truncated": truncated[i]}
+                                    for i in range(len(texts))])
+        tqdm.write(f"step {step:4d} {row['space']:6s} {samples:3s} reward {row['reward_mean']:.3f} "
+                   f"all/none {row['solved_all']}/{row['solved_none']} used {n_used:3d} loss {loss:+.5f} "
+                   f"gnorm {grad_norm:.3f}{' SKIPPED' if skipped else ''} len {row['response_len_mean']:.0f} "
+                   f"gen {t_gen:.1f}s step {row['time_step_s']:.1f}s")
+        # 6. checkpoint, stop requests, runaway NaN
+        stop = STOP_REQUEST["signal"]
+        if step % args.save_every == 0 or step == args.steps or stop or bad_in_row >= args.max_bad_steps:
+            checkpoint_now(step)
+        if bad_in_row >= args.max_bad_steps:
+            bar.close()
+            print(f"error: {bad_in_row} non-finite steps in a row at step {step}; no NaN was written, "
+                  f"last weights in {args.output_dir}/checkpoint-{step}; lower --lr or check the data", file=sys.stderr)
+            return 3
+        if stop:
+            bar.close()
+            print(f"stopped by {stop} after step {step}; continue with: python dsrl.py --output-dir "
+                  f"{args.output_dir} --resume", file=sys.stderr)
+            return 0
+    bar.close()
+    return 0
+
+
+def evaluate_during_training(model, tokenizer, args, dtype):
+    """--eval-every: the accuracy evaluation of eval.py (one implementation), flattened into the metrics."""
+    import importlib
+    evaluator = importlib.import_module("eval")
+    results = evaluator.evaluate_accuracy(model, tokenizer, [b for b in args.eval_benchmarks.split(",") if b],
+                                          k=args.eval_k, max_new_tokens=args.max_new_tokens,
+                                          temperature=args.temperature, top_p=args.top_p, dtype=dtype,
+                                          gen_batch_size=args.gen_batch_size, reward=args.reward)
+    return {f"eval/{bench}/{key}": value for bench, res in results.items() for key, value in res.items()
+            if isinstance(value, (int, float))}
+
+
+def main(argv=None):
+    try:
+        args, explicit = parse_args(argv)
+        args, resume_path = resolve_resume(args, explicit)
+        return train(args, resume_path)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
