@@ -44,9 +44,13 @@ import re
 import shutil
 import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
+from fractions import Fraction
+
+import mpmath  # numeric equality in the reward; installed with sympy
 
 import torch
 import torch.nn.functional as F
@@ -261,42 +265,908 @@ def batch_indices(n_examples: int, seed: int, step: int, batch: int) -> list:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Reward
+# Reward: math_reward(response, gold) -> 1.0 / 0.0
 # ----------------------------------------------------------------------------------------------------
-def last_boxed(text: str):
-    """Content of the last \\boxed{...} or \\fbox{...}, or None."""
-    i = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
-    if i < 0:
-        return None
-    j = text.find("{", i)
-    if j < 0:
-        return None
+# Answer verifier (reward function) for DSRL.
+#
+# Public API: last_boxed, strip_string, official_reward, reward_outcome, math_reward.
+#
+# Design (why it is safe and fast):
+# * The official verl/Hendrycks string scorer runs first; whatever it accepts we accept.
+# * Otherwise the boxed answer is cleaned (units, \\text, \\left, degrees, \\$ ...), split into
+# structure (matrix / set / interval-or-tuple / list / relation / scalar) and scalars are
+# parsed by a small recursive-descent LaTeX parser into a tuple AST.  Nothing is ever
+# eval'd or sympified.
+# * Scalars are compared exactly with fractions.Fraction when both are rational, otherwise
+# numerically with mpmath (a hard dependency of sympy) at 60 digits, at several
+# deterministic points for free variables.  A rounded decimal never matches an
+# irrational at 1e-40 relative tolerance, while true identities match to ~1e-55.
+# * Time bound: inputs are bounded BEFORE any maths (answer length, token count, nesting
+# depth, literal digit count, Fraction bit size, mpmath magnitude checked after every
+# operation and before every power), and a cooperative deadline (time.monotonic) is
+# checked at every parser step and AST node.  This works in any thread (no signals,
+# no helper process).  sympy's simplify is never called, so nothing unbounded runs.
+
+# ---------------------------------------------------------------- constants
+MAX_ANSWER_CHARS = 1000   # longer boxed answers only get the official string check
+MAX_TOKENS = 400          # tokens per scalar expression
+MAX_DEPTH = 40            # parser recursion depth
+MAX_INT_DIGITS = 300      # digits in one number literal
+MAX_EXACT_BITS = 20000    # Fraction numerator/denominator size before falling back to mpmath
+MAX_MAG_BITS = 4000       # |value| < 2**4000 for every intermediate numeric result
+MAX_ELEMENTS = 60         # elements in a list / set / matrix
+TIME_BUDGET_S = 0.5       # cooperative deadline for one call
+N_POINTS = 3              # evaluation points when free variables are present
+DPS = 60                  # mpmath working precision (digits)
+REL_TOL = '1e-40'         # relative tolerance of numeric equality at that precision
+
+UNIT_WORDS = ('units', 'unit', 'square', 'sq', 'cubic', 'cm', 'mm', 'km', 'meters', 'meter',
+              'inches', 'inch', 'feet', 'foot', 'ft', 'miles', 'mile', 'mph', 'yards', 'yard',
+              'dollars', 'dollar', 'cents', 'cent', 'degrees', 'degree', 'hours', 'hour',
+              'minutes', 'minute', 'seconds', 'second', 'days', 'day', 'years', 'year',
+              'pounds', 'ounces', 'grams', 'kg', 'liters', 'gallons', 'people', 'students',
+              'ways', 'times', 'points', 'pages', 'cups', 'm', 'g', 's', 'min', 'hr')
+HEDGE_WORDS = ('or', 'and')            # "42 or 43" becomes the list "42, 43"
+DOUBT_WORDS = ('maybe', 'possibly', 'either', 'probably', '?')   # "maybe 42" is wrong
+FUNCS = ('arcsin', 'arccos', 'arctan', 'sinh', 'cosh', 'tanh', 'sin', 'cos', 'tan', 'sec',
+         'csc', 'cot', 'ln', 'log', 'exp')
+EMPTY_WORDS = ('\\emptyset', '\\varnothing', 'empty', 'none', '\\{\\}', '{}', 'emptyset')
+SPACING = re.compile(r'\\(?:left|right|big|Big|bigg|Bigg|displaystyle|textstyle|limits)'
+                     r'(?![a-zA-Z])|(?<!\\)\\[,;:! ]|\\q?quad(?![a-zA-Z])|~')
+TEXT_CMDS = re.compile(r'\\(?:text|textbf|textit|textrm|mathrm|mathbf|mathit|mbox|'
+                       r'textnormal|operatorname|boxed|fbox)\s*\{')
+THOUSANDS = re.compile(r'^[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?$')
+MATRIX = re.compile(r'^\\begin\{([pbvBV]?matrix|array)\}(?:\{[lcr|]*\})?(.*)\\end\{\1\}$', re.S)
+REL_RE = re.compile(r'\\leq?(?![a-zA-Z])|\\geq?(?![a-zA-Z])|\\[lg]t(?![a-zA-Z])|<=|>=|[<>=]|≤|≥')
+
+
+class _Timeout(Exception):
+    pass
+
+
+class _Bad(Exception):
+    """Unparseable or out-of-bounds input."""
+
+
+# ---------------------------------------------------------------- boxes
+def _brace_end(s, i):
+    """Index just past the group opened at s[i] == '{', or -1 if unbalanced."""
     depth = 0
-    for k in range(j, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[k], 0)
-        if depth == 0:
-            return text[j + 1:k]
+    for j in range(i, len(s)):
+        if s[j] == '{':
+            depth += 1
+        elif s[j] == '}':
+            depth -= 1
+            if depth == 0:
+                return j + 1
+    return -1
+
+
+def last_boxed(text):
+    """Content of the last top-level \\boxed{}/\\fbox{} (or `\\boxed 5`); None if absent/unbalanced."""
+    if not isinstance(text, str):
+        return None
+    found, pos = None, 0
+    for m in re.finditer(r'\\(?:boxed|fbox)(?![a-zA-Z])', text):
+        if m.start() < pos:
+            continue  # nested inside the previous box: the outer one wins
+        j = m.end()
+        while j < len(text) and text[j] == ' ':
+            j += 1
+        if j < len(text) and text[j] == '{':
+            end = _brace_end(text, j)
+            if end < 0:
+                return None  # the final box was cut off: no answer
+            found, pos = text[j + 1:end - 1], end
+        elif j > m.end():  # "\boxed 5" form: up to '$' or end of line
+            tail = re.match(r'[^$\n]*', text[j:]).group(0)
+            found, pos = tail.strip(), j + len(tail)
+    return found
+
+
+# ---------------------------------------------------------------- official Hendrycks scorer
+def _fix_fracs(string):
+    parts = string.split('\\frac')
+    out = parts[0]
+    for sub in parts[1:]:
+        out += '\\frac'
+        if sub[0] == '{':  # IndexError on a trailing "\frac" is official behaviour
+            out += sub
+        elif len(sub) < 2:
+            return string
+        elif sub[1] != '{':
+            out += '{' + sub[0] + '}{' + sub[1] + '}' + sub[2:]
+        else:
+            out += '{' + sub[0] + '}' + sub[1:]
+    return out
+
+
+def _fix_a_slash_b(string):
+    if len(string.split('/')) != 2:
+        return string
+    a, b = string.split('/')
+    a, b = int(a), int(b)  # ValueError escapes, as in the original (caller falls back)
+    if string != '{}/{}'.format(a, b):
+        return string
+    return '\\frac{' + str(a) + '}{' + str(b) + '}'
+
+
+def _fix_sqrt(string):
+    if '\\sqrt' not in string:
+        return string
+    parts = string.split('\\sqrt')
+    out = parts[0]
+    for sub in parts[1:]:
+        out += '\\sqrt' + (sub if sub[0] == '{' else '{' + sub[0] + '}' + sub[1:])
+    return out
+
+
+def strip_string(s):
+    """Hendrycks MATH normalisation, as in verl/utils/reward_score/math.py (may raise, like it)."""
+    s = s.replace('\n', '').replace('\\!', '').replace('\\\\', '\\')
+    s = s.replace('tfrac', 'frac').replace('dfrac', 'frac')
+    s = s.replace('\\left', '').replace('\\right', '')
+    s = s.replace('^{\\circ}', '').replace('^\\circ', '').replace('\\$', '')
+    if '\\text{ ' in s:  # remove units on the right
+        parts = s.split('\\text{ ')
+        assert len(parts) == 2
+        s = parts[0]
+    s = s.replace('\\%', '').replace(' .', ' 0.').replace('{.', '{0.')
+    if not s:
+        return s
+    if s[0] == '.':
+        s = '0' + s
+    if len(s.split('=')) == 2 and len(s.split('=')[0]) <= 2:
+        s = s.split('=')[1]
+    s = _fix_sqrt(s).replace(' ', '')
+    s = _fix_fracs(s)
+    if s == '0.5':
+        s = '\\frac{1}{2}'
+    return _fix_a_slash_b(s)
+
+
+def _official_last_boxed(string):
+    idx = string.rfind('\\boxed')
+    if '\\boxed ' in string:
+        return '\\boxed ' + string.split('\\boxed ')[-1].split('$')[0]
+    if idx < 0:
+        idx = string.rfind('\\fbox')
+        if idx < 0:
+            return None
+    depth = 0
+    for i in range(idx, len(string)):  # same scan as the original, braces counted from idx
+        if string[i] == '{':
+            depth += 1
+        elif string[i] == '}':
+            depth -= 1
+            if depth == 0:
+                return string[idx:i + 1]
     return None
 
 
-def strip_string(s: str) -> str:
-    return s.replace(" ", "").replace("\\dfrac", "\\frac").replace("\\left", "").replace("\\right", "")
+def _official_is_equiv(a, b):
+    try:
+        return strip_string(a) == strip_string(b)
+    except Exception:
+        return a == b
 
 
-def official_reward(response: str, gold: str) -> float:
-    box = last_boxed(response)
-    return float(box is not None and strip_string(box) == strip_string(gold))
+def official_reward(response, gold):
+    """verl's math.compute_score: 1.0 iff strip_string(last box) == strip_string(gold)."""
+    try:
+        box = _official_last_boxed(response)
+        if box is None:
+            return 0.0
+        if box.startswith('\\boxed '):
+            ans = box[len('\\boxed '):]
+        else:
+            assert box.startswith('\\boxed{') and box.endswith('}')
+            ans = box[len('\\boxed{'):-1]
+        return 1.0 if _official_is_equiv(ans, gold) else 0.0
+    except Exception:
+        return 0.0
 
 
-def reward_outcome(response: str, gold: str):
-    box = last_boxed(response)
-    if box is None:
-        return 0.0, "no_box"
-    ok = strip_string(box) == strip_string(gold)
-    return float(ok), "right" if ok else "wrong"
+# ---------------------------------------------------------------- deadline (works in any thread)
+_TLS = threading.local()
 
 
-def math_reward(response: str, gold: str) -> float:
+def _M():
+    """Per-thread private mpmath context: some mpmath functions bump ctx.prec temporarily,
+    so one shared context could race between threads (and the global mp is never touched)."""
+    ctx = getattr(_TLS, 'mp', None)
+    if ctx is None:
+        ctx = _TLS.mp = mpmath.MPContext()
+        ctx.dps = DPS
+    return ctx
+
+
+def _tick():
+    if time.monotonic() > getattr(_TLS, 'deadline', float('inf')):
+        raise _Timeout()
+
+
+# ---------------------------------------------------------------- cleaning
+def _top_split(s, pattern):
+    """Split s on regex `pattern` at bracket depth 0 -> (parts, separators)."""
+    parts, seps, depth, start, i = [], [], 0, 0, 0
+    rx = re.compile(pattern)
+    while i < len(s):
+        c = s[i]
+        if c in '([{':
+            depth += 1
+        elif c in ')]}':
+            depth -= 1
+        elif depth == 0:
+            m = rx.match(s, i)
+            if m and m.end() > i:
+                parts.append(s[start:i])
+                seps.append(m.group(0))
+                start = i = m.end()
+                continue
+        i += 1
+    parts.append(s[start:])
+    return parts, seps
+
+
+def _wraps(s, i):
+    """True if the bracket opened at s[i] closes exactly at the end of s."""
+    depth = 0
+    for j in range(i, len(s)):
+        depth += (s[j] in '([{') - (s[j] in ')]}')
+        if depth == 0:
+            return j == len(s) - 1
+    return False
+
+
+def _unwrap_text(s):
+    """\\text{..}-like wrappers: drop pure-word ones next to a number (units), unwrap the rest."""
+    for _ in range(50):
+        m = TEXT_CMDS.search(s)
+        if not m:
+            return s
+        end = _brace_end(s, m.end() - 1)
+        if end < 0:
+            raise _Bad()
+        inner, rest = s[m.end():end - 1], s[:m.start()] + s[end:]
+        if re.fullmatch(r'[A-Za-z .\-]*', inner) and re.search(r'\d|\\pi', rest) \
+                and not m.group(0).startswith(('\\boxed', '\\fbox', '\\operatorname')):
+            tail = re.match(r'\s*\^\s*\{?\s*[23]\s*\}?', s[end:])  # "cm^2"
+            s = s[:m.start()] + s[end + (tail.end() if tail else 0):]
+        else:
+            s = s[:m.start()] + inner + s[end:]
+    raise _Bad()
+
+
+def _clean(s):
+    """Canonical LaTeX for structural comparison (None = hedged / empty answer)."""
+    s = re.sub(r'[\x00-\x1f\x7f]', ' ', s)
+    s = re.sub(r'\\[dtc]frac', r'\\frac', s).replace('\\dfrac', '\\frac')
+    s = SPACING.sub('', s).replace('\\$', '').replace('$', '')
+    s = re.sub(r'\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\circ|°|\\degree', '', s)
+    s = s.replace('∞', '\\infty').replace('\\infin ', '\\infty')
+    s = re.sub(r'\\text\{\s*(?:%s)\s*\}' % '|'.join(HEDGE_WORDS), ',', s)
+    s = re.sub(r'\s+(?:%s)\s+' % '|'.join(HEDGE_WORDS), ',', s)
+    s = re.sub(r'\\%|\\text\{\s*percent\s*\}|\s*percent\b', '%', s)
+    if any(re.search(r'(?<![a-z])%s(?![a-z])' % re.escape(w), s.lower()) for w in DOUBT_WORDS):
+        return None
+    s = _unwrap_text(s)
+    if '\\over' in s and '\\overline' not in s:
+        a, b = s.split('\\over', 1)
+        s = '\\frac{%s}{%s}' % (a, b)
+    s = re.sub(r'(?<=[\d}\s)])\s*(?:%s)\.?(?:\^\{?[23]\}?)?\s*$' % '|'.join(
+        w for w in UNIT_WORDS if len(w) > 1), '', s)
+    s = re.sub(r'(?<=\d)\s+(?:%s)\s*$' % '|'.join(w for w in UNIT_WORDS if len(w) == 1), '', s)
+    s = re.sub(r'^[a-zA-Z]\s*\\in(?![a-zA-Z])\s*', '', s.replace('{,}', ',').strip())
+    s = re.sub(r'^([-+]?\d+(?:\.\d+)?)[eE]([-+]?\d+)$', r'\1\\times10^{\2}', s)  # 3.2e7
+    for _ in range(20):  # peel trailing punctuation and whole-answer braces
+        old = s
+        s = re.sub(r'^\\approx|[.,\s]+$', '', s).strip()
+        if s.startswith('{') and _wraps(s, 0):
+            s = s[1:-1].strip()
+        if s == old:
+            break
+    if THOUSANDS.match(s):
+        s = s.replace(',', '')
+    if s.lower() in EMPTY_WORDS or s in ('\\{ \\}', '\\{\\}'):
+        s = '\\emptyset'
+    return s or None
+
+
+def _text_key(s):
+    s = re.sub(r'[\s{}]|\\(?=[{}])', '', s)
+    return s.lower() if re.fullmatch(r'[A-Za-z]{2,}', s) else s
+
+
+def _mc_letter(s):
+    m = re.fullmatch(r'\(?([A-E])\)?(?:\s.*)?', s.strip(), re.S)
+    return m.group(1) if m and (len(s.strip()) == 1 or s.strip().startswith('(')) else None
+
+
+# ---------------------------------------------------------------- LaTeX -> AST parser
+_TOK = re.compile(r'(\d+\.?\d*|\.\d+)|\\([a-zA-Z]+)|([a-zA-Z])|(\S)')
+_OPS_CMDS = ('cdot', 'times', 'ast', 'div')
+GREEK = ('alpha', 'beta', 'gamma', 'delta', 'theta', 'phi', 'varphi', 'lambda', 'mu', 'omega',
+         'sigma', 'tau', 'rho', 'psi', 'epsilon', 'varepsilon', 'eta', 'kappa', 'nu', 'xi', 'zeta')
+_KNOWN = FUNCS + _OPS_CMDS + GREEK + ('frac', 'sqrt', 'pi', 'infty', 'binom')
+
+
+def _tokens(s):
+    toks = []
+    for m in _TOK.finditer(s):
+        num, cmd, let, ch = m.groups()
+        if num:
+            if len(num) > MAX_INT_DIGITS:
+                raise _Bad()
+            toks.append(('num', num))
+        elif cmd:
+            if cmd not in _KNOWN:  # "\sinx", "\secx": normalised golds glue the argument
+                head = next((k for k in sorted(_KNOWN, key=len, reverse=True)
+                             if cmd.startswith(k)), None)
+                if head is None:
+                    raise _Bad()
+                toks.append(('cmd', head))
+                toks.extend(('var', c) for c in cmd[len(head):])
+                continue
+            toks.append(('var', cmd) if cmd in GREEK else ('cmd', cmd))
+        else:
+            toks.append(('var', let) if let else ('op', ch))
+    if len(toks) > MAX_TOKENS:
+        raise _Bad()
+    return toks
+
+
+class _Parser:
+    """Recursive descent: expr := term (+|- term)*; term := unary (op? unary)*; ... """
+
+    def __init__(self, s):
+        self.t, self.i, self.depth = _tokens(s), 0, 0
+
+    def peek(self):
+        return self.t[self.i] if self.i < len(self.t) else (None, None)
+
+    def take(self):
+        tok = self.peek()
+        self.i += 1
+        return tok
+
+    def expect(self, v):
+        if self.take()[1] != v:
+            raise _Bad()
+
+    def enter(self):
+        self.depth += 1
+        if self.depth > MAX_DEPTH:
+            raise _Bad()
+        _tick()
+
+    def parse(self):
+        node = self.expr()
+        if self.i != len(self.t):
+            raise _Bad()
+        return node
+
+    def expr(self):
+        self.enter()
+        node = self.term()
+        while self.peek()[1] in ('+', '-'):
+            op = self.take()[1]
+            rhs = self.term()
+            node = ('add', node, rhs if op == '+' else ('neg', rhs))
+        self.depth -= 1
+        return node
+
+    def starts_atom(self):
+        k, v = self.peek()
+        return k in ('num', 'var') or (k == 'op' and v in '([{') or \
+            (k == 'cmd' and v not in _OPS_CMDS)
+
+    def term(self):
+        node = self.unary()
+        if node[0] == 'num' and node[1].denominator == 1 and self.peek() == ('cmd', 'frac'):
+            frac = self.power()  # mixed number 2\frac14 = 2 + 1/4
+            return ('add', node, frac) if frac[1][0] == frac[2][0] == 'num' else ('mul', node, frac)
+        while True:
+            k, v = self.peek()
+            if v == '*' or (k == 'cmd' and v in ('cdot', 'times', 'ast')):
+                self.take()
+                node = ('mul', node, self.unary())
+            elif v == '/' or (k == 'cmd' and v == 'div'):
+                self.take()
+                node = ('div', node, self.unary())
+            elif self.starts_atom():
+                node = ('mul', node, self.power())  # implicit multiplication
+            else:
+                return node
+
+    def unary(self):
+        if self.peek()[1] in ('+', '-'):
+            op = self.take()[1]
+            self.enter()
+            node = self.unary()
+            self.depth -= 1
+            return node if op == '+' else ('neg', node)
+        return self.power()
+
+    def power(self):
+        node = self.atom()
+        while self.peek()[1] == '!':
+            self.take()
+            node = ('fact', node)
+        if self.peek()[1] == '^':
+            self.take()
+            node = ('pow', node, self.exponent())
+        return node
+
+    def one_digit(self):
+        """LaTeX takes one character as an ungrouped argument: \\frac34, x^23."""
+        k, v = self.peek()
+        if k == 'num' and len(v) > 1:
+            self.t[self.i] = ('num', v[1:])
+            return ('num', Fraction(v[0]))
+        return None
+
+    def exponent(self):
+        self.enter()
+        if self.peek()[1] in ('+', '-'):
+            node = self.unary()
+        else:
+            node = self.one_digit() or self.atom()
+            if self.peek()[1] == '^':  # 9^9^9 is right-associative
+                self.take()
+                node = ('pow', node, self.exponent())
+        self.depth -= 1
+        return node
+
+    def arg(self):
+        return self.one_digit() or self.atom()
+
+    def atom(self):
+        self.enter()
+        k, v = self.take()
+        if k == 'num':
+            if self.peek()[1] == '_':
+                raise _Bad()  # base-n literal such as 10001_2: compared as text only
+            node = ('num', Fraction(v.rstrip('.') if v.endswith('.') else v))
+        elif k == 'var':
+            node = ('const', v) if v in ('e', 'i') else ('var', v)
+            if self.peek()[1] == '_':
+                self.take()
+                node = ('var', v + '_' + repr(self.arg()))
+        elif k == 'op' and v in '([{|':
+            node = self.expr()
+            self.expect({'(': ')', '[': ']', '{': '}', '|': '|'}[v])
+            node = ('abs', node) if v == '|' else node
+        elif k == 'cmd':
+            node = self.command(v)
+        else:
+            raise _Bad()
+        self.depth -= 1
+        return node
+
+    def command(self, v):
+        if v == 'frac':
+            return ('div', self.arg(), self.arg())
+        if v == 'binom':
+            return ('binom', self.arg(), self.arg())
+        if v == 'sqrt':
+            index = ('num', Fraction(2))
+            if self.peek()[1] == '[':
+                self.take()
+                index = self.expr()
+                self.expect(']')
+            return ('root', index, self.arg())
+        if v in ('pi', 'infty'):
+            return ('const', v)
+        if v in FUNCS:
+            power = base = None
+            if self.peek()[1] == '^':
+                self.take()
+                power = self.exponent()
+            if v == 'log' and self.peek()[1] == '_':
+                self.take()
+                base = self.arg()
+            if self.peek()[1] in ('(', '{'):
+                arg = self.atom()
+            else:  # \sin 2x: the argument runs until the next operator or function
+                arg = self.power()
+                while self.starts_atom() and self.peek()[1] not in FUNCS:
+                    arg = ('mul', arg, self.power())
+            node = ('log', base, arg) if base else ('func', v, arg)
+            return ('pow', node, power) if power else node
+        raise _Bad()
+
+
+# ---------------------------------------------------------------- evaluation
+class _NotExact(Exception):
+    pass
+
+
+def _bits(q):
+    return max(q.numerator.bit_length(), q.denominator.bit_length())
+
+
+def _exact(n):
+    """Exact rational value, or _NotExact (irrational / variables / too big)."""
+    _tick()
+    tag = n[0]
+    if tag == 'num':
+        return n[1]
+    if tag == 'neg':
+        return -_exact(n[1])
+    if tag in ('add', 'mul', 'div'):
+        a, b = _exact(n[1]), _exact(n[2])
+        if tag == 'div' and b == 0:
+            raise _Bad()
+        r = a + b if tag == 'add' else a * b if tag == 'mul' else a / b
+    elif tag == 'pow':
+        a, e = _exact(n[1]), _exact(n[2])
+        if e.denominator != 1 or _bits(a) * abs(e) > MAX_EXACT_BITS:
+            raise _NotExact()
+        if a == 0 and e < 0:
+            raise _Bad()
+        r = a ** int(e)
+    elif tag == 'binom':
+        a, b = _exact(n[1]), _exact(n[2])
+        if a.denominator != 1 or b.denominator != 1 or not 0 <= b <= a <= 2000:
+            raise _NotExact()
+        r = Fraction(math.comb(int(a), int(b)))
+    else:
+        raise _NotExact()
+    if _bits(r) > MAX_EXACT_BITS:
+        raise _NotExact()
+    return r
+
+
+def _chk(v):
+    if _M().isnan(v) or (not _M().isinf(v) and v != 0 and _M().mag(v) > MAX_MAG_BITS):
+        raise _Bad()  # overflow guard: keeps every later operation cheap
+    return v
+
+
+_FN = {'sin': lambda x: _M().sin(x), 'cos': lambda x: _M().cos(x), 'tan': lambda x: _M().tan(x),
+       'sec': lambda x: 1 / _M().cos(x), 'csc': lambda x: 1 / _M().sin(x),
+       'cot': lambda x: 1 / _M().tan(x), 'arcsin': lambda x: _M().asin(x),
+       'arccos': lambda x: _M().acos(x), 'arctan': lambda x: _M().atan(x),
+       'sinh': lambda x: _M().sinh(x), 'cosh': lambda x: _M().cosh(x),
+       'tanh': lambda x: _M().tanh(x), 'ln': lambda x: _M().log(x), 'log': lambda x: _M().log(x),
+       'exp': lambda x: _M().exp(x)}
+_CONST = {'pi': lambda m: +m.pi, 'e': lambda m: +m.e, 'i': lambda m: m.mpc(0, 1),
+          'infty': lambda m: m.inf}
+
+
+def _num(n, env):
+    """60-digit numeric value at the point `env`; _Bad on overflow / division by zero."""
+    _tick()
+    tag = n[0]
+    if tag == 'num':
+        return _M().mpf(n[1].numerator) / n[1].denominator
+    if tag == 'var':
+        return env[n[1]]
+    if tag == 'const':
+        return _CONST[n[1]](_M())
+    a = _num(n[1], env) if tag not in ('func', 'root', 'log') else None
+    if tag == 'neg':
+        return -a
+    if tag in ('add', 'mul', 'div'):
+        b = _num(n[2], env)
+        if tag == 'div' and abs(b) < _M().mpf(2) ** -MAX_MAG_BITS:
+            raise _Bad()
+        return _chk(a + b if tag == 'add' else a * b if tag == 'mul' else a / b)
+    if tag == 'pow':
+        e = _num(n[2], env)
+        if a == 0:
+            if _M().re(e) <= 0:
+                raise _Bad()
+            return a
+        if abs(e) * (abs(_M().log(abs(a), 2)) + 1) > MAX_MAG_BITS:
+            raise _Bad()  # 9^9^9^9 and friends stop here, before mpmath tries
+        return _chk(_M().power(a, e))
+    if tag == 'abs':
+        return abs(a)
+    if tag == 'fact':
+        if abs(a) > 1000:
+            raise _Bad()
+        return _chk(_M().gamma(a + 1))
+    if tag == 'root':
+        k, x = _num(n[1], env), _num(n[2], env)
+        if k == 0:
+            raise _Bad()
+        if _M().im(x) == 0 and x < 0 and k == int(k) and int(k) % 2:  # real odd root
+            return -_M().root(-x, int(k))
+        return _chk(_M().power(x, 1 / k))
+    if tag == 'func':
+        x = _num(n[2], env)
+        if abs(x) > 2 ** 64:
+            raise _Bad()
+        return _chk(_FN[n[1]](x))
+    if tag == 'binom':
+        a, b = _num(n[1], env), _num(n[2], env)
+        if abs(a) > 1000 or abs(b) > 1000:
+            raise _Bad()
+        return _chk(_M().binomial(a, b))
+    if tag == 'log':
+        return _chk(_M().log(_num(n[2], env)) / _M().log(_num(n[1], env)))
+    raise _Bad()
+
+
+def _vars(n):
+    if n[0] == 'var':
+        return {n[1]}
+    return set().union(*[_vars(c) for c in n[1:] if isinstance(c, tuple)])
+
+
+def _close(a, b):
+    if _M().isinf(a) or _M().isinf(b):
+        return a == b
+    return abs(a - b) <= _M().mpf(REL_TOL) * max(abs(a), abs(b)) or abs(a - b) < _M().mpf('1e-50')
+
+
+def _points(names):
+    rng = random.Random(20240601)  # deterministic, thread-local generator
+    for _ in range(N_POINTS if names else 1):
+        yield {v: _M().mpf(rng.random()) * 2 + _M().mpf('0.25') for v in sorted(names)}
+
+
+def _ast_equal(a, b):
+    try:
+        return _exact(a) == _exact(b)
+    except _NotExact:
+        pass
+    names = _vars(a) | _vars(b)
+    if len(names) > 10:
+        raise _Bad()
+    return all(_close(_num(a, env), _num(b, env)) for env in _points(names))
+
+
+def _proportional(f, g, positive):
+    """f = c*g for one constant c != 0 (c > 0 for inequalities) at every sample point."""
+    names = _vars(f) | _vars(g)
+    if not names:
+        return False
+    ratio = None
+    for env in _points(names):
+        x, y = _num(f, env), _num(g, env)
+        if abs(y) < _M().mpf(REL_TOL) or abs(x) < _M().mpf(REL_TOL):
+            return False
+        r = x / y
+        if ratio is None:
+            ratio = r
+        elif not _close(r, ratio):
+            return False
+    return _M().im(ratio) == 0 and (ratio > 0 or not positive)
+
+
+# ---------------------------------------------------------------- structure and comparison
+def _structure(s):
+    """(kind, payload): mat / union / set / seq (bracketed tuple or interval) / olist / list /
+    rel / scalar.  Bare comma lists are answer sets (unordered), ';' lists are ordered."""
+    m = MATRIX.match(s)
+    if m:
+        rows = [r for r in re.split(r'\\\\|\\(?=[\s\d+\-.(\[])', m.group(2)) if r.strip()]
+        return 'mat', [[c.strip() for c in r.split('&')] for r in rows]
+    parts, _ = _top_split(s, r'\\cup(?![a-zA-Z])|∪')
+    if len(parts) > 1:
+        return 'union', parts
+    if s.startswith('\\{') and s.endswith('\\}') and _wraps(s, 1):
+        inner = s[2:-2].strip()
+        return 'set', _top_split(inner, ',')[0] if inner else []
+    if s[:1] in '([' and s[-1:] in ')]' and _wraps(s, 0):
+        elems = _top_split(s[1:-1], ',')[0]
+        if len(elems) > 1:
+            return 'seq', (s[0] + s[-1], elems)
+    for sep, kind in ((';', 'olist'), (',', 'list')):
+        parts = _top_split(s, sep)[0]
+        if len(parts) > 1:
+            return kind, parts
+    parts, ops = _top_split(s, REL_RE.pattern)
+    if len(parts) > 1:
+        return 'rel', (parts, ops)
+    if s.count('\\pm') + s.count('\\mp') == 1:
+        s = s.replace('\\mp', '\\pm')
+        return 'list', [s.replace('\\pm', '+'), s.replace('\\pm', '-')]
+    return 'scalar', s
+
+
+def _flat(kind, pay):
+    if kind == 'mat':
+        return [c for r in pay for c in r]
+    return pay[1] if kind == 'seq' else pay
+
+
+def _ordered_eq(xs, ys):
+    return len(xs) == len(ys) and all(_eq(x, y) for x, y in zip(xs, ys))
+
+
+def _unordered_eq(xs, ys):
+    if len(xs) != len(ys) or len(xs) > MAX_ELEMENTS:
+        return False
+    free = list(ys)
+    for x in xs:
+        hit = next((k for k, y in enumerate(free) if _eq(x, y)), None)
+        if hit is None:
+            return False
+        free.pop(hit)
+    return True
+
+
+def _resplit_cells(cells, want):
+    """Normalised MATH golds lost '\\\\' before a command ("-\\sqrt{3}/2\\sqrt{3}/2"): re-split."""
+    out = []
+    for c in cells:
+        out.extend(p for p in re.split(r'(?<=[\w})])(?=\\[a-zA-Z])', c) if p)
+    return out if len(out) == want else cells
+
+
+def _op(o):
+    o = o.replace('\\', '')
+    return {'le': '<=', 'leq': '<=', 'lt': '<', '≤': '<=', 'ge': '>=', 'geq': '>=', 'gt': '>',
+            '≥': '>='}.get(o, o)
+
+
+def _rel_norm(parts, ops):
+    """a OP b with OP in = < <= (a > b becomes b < a)."""
+    a, b, op = parts[0], parts[1], _op(ops[0])
+    if op.startswith('>'):
+        a, b, op = b, a, op.replace('>', '<')
+    return a, b, op
+
+
+def _rel_interval(parts, ops):
+    """One-variable inequality ("x < 1", "2 < x <= 5") as an interval string, else None."""
+    ops = [_op(o) for o in ops]
+    if all(o.startswith('>') for o in ops):
+        parts, ops = parts[::-1], [o.replace('>', '<') for o in ops[::-1]]
+    if not all(o.startswith('<') for o in ops):
+        return None
+    var = [k for k, p in enumerate(parts) if re.fullmatch(r'\s*[a-zA-Z]\s*', p)]
+    if len(parts) == 3 and var == [1]:
+        lo, hi = parts[0], parts[2]
+    elif len(parts) == 2 and var == [0]:
+        lo, hi = '-\\infty', parts[1]
+    elif len(parts) == 2 and var == [1]:
+        lo, hi = parts[0], '\\infty'
+    else:
+        return None
+    left = '[' if ops[0] == '<=' and var[0] > 0 else '('
+    right = ']' if ops[-1] == '<=' and var[0] < len(parts) - 1 else ')'
+    return left + lo + ',' + hi + right
+
+
+def _rel_eq(ra, rb):
+    if len(ra[0]) != 2 or len(rb[0]) != 2:
+        return _ordered_eq(ra[0], rb[0]) and ra[1] == rb[1]
+    a1, a2, op_a = _rel_norm(*ra)
+    b1, b2, op_b = _rel_norm(*rb)
+    if op_a != op_b:
+        return False
+    if _text_key(a1) == _text_key(b1):
+        return _eq(a2, b2)
+    f = ('add', _Parser(a2).parse(), ('neg', _Parser(a1).parse()))
+    g = ('add', _Parser(b2).parse(), ('neg', _Parser(b1).parse()))
+    return _proportional(f, g, positive=op_a != '=')
+
+
+def _eq(a, b):
+    """Structural equivalence of two cleaned answers."""
+    _tick()
+    a, b = a.strip(), b.strip()
+    if not a or not b:
+        return False
+    if _text_key(a) == _text_key(b):
+        return True
+    (ka, pa), (kb, pb) = _structure(a), _structure(b)
+    if ka == 'scalar' and kb == 'scalar':
+        return _scalar_eq(a, b)
+    if ka == 'rel' and kb == 'rel':
+        return _rel_eq(pa, pb)
+    if 'rel' in (ka, kb):  # "x = 5" vs "5": compare with the right-hand side of an equation
+        (parts, ops), other = (pa, b) if ka == 'rel' else (pb, a)
+        if all(o == '=' for o in ops):
+            return _eq(parts[-1], other)
+        interval = _rel_interval(parts, ops)  # "x < 1" vs "(-\infty, 1)"
+        return interval is not None and _eq(interval, other)
+    if ka == 'union' or kb == 'union':
+        return ka == kb and _unordered_eq(pa, pb)
+    if ka == 'seq' and kb == 'seq':
+        return pa[0] == pb[0] and _ordered_eq(pa[1], pb[1])
+    if 'scalar' in (ka, kb):
+        return False
+    xs, ys = _flat(ka, pa), _flat(kb, pb)
+    if ka == 'mat' and kb == 'mat':
+        if [len(r) for r in pa] != [len(r) for r in pb]:
+            xs, ys = _resplit_cells(xs, len(ys)), _resplit_cells(ys, len(xs))
+        return _ordered_eq(xs, ys)
+    if 'mat' in (ka, kb):  # a row/column vector equals the tuple of its entries
+        mat = pa if ka == 'mat' else pb
+        return (len(mat) == 1 or all(len(r) == 1 for r in mat)) and _ordered_eq(xs, ys)
+    if {ka, kb} <= {'set', 'list'}:
+        return _unordered_eq(xs, ys)
+    return _ordered_eq(xs, ys)
+
+
+def _lead_number(s):
+    """'125normal{miles}' / '5 apples' -> '125' (a word of >= 3 letters after a number)."""
+    m = re.fullmatch(r'([-+]?\d+(?:\.\d+)?)\s*([A-Za-z{}\s]*)', s)
+    return m.group(1) if m and re.search(r'[A-Za-z]{3}', m.group(2)) else None
+
+
+def _scalar_eq(a, b):
+    la, lb = _mc_letter(a), _mc_letter(b)
+    if la or lb:
+        return la == lb
+    if '%' in a + b:  # rule: p% equals p and equals p/100
+        va = [a.replace('%', '')] + (['(%s)/100' % a.replace('%', '')] if '%' in a else [])
+        vb = [b.replace('%', '')] + (['(%s)/100' % b.replace('%', '')] if '%' in b else [])
+        return any(_scalar_eq(x, y) for x in va for y in vb)
+    na, nb = _lead_number(a), _lead_number(b)
+    if na or nb:  # drop the trailing words, then compare again
+        return _scalar_eq(na or a, nb or b)
+    a, b = (re.sub(r'(?<=\d),(?=\d{3}(?!\d))', '', x) for x in (a, b))  # 29,322,216
+    if re.fullmatch(r'[A-Za-z]{2,}', _text_key(a)) or \
+            re.fullmatch(r'[A-Za-z]{2,}', _text_key(b)):
+        return False  # words and letter codes (LQSX) are text, not products of variables
+    try:
+        ta, tb = _Parser(a).parse(), _Parser(b).parse()
+    except _Bad:
+        return False
+    return _ast_equal(ta, tb)
+
+
+def _variants(g):
+    """Gold '2/3 \\approx 0.67' or '0.56=56' (a number written two ways): accept any part."""
+    parts = [p for p in re.split(r'\\approx|≈', g) if p.strip()]
+    out = list(parts)
+    for p in parts:
+        eqs = p.split('=')
+        if len(eqs) > 1 and not re.search(r'[A-Za-z]', re.sub(r'\\[a-zA-Z]+', '', p)):
+            out += eqs
+    return out or [g]
+
+
+# ---------------------------------------------------------------- public API
+_HEDGE = re.compile(r'(?<![a-zA-Z])(?:%s)(?![a-zA-Z])' % '|'.join(HEDGE_WORDS + DOUBT_WORDS[:-1]))
+
+
+def _is_hedge(s):
+    """A list of guesses joined by "or"/"and", or a doubt word ("maybe 42"). The official scorer cuts
+    "\\text{ or } 43" away as a unit and would reward the hedge; the labels (and we) call it wrong."""
+    return bool(_HEDGE.search(re.sub(r'\\[a-zA-Z]+', ' ', s)))
+
+
+def reward_outcome(response, gold):
+    """(reward, outcome) with outcome in right / wrong / no_box / unparseable / timeout."""
+    try:
+        box = last_boxed(response)
+        if box is not None and _is_hedge(box) and not _is_hedge(gold):
+            return 0.0, 'wrong'  # "42 \\text{ or } 43": the one thing the official scorer accepts that we do not
+        if official_reward(response, gold) == 1.0:
+            return 1.0, 'right'
+        if box is None:
+            return 0.0, 'no_box'
+        if len(box) > MAX_ANSWER_CHARS or len(gold) > MAX_ANSWER_CHARS:
+            return 0.0, 'unparseable'
+        _TLS.deadline = time.monotonic() + TIME_BUDGET_S
+        ans = _clean(box)
+        resp_parts = [p for p in re.split(r'\\approx|≈', ans) if p.strip()] if ans else []
+        if not resp_parts:
+            return 0.0, 'wrong'
+        for g in _variants(gold):
+            g = _clean(g)
+            if g and _eq(resp_parts[0], g):
+                return 1.0, 'right'
+        return 0.0, 'wrong'
+    except _Timeout:
+        return 0.0, 'timeout'
+    except _Bad:
+        return 0.0, 'unparseable'
+    except Exception:  # never let a reward call crash training
+        return 0.0, 'unparseable'
+    finally:
+        _TLS.deadline = float('inf')
+
+
+def math_reward(response, gold):
     return reward_outcome(response, gold)[0]
 
 

@@ -11,6 +11,8 @@ import os
 import random
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 import torch
@@ -19,6 +21,7 @@ import torch.nn.functional as F
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import dsrl  # noqa: E402
+from dsrl import last_boxed, math_reward, official_reward, reward_outcome, strip_string  # noqa: E402
 
 SHARED_DATA = os.path.join(HERE, "..", "shared", "data")
 CHAT_TEMPLATE = (
@@ -78,16 +81,13 @@ def make_tiny_model(path, pretrain_steps=150, seed=0):
     model = Qwen3ForCausalLM(tiny_config(len(tok), tok))
     if pretrain_steps:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        rows = problem_rows(32, seed)
+        answers = [tok(f"\\boxed{{{d}}}<|im_end|>", add_special_tokens=False)["input_ids"] for d in "12"]
+        prompts = [dsrl.build_prompt(tok, r["prompt"], 512) for r in problem_rows(32, seed)]
+        rng = random.Random(seed)
         for _ in range(pretrain_steps):
-            seqs = []
-            for r in random.Random(_).sample(rows, 16):
-                prompt = dsrl.build_prompt(tok, r["prompt"], 512)
-                seqs.append(prompt + tok(f"\\boxed{{{random.Random(_ * 97 + len(seqs)).choice('12')}}}<|im_end|>",
-                                         add_special_tokens=False)["input_ids"])
+            seqs = [rng.choice(prompts) + rng.choice(answers) for _ in range(16)]
             ids, mask = dsrl.right_pad(seqs, tok.pad_token_id, "cpu")
-            labels = ids.masked_fill(~mask, -100)
-            loss = model(input_ids=ids, attention_mask=mask.long(), labels=labels).loss
+            loss = model(input_ids=ids, attention_mask=mask.long(), labels=ids.masked_fill(~mask, -100)).loss
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -135,3 +135,461 @@ def small_args(**kw):
                 dtype="float32", device="cpu")
     base.update(kw)
     return dsrl.Args(**base)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 1-2. Advantages and masks on hand-made rewards
+# ----------------------------------------------------------------------------------------------------
+REWARDS = [1, 0, 0, 0,  1, 1, 1, 1,  0, 0, 1, 1,  0, 0, 0, 0]  # 4 groups of G = 4
+
+
+def test_group_advantages_without_std_is_reward_minus_group_mean():
+    adv = dsrl.group_advantages(REWARDS, 4, use_std=False)
+    expected = [0.75, -0.25, -0.25, -0.25, 0, 0, 0, 0, -0.5, -0.5, 0.5, 0.5, 0, 0, 0, 0]
+    assert adv.tolist() == expected  # exact: all values are dyadic fractions
+
+
+def test_group_advantages_with_unbiased_std():
+    adv = dsrl.group_advantages(REWARDS, 4, use_std=True)
+    # group 1: mean 0.25, unbiased std = sqrt((0.75^2 + 3 * 0.25^2) / 3) = 0.5
+    assert torch.allclose(adv[:4], torch.tensor([0.75, -0.25, -0.25, -0.25]) / (0.5 + 1e-6))
+    # group 3: std = sqrt(4 * 0.25 / 3)
+    assert torch.allclose(adv[8:12], torch.tensor([-0.5, -0.5, 0.5, 0.5]) / (math.sqrt(1 / 3) + 1e-6))
+    # all-equal groups (all right, all wrong) are exactly zero, not 0/eps noise
+    assert adv[4:8].tolist() == [0.0] * 4 and adv[12:].tolist() == [0.0] * 4
+
+
+def test_sample_masks_nsr_psr_all():
+    adv = dsrl.group_advantages(REWARDS, 4, use_std=False)
+    neg = dsrl.sample_mask(adv, "neg").tolist()
+    pos = dsrl.sample_mask(adv, "pos").tolist()
+    every = dsrl.sample_mask(adv, "all").tolist()
+    assert neg == [False, True, True, True, False, False, False, False, True, True, False, False] + [False] * 4
+    assert pos == [True, False, False, False, False, False, False, False, False, False, True, True] + [False] * 4
+    assert every == [True] * 16  # "all" keeps A = 0 samples (their tokens count in the GRPO denominator)
+    # all-right (group 2) and all-wrong (group 4) groups take part in neither NSR nor PSR
+    assert not any(neg[4:8] + pos[4:8] + neg[12:] + pos[12:])
+
+
+def test_phase_for_step_warmup_boundary():
+    # --warmup-steps 19 == official pretrain_loss_disable_step=20: steps 1..19 in P(y), 20.. in P(y|x)
+    assert [dsrl.phase_for_step("dsrl", s, 19) for s in (1, 19)] == [("y", "neg")] * 2
+    assert [dsrl.phase_for_step("dsrl", s, 19) for s in (20, 348)] == [("y|x", "all")] * 2
+    assert dsrl.phase_for_step("dsrl", 1, 0) == ("y|x", "all")  # W = 0 is plain GRPO
+    assert {m: dsrl.phase_for_step(m, 1, 0) for m in ("grpo", "nsr-prerl", "psr-prerl", "nsr-rl", "psr-rl")} == {
+        "grpo": ("y|x", "all"), "nsr-prerl": ("y", "neg"), "psr-prerl": ("y", "pos"),
+        "nsr-rl": ("y|x", "neg"), "psr-rl": ("y|x", "pos")}
+
+
+def test_ppo_clip_loss_is_minus_advantage_at_ratio_one_and_clips_otherwise():
+    adv = torch.tensor([[1.0], [-1.0]])
+    logp = torch.zeros(2, 3)
+    assert torch.equal(dsrl.ppo_clip_loss(logp, logp, adv, 0.2, 0.2, 10.0), -adv.expand(2, 3))
+    old = torch.zeros(2, 1)
+    big = torch.full((2, 1), math.log(2.0))  # ratio 2
+    # A > 0, ratio 2: max(-2, -1.2) = -1.2 (clipped); A < 0, ratio 2: max(2, 1.2) = 2 (unclipped)
+    assert torch.allclose(dsrl.ppo_clip_loss(big, old, adv, 0.2, 0.2, 10.0), torch.tensor([[-1.2], [2.0]]))
+    huge = torch.full((2, 1), math.log(50.0))  # ratio 50: dual clip caps A < 0 at -A * 10
+    assert torch.allclose(dsrl.ppo_clip_loss(huge, old, adv, 0.2, 0.2, 10.0), torch.tensor([[-1.2], [10.0]]))
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. Log-probs in the two spaces against independent computations
+# ----------------------------------------------------------------------------------------------------
+def _rollouts(tok):
+    prompts = [dsrl.build_prompt(tok, r["prompt"], 512) for r in problem_rows(3)]
+    prompts[1] = prompts[1][5:]  # different prompt lengths -> real left padding
+    responses = [tok("\\boxed{1}<|im_end|>", add_special_tokens=False)["input_ids"],
+                 tok("x = 2, so \\boxed{2}", add_special_tokens=False)["input_ids"],
+                 tok("ok<|im_end|>", add_special_tokens=False)["input_ids"]]
+    return prompts, responses
+
+
+def test_logprob_y_given_x_equals_models_own_cross_entropy(tiny):
+    model, tok = tiny
+    prompts, responses = _rollouts(tok)
+    pad = dsrl.pad_id(tok)
+    logp, mask = dsrl.logprob_y_given_x(model, prompts, responses, pad, temperature=1.0, chunk=5)
+    # independent: the model's full-vocabulary logits on the same left-padded batch, HF cross-entropy
+    x, xm = dsrl.left_pad(prompts, pad, "cpu")
+    y, ym = dsrl.right_pad(responses, pad, "cpu")
+    ids, am = torch.cat([x, y], 1), torch.cat([xm, ym.long()], 1)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=am, position_ids=(am.cumsum(-1) - 1).clamp(min=0)).logits
+    P = x.shape[1]
+    ref = -F.cross_entropy(logits[:, P - 1:-1].transpose(1, 2), y, reduction="none")  # (N, T)
+    assert mask.tolist() == ym.tolist()
+    assert torch.allclose(logp[mask], ref[ym], atol=1e-5)
+    assert (logp[~mask] == 0).all()
+    # and the same without padding at all, one row at a time (padding changes nothing)
+    for i in range(3):
+        single = torch.tensor([prompts[i] + responses[i]])
+        with torch.no_grad():
+            lg = model(input_ids=single).logits[0, len(prompts[i]) - 1:-1].log_softmax(-1)
+        one = lg.gather(-1, torch.tensor(responses[i])[:, None]).squeeze(-1)
+        assert torch.allclose(logp[i, :len(responses[i])], one, atol=1e-5)
+
+
+def test_logprob_y_equals_hand_built_start_token_forward(tiny):
+    model, tok = tiny
+    _, responses = _rollouts(tok)
+    start = dsrl.token_id(tok, "<|im_start|>")
+    assert start == tok.convert_tokens_to_ids("<|im_start|>")
+    logp, mask = dsrl.logprob_y(model, start, responses, dsrl.pad_id(tok), temperature=1.0, chunk=3)
+    for i, y in enumerate(responses):
+        ids = torch.tensor([[start] + y])
+        with torch.no_grad():
+            lg = model(input_ids=ids, position_ids=torch.arange(len(y) + 1)[None]).logits[0, :-1].log_softmax(-1)
+        ref = lg.gather(-1, torch.tensor(y)[:, None]).squeeze(-1)
+        assert torch.allclose(logp[i, :len(y)], ref, atol=1e-5)
+        assert int(mask[i].sum()) == len(y)
+
+
+def test_temperature_divides_logits(tiny):
+    model, tok = tiny
+    _, responses = _rollouts(tok)
+    start = dsrl.token_id(tok, "<|im_start|>")
+    y = responses[0]
+    logp, _ = dsrl.logprob_y(model, start, [y], dsrl.pad_id(tok), temperature=0.5)
+    with torch.no_grad():
+        lg = (model(input_ids=torch.tensor([[start] + y])).logits[0, :-1] / 0.5).log_softmax(-1)
+    assert torch.allclose(logp[0], lg.gather(-1, torch.tensor(y)[:, None]).squeeze(-1), atol=1e-5)
+
+
+def test_missing_start_token_is_a_clear_error():
+    tok = make_tokenizer(specials=["<|endoftext|>", "<|im_end|>"])
+    with pytest.raises(dsrl.UsageError, match="no <\\|im_start\\|> token"):
+        dsrl.token_id(tok, "<|im_start|>")
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4 and 6. Token-mean, micro-batching, masked samples, one step moves the weights
+# ----------------------------------------------------------------------------------------------------
+def _batch(tok, n=8):
+    rows = problem_rows(n // 4, seed=3)
+    prompts = [dsrl.build_prompt(tok, r["prompt"], 512) for r in rows for _ in range(4)]
+    texts = ["\\boxed{1}<|im_end|>", "\\boxed{2}<|im_end|>", "no idea", "\\boxed{12}<|im_end|>"] * (n // 4)
+    responses = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    rewards = [1, 0, 0, 0, 0, 1, 0, 0][:n]
+    return prompts, responses, rewards
+
+
+def _grads(model):
+    return {n: p.grad.clone() if p.grad is not None else torch.zeros_like(p) for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("space,samples", [("y", "neg"), ("y|x", "all"), ("y|x", "pos")])
+def test_micro_batched_gradient_equals_one_batch(tiny, space, samples):
+    model, tok = tiny
+    prompts, responses, rewards = _batch(tok)
+    adv = dsrl.group_advantages(rewards, 4, use_std=(space == "y|x"))
+    keep = dsrl.sample_mask(adv, samples)
+    start, pad = dsrl.token_id(tok, "<|im_start|>"), dsrl.pad_id(tok)
+    out = {}
+    for mbs in (1, 3, 100):
+        model.zero_grad(set_to_none=True)
+        out[mbs] = dsrl.policy_loss_backward(model, space, prompts, responses, adv, keep, 0.5,
+                                             small_args(micro_batch_size=mbs), start, pad), _grads(model)
+    for mbs in (1, 3):
+        assert out[mbs][0][0] == pytest.approx(out[100][0][0], abs=1e-6)
+        for name, g in out[100][1].items():
+            assert torch.allclose(out[mbs][1][name], g, atol=1e-6), name
+
+
+def test_token_mean_counts_only_kept_tokens(tiny):
+    model, tok = tiny
+    prompts, responses, rewards = _batch(tok)
+    start, pad = dsrl.token_id(tok, "<|im_start|>"), dsrl.pad_id(tok)
+    lens = [len(r) for r in responses]
+    # NSR in P(y): ratio 1 so the per-token loss is -A; kept = negative samples only
+    adv = dsrl.group_advantages(rewards, 4, use_std=False)
+    keep = dsrl.sample_mask(adv, "neg")
+    loss, n_used, tokens_used, denom = dsrl.policy_loss_backward(model, "y", prompts, responses, adv, keep, 0.01,
+                                                                 small_args(), start, pad)
+    kept = [i for i in range(8) if keep[i]]
+    assert denom == sum(lens[i] for i in kept) and n_used == len(kept) == 6
+    assert loss == pytest.approx(0.01 * sum(-adv[i].item() * lens[i] for i in kept) / denom, rel=1e-5)
+    # GRPO ("all"): an all-equal group adds tokens to the denominator but runs no forward
+    rewards2 = [1, 0, 0, 0, 1, 1, 1, 1]
+    adv2 = dsrl.group_advantages(rewards2, 4, use_std=True)
+    loss2, n_used2, tokens_used2, denom2 = dsrl.policy_loss_backward(
+        model, "y|x", prompts, responses, adv2, dsrl.sample_mask(adv2, "all"), 1.0, small_args(), start, pad)
+    assert denom2 == sum(lens) and n_used2 == 4 and tokens_used2 == sum(lens[:4])
+    assert loss2 == pytest.approx(sum(-adv2[i].item() * lens[i] for i in range(4)) / sum(lens), abs=1e-6)
+
+
+def test_masked_samples_contribute_exactly_zero_gradient(tiny):
+    """Skipping masked / zero-advantage samples equals the full computation over every sample."""
+    model, tok = tiny
+    prompts, responses, rewards = _batch(tok)
+    start, pad = dsrl.token_id(tok, "<|im_start|>"), dsrl.pad_id(tok)
+    adv = dsrl.group_advantages(rewards, 4, use_std=False)
+    keep = dsrl.sample_mask(adv, "neg")
+    model.zero_grad(set_to_none=True)
+    dsrl.policy_loss_backward(model, "y", prompts, responses, adv, keep, 1.0, small_args(), start, pad)
+    ours = _grads(model)
+    # reference: one forward over ALL samples, the loss mask zeroes the masked ones (as the official code does)
+    model.zero_grad(set_to_none=True)
+    logp, mask = dsrl.logprob_y(model, start, responses, pad)
+    mask = mask & keep[:, None]
+    per_token = dsrl.ppo_clip_loss(logp, logp.detach(), adv[:, None], 0.2, 0.2, 10.0)
+    dsrl.token_mean_loss(per_token, mask, int(mask.sum())).backward()
+    ref = _grads(model)
+    for name in ref:
+        assert torch.allclose(ours[name], ref[name], atol=1e-6), name
+    # and removing the masked samples from the batch changes nothing either
+    model.zero_grad(set_to_none=True)
+    idx = [i for i in range(8) if keep[i]]
+    dsrl.policy_loss_backward(model, "y", [prompts[i] for i in idx], [responses[i] for i in idx], adv[idx],
+                              keep[idx], 1.0, small_args(), start, pad)
+    for name, g in _grads(model).items():
+        assert torch.allclose(g, ref[name], atol=1e-6), name
+
+
+def test_prerl_coefficient_scales_the_gradient(tiny):
+    model, tok = tiny
+    prompts, responses, rewards = _batch(tok)
+    start, pad = dsrl.token_id(tok, "<|im_start|>"), dsrl.pad_id(tok)
+    adv = dsrl.group_advantages(rewards, 4, use_std=False)
+    keep = dsrl.sample_mask(adv, "neg")
+    grads = []
+    for coef in (1.0, 0.01):
+        model.zero_grad(set_to_none=True)
+        dsrl.policy_loss_backward(model, "y", prompts, responses, adv, keep, coef, small_args(), start, pad)
+        grads.append(_grads(model))
+    for name in grads[0]:
+        assert torch.allclose(grads[1][name], 0.01 * grads[0][name], atol=1e-9), name
+
+
+def test_one_step_moves_parameters_and_nan_skips(tiny):
+    model, tok = tiny
+    prompts, responses, rewards = _batch(tok)
+    start, pad = dsrl.token_id(tok, "<|im_start|>"), dsrl.pad_id(tok)
+    adv = dsrl.group_advantages(rewards, 4, use_std=False)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    dsrl.policy_loss_backward(model, "y", prompts, responses, adv, dsrl.sample_mask(adv, "neg"), 0.01,
+                              small_args(), start, pad)
+    grad_norm, skipped = dsrl.optimizer_step(model, opt, 1.0)
+    assert not skipped and grad_norm > 0
+    moved = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
+    assert "lm_head.weight" in moved and "model.layers.0.self_attn.q_proj.weight" in moved
+    # a non-finite gradient skips the update: nothing changes
+    after = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.full_like(p, float("nan"))
+    grad_norm, skipped = dsrl.optimizer_step(model, opt, 1.0)
+    assert skipped and not math.isfinite(grad_norm)
+    assert all(torch.equal(p, after[n]) for n, p in model.named_parameters())
+
+
+# ----------------------------------------------------------------------------------------------------
+# 8. The reward: dev-file agreement, official superset, categories, adversarial inputs, time bound
+# ----------------------------------------------------------------------------------------------------
+
+CASES = read_jsonl(os.path.join(HERE, "testdata", "answer_cases_dev.jsonl"))  # copy of ../shared/data's file
+
+
+def box(s):
+    return 'Some reasoning.\n\nThe final answer is $\\boxed{%s}$.' % s
+
+
+# ---------------------------------------------------------------- dev-file agreement
+def test_dev_agreement():
+    agree = 0
+    for c in CASES:
+        r = math_reward(c['response'], c['gold'])
+        assert isinstance(r, float) and r in (0.0, 1.0)
+        agree += (r == 1.0) == c['equal']
+    assert agree / len(CASES) >= 0.95
+
+
+def test_official_accept_implies_ours():
+    for c in CASES:
+        if official_reward(c['response'], c['gold']) == 1.0:
+            assert math_reward(c['response'], c['gold']) == 1.0, c['id']
+    for c in CASES:  # and the gold itself, boxed, is always right
+        if c['gold'] and official_reward(box(c['gold']), c['gold']) == 1.0:
+            assert math_reward(box(c['gold']), c['gold']) == 1.0
+
+
+# ---------------------------------------------------------------- per-category units
+CATEGORY_CASES = {
+    'integer': [('42', '42', 1), ('42.0', '42', 1), ('-7', '7', 0), ('1,386', '1386', 1),
+                ('1\\,386', '1386', 1), ('1{,}000{,}000', '1000000', 1), ('10^{6}', '1000000', 1),
+                ('900,000', '9,000,000', 0), ('\\frac{1}{29,322,216}', '\\frac{1}{29322216}', 1)],
+    'fraction': [('\\dfrac{3}{4}', '\\frac34', 1), ('3/4', '\\frac{3}{4}', 1), ('0.75', '\\frac34', 1),
+                 ('\\frac{6}{8}', '\\frac34', 1), ('\\frac{3}{5}', '\\frac34', 0),
+                 ('-\\frac{1}{2}', '\\frac{-1}{2}', 1), ('0.33', '\\frac13', 0),
+                 ('\\frac94', '2\\frac{1}{4}', 1), ('3\\over 4', '\\frac34', 1)],
+    'decimal': [('3.50', '3.5', 1), ('.5', '0.5', 1), ('3.49', '3.5', 0), ('1000.0', '1000', 1),
+                ('3 \\times 10^{5}', '300000', 1), ('9.92\\times10^{-3}', '0.000992', 0)],
+    'units/text': [('5\\text{ cm}^2', '5', 1), ('5 \\text{meters}', '5', 1), ('\\text{5 apples}', '5', 1),
+                   ('\\$5.00', '5', 1), ('6\\text{ cm}', '5', 0), ('\\text{Sunday}', 'Sunday', 1),
+                   ('\\text{Sunday}', '{Monday}', 0), ('125 miles', '125normal{miles}', 1),
+                   ('LQXS', 'LQSX', 0), ('\\emptyset', '{empty}', 1)],
+    'degrees': [('30^\\circ', '30', 1), ('30^{\\circ}', '30', 1), ('30\\text{ degrees}', '30', 1),
+                ('60^\\circ', '30', 0)],
+    'sqrt': [('2\\sqrt{2}', '\\sqrt8', 1), ('\\sqrt{8}', '2\\sqrt2', 1), ('1.414', '\\sqrt2', 0),
+             ('\\frac{\\sqrt{2}}{2}', '\\frac{1}{\\sqrt2}', 1), ('\\sqrt[3]{8}', '2', 1),
+             ('2^{1/2}', '\\sqrt2', 1), ('1.4142135623730951', '\\sqrt2', 0), ('\\sqrt3', '\\sqrt{3}', 1)],
+    'pi': [('\\pi \\cdot 2', '2\\pi', 1), ('6.28', '2\\pi', 0), ('\\frac{\\pi}{3}', '\\frac13\\pi', 1),
+           ('90^\\circ', '\\frac{\\pi}{2}', 0)],
+    'expression': [('x^2+2x+1', '(x+1)^2', 1), ('2x+1', '1+2x', 1), ('x^2-1', '(x-1)(x+1)', 1),
+                   ('x^2+1', '(x+1)^2', 0), ('\\frac{1}{x}', 'x^{-1}', 1),
+                   ('\\sin^2 x + \\cos^2 x', '1', 1), ('\\frac{2}{\\cos x}', '2\\secx', 1),
+                   ('2\\alpha', '\\alpha \\cdot 2', 1), ('2b', '2B', 0), ('3+4i', '4i+3', 1),
+                   ('3-4i', '3+4i', 0), ('2^{99}', '2^{100}-2', 0)],
+    'interval': [('[1, 2)', '[1,2)', 1), ('(1,2)', '[1,2]', 0), ('(-\\infty, 3]', '(-\\infty,3]', 1),
+                 ('(-\\infty,3)', '(-\\infty,3]', 0), ('[2,3]\\cup[0,1]', '[0,1]\\cup[2,3]', 1),
+                 ('\\left[0, \\frac12\\right)', '[0,0.5)', 1)],
+    'tuple': [('(1, 2)', '(1,2)', 1), ('(2,1)', '(1,2)', 0), ('(\\frac12, 3)', '(0.5,3)', 1),
+              ('(1,2);(3,4)', '(1,2);(3,4)', 1), ('{1,3}', '(3,1)', 0)],
+    'set': [('\\{1,2\\}', '\\{2,1\\}', 1), ('1,2', '2,1', 1), ('1, 2, 3', '1,2', 0),
+            ('\\{1,2\\}', '\\{1,3\\}', 0), ('\\pm 3', '3,-3', 1), ('3', '\\pm3', 0),
+            ('A, B, E', '{A,B,E}', 1)],
+    'matrix': [('\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}', '\\begin{pmatrix}1&2\\3&4\\end{pmatrix}', 1),
+               ('\\begin{bmatrix}1&2\\\\3&4\\end{bmatrix}', '\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}', 1),
+               ('\\begin{pmatrix}1\\\\2\\end{pmatrix}', '\\begin{pmatrix}2\\\\1\\end{pmatrix}', 0),
+               ('(1,2,3)', '\\begin{pmatrix}1\\\\2\\\\3\\end{pmatrix}', 1)],
+    'equation': [('x=5', '5', 1), ('y = 2x+3', '2x+3', 1), ('x+y=1', 'y+x=1', 1),
+                 ('2x+2y=2', 'x+y=1', 1), ('x+y=2', 'x+y=1', 0), ('x = 5', 'x=6', 0),
+                 ('x \\geq 2', 'x\\ge2', 1), ('2 \\le x', 'x \\ge 2', 1), ('x>2', 'x\\ge2', 0)],
+    'percent': [('50\\%', '50', 1), ('50%', '50', 1), ('50\\%', '0.5', 1), ('0.5', '50\\%', 1),
+                ('5\\%', '50', 0), ('1.25\\%', '12.5', 0)],
+    'mc': [('C', '(C)', 1), ('\\text{(C)}', 'C', 1), ('(C)', 'C', 1), ('\\textbf{(C)}', 'C', 1),
+           ('D', 'C', 0), ('\\text{(D)}', '{(E)},', 0), ('(C) 12', 'C', 1)],
+    'hedge': [('42 \\text{or} 43', '42', 0), ('42 \\; \\text{or} \\; 43', '42', 0), ('42, 43', '42', 0), ('42 or 43', '42', 0),
+              ('\\text{maybe } 42', '42', 0), ('', '42', 0), ('5', '', 0)],
+    'approx': [('\\approx 3.14', '3.14', 1), ('\\frac23', '\\frac{2}{3}\\approx0.67', 1),
+               ('0.56', '0.56=56', 1)],
+    'base': [('1011_2', '1011_2', 1), ('11', '1011_2', 0)],
+}
+
+
+@pytest.mark.parametrize('cat', sorted(CATEGORY_CASES))
+def test_category(cat):
+    for ans, gold, want in CATEGORY_CASES[cat]:
+        got = math_reward(box(ans), gold)
+        assert got == float(want), (cat, ans, gold, want)
+
+
+def test_no_box_outcome():
+    assert reward_outcome('I think it is 5.', '5') == (0.0, 'no_box')
+    assert reward_outcome('The answer is \\boxed{\\frac{3}{4}', '\\frac34') == (0.0, 'no_box')
+
+
+def test_nested_and_last_box():
+    assert last_boxed('a \\boxed{3} b \\boxed{\\frac{1}{2}} c') == '\\frac{1}{2}'
+    assert math_reward('\\boxed{\\boxed{5}}', '5') == 1.0
+    assert math_reward('First \\boxed{3}, wait, actually \\boxed{5}.', '5') == 1.0
+    assert math_reward('First \\boxed{5}, wait, actually \\boxed{3}.', '5') == 0.0
+    assert last_boxed('\\boxed 7$') == '7' and last_boxed('nothing') is None
+
+
+def test_fbox():
+    assert last_boxed('so \\fbox{12}') == '12'
+    assert math_reward('so \\fbox{12}.', '12') == 1.0
+
+
+def test_strip_string_official_rules():
+    assert strip_string('\\dfrac12') == '\\frac{1}{2}'
+    assert strip_string('3/4') == '\\frac{3}{4}'
+    assert strip_string('\\left( 3 \\right)') == '(3)'
+    assert strip_string('90^\\circ') == '90'
+    assert strip_string('\\$5') == '5' and strip_string('50\\%') == '50'
+    assert strip_string('5\\text{ cm}') == '5'
+    assert strip_string('.5') == '\\frac{1}{2}' and strip_string('0.5') == '\\frac{1}{2}'
+    assert strip_string('x = 3') == '3' and strip_string('\\sqrt2') == '\\sqrt{2}'
+    assert official_reward(box('\\tfrac{1}{2}'), '0.5') == 1.0
+    assert official_reward(box('2x'), 'x2') == 0.0
+
+
+# ---------------------------------------------------------------- adversarial and time bound
+ADVERSARIAL = [
+    (box('9^9^9^9'), '1'), (box('9^{9^{9^{9}}}'), '1'), (box('10^{10^{10^{10}}}-1'), '0'),
+    (box('9' * 50000), '9'), (box('x' * 100000), 'x'), ('a' * 100000, '1'),
+    ('\\boxed{' + '{' * 200 + '1' + '}' * 200 + '}', '2'), (box('(' * 200 + '1' + ')' * 200), '2'),
+    ('\\boxed{' * 300 + '7' + '}' * 300, '8'), ('\\boxed{' * 300 + '7', '7'),
+    ('}}}}{{{ \\boxed{{{{3}} and \\left( \\right', '3'), (box('\x00' * 500), '0'),
+    (box("__import__('os').system('ls')"), '0'), (box("__import__('time').sleep(30)"), '0'),
+    (box('42, 43'), '42'), (box('42 \\text{or } 43'), '42'), (box('\\frac{1}{0}'), '\\infty'),
+    (box('(10^{100})!'), '1'), (box('\\sin(10^{1000})'), '0'), (box('x^{x^{x^{x^{x}}}}'), 'x'),
+    (box('+'.join(['x'] * 3000)), '1'), (box('2^{-99999999}'), '0'),
+    (box('\\begin{pmatrix}' + '\\\\'.join(['&'.join(['1'] * 60)] * 60) + '\\end{pmatrix}'), '1'),
+    (box('\\sqrt{' * 100 + '2' + '}' * 100), '2'), (None, '1'), (box('1'), None),
+]
+
+
+@pytest.mark.parametrize('i', range(len(ADVERSARIAL)))
+def test_adversarial_zero_and_fast(i):
+    resp, gold = ADVERSARIAL[i]
+    t = time.perf_counter()
+    r = math_reward(resp, gold)
+    assert time.perf_counter() - t < 1.0
+    assert r == 0.0 and isinstance(r, float)
+
+
+def test_time_bound_from_worker_thread():
+    """The deadline is cooperative (no signals), so it also works off the main thread."""
+    results = []
+
+    def work():
+        old = dsrl.TIME_BUDGET_S
+        dsrl.TIME_BUDGET_S = 0.0  # force the deadline to expire on the first check
+        try:
+            results.append(reward_outcome(box('(x+1)^2'), 'x^2+2x+1'))
+        finally:
+            dsrl.TIME_BUDGET_S = old
+        t = time.perf_counter()
+        for resp, gold in ADVERSARIAL:
+            results.append(reward_outcome(resp, gold))
+        results.append(time.perf_counter() - t)
+
+    th = threading.Thread(target=work)
+    th.start()
+    th.join(30)
+    assert not th.is_alive()
+    assert results[0] == (0.0, 'timeout')
+    assert all(r[0] == 0.0 for r in results[1:-1])
+    assert results[-1] < len(ADVERSARIAL) * 1.0
+    assert reward_outcome(box('(x+1)^2'), 'x^2+2x+1') == (1.0, 'right')
+
+
+def test_never_raises_on_junk():
+    for resp in ['\\boxed{\\frac}', '\\boxed{\\sqrt}', '\\boxed{^}', '\\boxed{\\begin{pmatrix}}',
+                 '\\boxed{\\left(}', '\\boxed{1/}', '\\boxed{\\text{}}', '\\boxed{x/y}', 12, b'x']:
+        r = reward_outcome(resp, '1')
+        assert isinstance(r[0], float) and r[1] in ('right', 'wrong', 'no_box', 'unparseable', 'timeout')
+
+
+def test_thread_safety_matches_serial():
+    serial = [math_reward(c['response'], c['gold']) for c in CASES]
+    out = {}
+
+    def work(k):
+        out[k] = [math_reward(c['response'], c['gold']) for c in CASES]
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert all(out[k] == serial for k in range(6))
+
+
+def test_hedges_are_wrong_even_where_the_official_scorer_accepts_them():
+    hedge = "So it is $\\boxed{42 \\text{ or } 43}$."
+    assert official_reward(hedge, "42") == 1.0  # the official rule cuts "\text{ or } 43" away as units
+    assert reward_outcome(hedge, "42") == (0.0, "wrong")
+    assert math_reward("$\\boxed{\\text{A or B}}$", "\\text{A or B}") == 1.0  # unless the gold says so itself
+
+
+def test_score_counts_outcomes_separately():
+    texts = ["\\boxed{1}", "\\boxed{2}", "no box here", "\\boxed{" + "{" * 300 + "}", "\\boxed{\\frac{2}{4}}"]
+    rewards, counts = dsrl.score(texts, ["1", "1", "1", "1", "0.5"])
+    assert rewards == [1.0, 0.0, 0.0, 0.0, 1.0]
+    assert counts["right"] == 2 and counts["no_box"] + counts["unparseable"] + counts["wrong"] == 3
+    assert counts["no_box"] >= 1
+    official, _ = dsrl.score(texts, ["1", "1", "1", "1", "0.5"], kind="official")
+    assert official == [1.0, 0.0, 0.0, 0.0, 0.0]  # the official string scorer: \frac{2}{4} != 0.5 as strings
