@@ -1434,6 +1434,8 @@ def load_model_and_tokenizer(name_or_path: str, device: str = "cpu"):
     """fp32 master weights (an AdamW update at lr 1e-6 vanishes in bf16 weights); compute runs in
     autocast. Hub ids and local paths both work."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # one progress bar (ours) on the console
     local = os.path.exists(name_or_path) or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
     if local and not os.path.isdir(name_or_path):
         raise UsageError(f"model path not found: {name_or_path} (give a model directory or a hub id)")

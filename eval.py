@@ -88,6 +88,8 @@ def load_benchmark(name: str, limit: int = 0):
     if name in BENCHMARKS:
         hub_id, split, q_col, a_col = BENCHMARKS[name]
         rows = dsrl.read_rows(hub_id, split)
+        if rows and not {q_col, a_col} <= set(rows[0]):
+            raise dsrl.UsageError(f"{hub_id} has columns {sorted(rows[0])}; the registry expects {q_col}, {a_col}")
         examples = [dsrl.row_to_example({"problem": r[q_col], "answer": gold_text(r[a_col])}) for r in rows]
         examples = [e for e in examples if e is not None]
     else:
@@ -270,10 +272,7 @@ def flat_grad_into(model, out):
     offset = 0
     for p in grad_params(model):
         n = p.numel()
-        if p.grad is None:
-            out[offset:offset + n].zero_()
-        else:
-            out[offset:offset + n].copy_(p.grad.reshape(-1))
+        out[offset:offset + n] = p.grad.reshape(-1) if p.grad is not None else 0
         offset += n
     model.zero_grad(set_to_none=True)
     return out

@@ -158,7 +158,7 @@ def test_alignment_equals_independent_gradients(tiny):
     buf = torch.zeros(sum(p.numel() for p in model.parameters()))
     stats, lx, ly = evaluator.rollout_alignment(model, prompt, response, start, dsrl.pad_id(tok), 1.0, 3, buf)
     gx, gy = reference_grad(model, prompt, response), reference_grad(model, [start], response)
-    assert torch.allclose(buf, gx, rtol=1e-4, atol=1e-6)
+    assert torch.allclose(buf, gx, rtol=1e-4, atol=1e-5)
     assert stats["inner"] == pytest.approx(torch.dot(gx, gy).item(), rel=1e-4)
     assert stats["cosine"] == pytest.approx(F.cosine_similarity(gx, gy, dim=0).item(), rel=1e-4, abs=1e-6)
     assert stats["norm_y"] == pytest.approx(gy.norm().item(), rel=1e-4)
@@ -179,7 +179,7 @@ def test_cosine_of_a_gradient_with_itself_is_one(tiny):
             evaluator.flat_grad_into(model, buf)
         else:
             dot, sq = evaluator.grad_dot(model, buf)
-    assert dot / (buf.norm().item() * math.sqrt(sq)) == pytest.approx(1.0, abs=1e-6)
+    assert dot / (buf.norm().item() * math.sqrt(sq)) == pytest.approx(1.0, abs=1e-5)
 
 
 def test_token_agreement_hand_values():

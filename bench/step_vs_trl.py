@@ -294,7 +294,7 @@ def run_length(a, T, log_dir):
         ready[name] = w.recv()
         workers.append((name, w))
         print(f"  [{name}] ready: {ready[name]}", file=sys.stderr)
-    res = {name: [] for name, _ in specs}
+    res = {name: [] for name, _, _ in specs}
     for i in range(a.warmup + a.steps):  # round-robin, one step each
         for name, w in workers:
             w.send("go")
