@@ -252,7 +252,7 @@ def behaviours_summary(rows: list) -> dict:
 
 def behaviours_markdown(summary):
     keys = ["n_responses", "steps", "reflection", "transition", *BEHAVIOURS]
-    text = markdown_table(["responses"] + keys, [[g] + [summary[g][k] for k in keys]
+    text = markdown_table(["group"] + keys, [[g] + [summary[g][k] for k in keys]
                                                   for g in ("all", "correct", "incorrect")])
     if "per_step" in summary:
         text += "\n\n" + markdown_table(["step"] + keys, [[r["step"]] + [r[k] for k in keys]
@@ -416,7 +416,7 @@ def plot_runs(run_dirs: list, out_dir: str) -> list:
                 row["phase"] = next((m.get("phase") for m in runs[label] if m["step"] == row["step"]), None)
     os.makedirs(out_dir, exist_ok=True)
     eval_keys = sorted({k for rows in runs.values() for r in rows for k in r if k.startswith("eval/")
-                        and ("/avg@" in k or "/pass@1" in k)})
+                        and (k.rsplit("/", 1)[1].startswith("avg@") or k.endswith("/pass@1"))})
     figures = {**FIGURES, "eval.png": eval_keys}
     written = [plot_panels(plt, runs, keys, os.path.join(out_dir, f)) for f, keys in figures.items()]
     if behaviour_runs:
@@ -432,10 +432,16 @@ def read_jsonl(path: str) -> list:
     if not os.path.isfile(path):
         raise dsrl.UsageError(f"file not found: {path}")
     with open(path, encoding="utf-8") as fh:
+        lines = [line for line in fh if line.strip()]
+    rows = []
+    for n, line in enumerate(lines, 1):
         try:
-            return [json.loads(line) for line in fh if line.strip()]
+            rows.append(json.loads(line))
         except json.JSONDecodeError as e:
-            raise dsrl.UsageError(f"{path} is not valid JSONL ({e.msg} at line {e.lineno})")
+            if n < len(lines):
+                raise dsrl.UsageError(f"{path} is not valid JSONL ({e.msg} at line {n})")
+            print(f"warning: {path}: ignoring a torn last line (a run still writing, or killed)", file=sys.stderr)
+    return rows
 
 
 def markdown_table(header: list, rows: list) -> str:

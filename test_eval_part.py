@@ -221,7 +221,7 @@ def test_cli_behaviours(tmp_path):
     assert r.returncode == 0, r.stderr
     s = json.load(open(tmp_path / "beh" / "behaviours.json"))
     assert s["all"]["reflection"] == 3 and s["correct"]["n_responses"] == 1 and len(s["per_step"]) == 2
-    assert "| all | 2 |" in r.stdout and (tmp_path / "beh" / "behaviours.md").read_text().strip() == r.stdout.strip()
+    assert "| all | 2 |" in r.stdout and "| group |" in r.stdout and (tmp_path / "beh" / "behaviours.md").read_text().strip() == r.stdout.strip()
 
 
 def test_cli_align(tiny_model_dir, tmp_path):
@@ -253,6 +253,8 @@ def test_cli_plot(tmp_path):
     write_run(str(tmp_path / "dsrl"), ["warmup", "warmup", "rl", "rl"])
     write_run(str(tmp_path / "grpo"), ["rl"] * 4)
     assert evaluator.handover_step(read_jsonl(str(tmp_path / "dsrl" / "metrics.jsonl"))) == 3
+    with open(tmp_path / "grpo" / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 5, "rew')  # a run still writing: the torn last line is skipped
     r = run_cli(["plot", tmp_path / "dsrl", tmp_path / "grpo", "--out", tmp_path / "plots"], script="eval.py")
     assert r.returncode == 0, r.stderr
     for name in ("reward", "solved", "response_length", "loss", "eval", "behaviours"):
