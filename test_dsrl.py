@@ -9,6 +9,7 @@ import json
 import math
 import os
 import random
+import shutil
 import subprocess
 import sys
 import threading
@@ -169,6 +170,12 @@ def test_sample_masks_nsr_psr_all():
     assert every == [True] * 16  # "all" keeps A = 0 samples (their tokens count in the GRPO denominator)
     # all-right (group 2) and all-wrong (group 4) groups take part in neither NSR nor PSR
     assert not any(neg[4:8] + pos[4:8] + neg[12:] + pos[12:])
+
+
+def test_warmup_bound_applies_to_dsrl_only():
+    dsrl.check_args(dsrl.Args(mode="grpo", steps=4))  # the default --warmup-steps 19 is irrelevant outside dsrl
+    with pytest.raises(dsrl.UsageError):
+        dsrl.check_args(dsrl.Args(mode="dsrl", steps=4))
 
 
 def test_phase_for_step_warmup_boundary():
@@ -603,7 +610,7 @@ TIMING_KEYS = {"time_gen_s", "time_step_s"}
 
 def cli_args(model, data, out, **kw):
     flags = {"model": model, "dataset": data, "output-dir": out, "steps": 3, "prompts-per-step": 4, "group-size": 4,
-             "max-new-tokens": 12, "micro-batch-size": 4, "lr": 1e-3, "save-every": 2, "seed": 1, "warmup-steps": 2}
+             "max-new-tokens": 12, "micro-batch-size": 4, "lr": 1e-3, "save-every": 1, "seed": 1, "warmup-steps": 2}
     flags.update(kw)
     return [x for k, v in flags.items() for x in ("--" + k, v)]
 
@@ -639,7 +646,7 @@ def test_cli_runs_every_mode(tiny_model_dir, tiny_data, tmp_path, mode):
         assert s["reward"] == math_reward(s["response"], s["gold"])
     config = json.loads((out / "config.json").read_text())
     assert config["mode"] == mode and config["group_size"] == 4
-    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]  # --save-total-limit 2
     trained = AutoModelForCausalLM.from_pretrained(out / "checkpoint-3")
     start = load_file(os.path.join(tiny_model_dir, "model.safetensors"))
     moved = [n for n, p in trained.state_dict().items() if n in start and not torch.equal(p, start[n])]
@@ -667,3 +674,211 @@ def test_cli_on_the_official_math_train_file(tiny_model_dir, tmp_path):
 def test_unknown_flag_is_an_error(tmp_path):
     res = run_cli(["--no-such-flag", "1"])
     assert res.returncode == 2 and "unrecognized arguments" in res.stderr
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reliability: exact resume after SIGKILL, SIGTERM, atomic checkpoints, clear errors, no silent NaN
+# ----------------------------------------------------------------------------------------------------
+def _strip_timing(rows):
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
+
+
+def _run_until(args, condition, timeout=300):
+    """Start the CLI, SIGKILL it as soon as condition() holds. Returns True if the kill landed."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "dsrl.py")] + [str(a) for a in args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=HERE)
+    deadline = time.time() + timeout
+    while proc.poll() is None and time.time() < deadline:
+        if condition():
+            proc.kill()
+            proc.wait()
+            return True
+        time.sleep(0.005)
+    proc.kill()
+    return False
+
+
+def _n_lines(path):
+    return len(open(path).read().splitlines()) if os.path.exists(path) else 0
+
+
+def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tiny_model_dir, tiny_data, tmp_path):
+    from safetensors.torch import load_file
+    flags = dict(steps=8, **{"save-every": 4, "save-total-limit": 0, "warmup-steps": 3, "max-new-tokens": 24})
+    ref = tmp_path / "ref"
+    assert run_cli(cli_args(tiny_model_dir, tiny_data, ref, **flags)).returncode == 0
+    ref_metrics = _strip_timing(read_jsonl(ref / "metrics.jsonl"))
+    ref_weights = load_file(ref / "checkpoint-8" / "model.safetensors")
+    assert [m["step"] for m in ref_metrics] == list(range(1, 9))
+    kill_points = {  # at a checkpoint boundary, and in the middle of a step after it (steps 5, 6 redone)
+        "boundary": lambda out: os.path.exists(out / "checkpoint-4"),
+        "mid-step": lambda out: _n_lines(out / "metrics.jsonl") >= 6,
+    }
+    for name, cond in kill_points.items():
+        out = tmp_path / name
+        assert _run_until(cli_args(tiny_model_dir, tiny_data, out, **flags), lambda: cond(out)), name
+        assert not os.path.exists(out / "checkpoint-8")
+        res = run_cli(["--output-dir", out, "--resume"])  # every other setting comes from the checkpoint
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert "resumed from" in res.stderr
+        assert _strip_timing(read_jsonl(out / "metrics.jsonl")) == ref_metrics, name
+        assert [s["step"] for s in read_jsonl(out / "samples.jsonl")] == [s["step"] for s in read_jsonl(ref / "samples.jsonl")]
+        weights = load_file(out / "checkpoint-8" / "model.safetensors")
+        assert all(torch.equal(weights[k], ref_weights[k]) for k in ref_weights), name
+
+
+def test_sigterm_saves_and_exits_cleanly_then_resumes(tiny_model_dir, tiny_data, tmp_path):
+    import signal
+    out = tmp_path / "run"
+    args = cli_args(tiny_model_dir, tiny_data, out, steps=40, **{"save-every": 100})
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "dsrl.py")] + [str(a) for a in args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=HERE)
+    while _n_lines(out / "metrics.jsonl") < 1 and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert "SIGTERM" in err and "--resume" in err
+    last = read_jsonl(out / "metrics.jsonl")[-1]["step"]
+    assert last < 40 and os.path.exists(out / f"checkpoint-{last}" / "trainer_state.pt")
+    res = run_cli(["--output-dir", out, "--resume", "--steps", last + 2])  # --steps may grow on resume
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert [m["step"] for m in read_jsonl(out / "metrics.jsonl")] == list(range(1, last + 3))
+
+
+def test_resume_refuses_settings_that_change_the_run(tiny_model_dir, tiny_data, tmp_path):
+    out = tmp_path / "run"
+    assert run_cli(cli_args(tiny_model_dir, tiny_data, out, steps=1, **{"warmup-steps": 1})).returncode == 0
+    res = run_cli(["--output-dir", out, "--resume", "--group-size", 8, "--lr", 0.5])
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines()[-1].startswith("error: --resume: group_size, lr differ")
+
+
+def test_failed_checkpoint_write_keeps_the_previous_one(tiny, tmp_path, monkeypatch):
+    model, tok = tiny
+    opt = torch.optim.AdamW(model.parameters())
+    args = dsrl.Args()
+    dsrl.save_checkpoint(str(tmp_path), 1, model, tok, opt, args, {})
+
+    def disk_full(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(dsrl.UsageError, match="No space left on device.*previous checkpoint is intact"):
+        dsrl.save_checkpoint(str(tmp_path), 2, model, tok, opt, args, {})
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-1"]  # no partial checkpoint-2, no temp folder
+    assert dsrl.list_checkpoints(str(tmp_path)) == [str(tmp_path / "checkpoint-1")]
+
+
+def test_partial_checkpoints_are_ignored_with_a_warning(tmp_path, capsys):
+    for name, files in {"checkpoint-3": ["config.json", "trainer_state.pt"], "checkpoint-7": ["config.json"],
+                        ".tmp-checkpoint-9": ["config.json"], "checkpoint-12": ["config.json", "trainer_state.pt"]}.items():
+        os.makedirs(tmp_path / name)
+        for f in files:
+            (tmp_path / name / f).write_text("{}")
+    assert dsrl.list_checkpoints(str(tmp_path)) == [str(tmp_path / "checkpoint-3"), str(tmp_path / "checkpoint-12")]
+    err = capsys.readouterr().err
+    assert "checkpoint-7" in err and ".tmp-checkpoint-9" in err
+
+
+def test_truncate_jsonl_drops_later_steps_and_torn_lines(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 4, "lo')
+    dsrl.truncate_jsonl(str(path), 2)
+    assert read_jsonl(path) == [{"step": 1}, {"step": 2}]
+
+
+def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tiny_model_dir, tiny_data, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    def nan_loss(model, *a, **k):
+        for p in model.parameters():
+            p.grad = torch.full_like(p, float("nan"))
+        return float("nan"), 1, 1, 1
+    monkeypatch.setattr(dsrl, "policy_loss_backward", nan_loss)
+    out = tmp_path / "run"
+    args = dsrl.Args(model=tiny_model_dir, dataset=tiny_data, output_dir=str(out), steps=10, prompts_per_step=2,
+                     group_size=2, max_new_tokens=8, max_bad_steps=3, device="cpu", warmup_steps=1)
+    assert dsrl.train(args) == 3
+    metrics = read_jsonl(out / "metrics.jsonl")
+    assert [m["skipped"] for m in metrics] == [1, 1, 1]
+    saved = load_file(out / "checkpoint-3" / "model.safetensors")
+    start = load_file(os.path.join(tiny_model_dir, "model.safetensors"))
+    assert all(torch.equal(saved[k], start[k]) for k in start)  # no NaN written, nothing changed
+
+
+BAD_INPUTS = {  # name -> (flags, fragment of the one-line error)
+    "missing model": (["--model", "/no/such/model"], "model path not found"),
+    "missing dataset": (["--dataset", "/no/such/file.parquet"], "dataset file not found"),
+    "group size 1": (["--group-size", "1"], "--group-size 1: needs >= 2"),
+    "warmup > steps": (["--steps", "3", "--warmup-steps", "5"], "--warmup-steps 5: must be between 0 and --steps 3"),
+    "negative warmup": (["--mode", "grpo", "--warmup-steps=-1"], "--warmup-steps -1: must be between 0"),
+    "negative lr": (["--lr=-1e-6"], "--lr -1e-06: must be > 0"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_INPUTS))
+def test_bad_flags_give_one_line_and_exit_2(tiny_model_dir, tiny_data, tmp_path, name, capsys):
+    flags, fragment = BAD_INPUTS[name]
+    base = ["--model", tiny_model_dir, "--dataset", tiny_data, "--output-dir", str(tmp_path / "o")]
+    assert dsrl.main(base + flags) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and fragment in err[0], err
+
+
+def _bad_files(tmp_path, tiny_model_dir):
+    """name -> (flags, fragment) for inputs that need files on disk."""
+    from transformers import AutoTokenizer
+    d = {}
+    (tmp_path / "garbage.parquet").write_bytes(b"\x00not a parquet file")
+    d["unreadable dataset"] = (["--dataset", tmp_path / "garbage.parquet"], "cannot read dataset file")
+    (tmp_path / "cols.jsonl").write_text('{"question": "1+1", "label": "2"}\n')
+    d["unknown columns"] = (["--dataset", tmp_path / "cols.jsonl"], "has columns ['label', 'question']")
+    (tmp_path / "empty.jsonl").write_text("")
+    d["empty dataset"] = (["--dataset", tmp_path / "empty.jsonl"], "is empty")
+    (tmp_path / "noanswer.jsonl").write_text('{"problem": "1+1", "answer": ""}\n{"problem": "2+2", "answer": null}\n')
+    d["rows without answers"] = (["--dataset", tmp_path / "noanswer.jsonl"], "none of its 2 rows")
+    (tmp_path / "afile").write_text("x")
+    d["output dir not writable"] = (["--output-dir", tmp_path / "afile" / "sub"], "is not writable")
+    os.makedirs(tmp_path / "t5")
+    (tmp_path / "t5" / "config.json").write_text('{"model_type": "t5"}')
+    d["not a causal LM"] = (["--model", tmp_path / "t5"], "cannot load a causal LM")
+    no_template = tmp_path / "no_template"
+    shutil.copytree(tiny_model_dir, no_template)
+    tok = AutoTokenizer.from_pretrained(no_template)
+    tok.chat_template = None
+    os.remove(no_template / "chat_template.jinja") if os.path.exists(no_template / "chat_template.jinja") else None
+    tok.save_pretrained(no_template)
+    d["no chat template"] = (["--model", no_template], "has no chat template")
+    no_start = tmp_path / "no_start"
+    shutil.copytree(tiny_model_dir, no_start)
+    make_tokenizer(specials=["<|endoftext|>", "<|im_end|>"]).save_pretrained(no_start)
+    d["no <|im_start|>"] = (["--model", no_start], "no <|im_start|> token")
+    return d
+
+
+def test_bad_files_give_one_line_and_exit_2(tiny_model_dir, tiny_data, tmp_path, capsys):
+    cases = _bad_files(tmp_path, tiny_model_dir)
+    for name, (flags, fragment) in cases.items():
+        base = ["--model", tiny_model_dir, "--dataset", tiny_data, "--output-dir", str(tmp_path / "o" / name[:4])]
+        assert dsrl.main(base + [str(f) for f in flags]) == 2, name
+        err = [l for l in capsys.readouterr().err.strip().splitlines() if not l.startswith("warning")]
+        assert len(err) == 1 and err[0].startswith("error: ") and fragment in err[0], (name, err)
+
+
+def test_bad_input_in_a_real_process_has_no_traceback(tmp_path):
+    res = run_cli(["--model", "/no/such/model", "--output-dir", tmp_path / "o",
+                   "--dataset", tmp_path / "missing.jsonl"])
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines() == [f"error: dataset file not found: {tmp_path / 'missing.jsonl'} "
+                                               "(give an existing .parquet/.jsonl file or a hub id)"]
+
+
+def test_malformed_rows_are_skipped_and_counted(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    path.write_text('{"problem": "1+1", "answer": "2"}\n{"problem": "2+2"}\nnot json\n'
+                    '{"problem": "3+3", "solution": "so \\\\boxed{6}."}\n')
+    examples, n_bad = dsrl.load_problems(str(path))
+    assert n_bad == 2 and [e["answer"] for e in examples] == ["2", "6"]
+    assert examples[0]["messages"][0] == {"role": "system", "content": dsrl.SYSTEM_PROMPT}
