@@ -95,7 +95,8 @@ class Args:
     grad_clip: float = field(default=1.0, metadata={"help": "gradient-norm clip"})
     micro_batch_size: int = field(default=8, metadata={"help": "sequences per forward/backward (gradient accumulation, exact)"})
     gen_batch_size: int = field(default=0, metadata={"help": "sequences per generate call, 0 = all at once"})
-    logprob_chunk: int = field(default=1024, metadata={"help": "tokens per chunk when computing log-probs over the vocabulary"})
+    kv_cache: str = field(default="dynamic", metadata={"help": "generate's KV cache: dynamic, static (compiled decode on GPU) or compile (static + torch.compile on any device)"})
+    logprob_chunk: int = field(default=256, metadata={"help": "tokens per chunk of the vocabulary projection (memory ~ 4 x chunk x vocab x 4 bytes)"})
     reward: str = field(default="math", metadata={"help": "math (equivalence checker) or official (exact official string scorer)"})
     seed: int = field(default=0, metadata={"help": "seed for data order, sampling and init of everything random"})
     output_dir: str = field(default="runs/dsrl", metadata={"help": "where config, metrics, samples and checkpoints go"})
@@ -112,7 +113,7 @@ class Args:
 
 # Keys that may change between a run and its resumption without changing what the run computes.
 RESUMABLE_CHANGES = {"steps", "output_dir", "resume", "save_every", "save_total_limit", "device", "micro_batch_size",
-                     "gen_batch_size", "logprob_chunk", "max_bad_steps", "eval_every", "eval_benchmarks", "eval_k"}
+                     "gen_batch_size", "kv_cache", "logprob_chunk", "max_bad_steps", "eval_every", "eval_benchmarks", "eval_k"}
 
 
 class UsageError(Exception):
@@ -132,6 +133,8 @@ def build_parser(suppress_defaults=False):
             kw.update(choices=list(MODES))
         elif f.name == "reward":
             kw.update(choices=["math", "official"])
+        elif f.name == "kv_cache":
+            kw.update(choices=["dynamic", "static", "compile"])
         elif f.name == "dtype":
             kw.update(choices=["auto", "bfloat16", "float16", "float32"])
         else:
@@ -1247,12 +1250,19 @@ def cut_at_stop(ids: list, stops: set):
 
 @torch.no_grad()
 def sample_responses(model, tokenizer, prompt_ids, group_size, max_new_tokens, temperature=1.0, top_p=1.0,
-                     batch_size=0, min_new_tokens=0, dtype=torch.float32):
+                     batch_size=0, min_new_tokens=0, dtype=torch.float32, kv_cache="dynamic"):
     """G samples per prompt from P(y|x), prompt-major (sample i*G+g belongs to prompt i).
     Returns (response_ids: list of lists ending with the stop token unless truncated, truncated: list of bool)."""
     device = next(model.parameters()).device
     rows = [p for p in prompt_ids for _ in range(group_size)]
     stops, pad = stop_ids(tokenizer), pad_id(tokenizer)
+    fast = {}
+    if kv_cache in ("static", "compile"):  # transformers compiles the decode step itself with a static cache on GPU
+        from transformers import CompileConfig
+        fast["cache_implementation"] = "static"
+        if kv_cache == "compile":
+            fast["compile_config"] = CompileConfig(dynamic=None)
+            fast["compile_config"]._compile_all_devices = True  # also on CPU
     responses, truncated = [], []
     step = batch_size or len(rows)
     for s in range(0, len(rows), step):
@@ -1261,7 +1271,7 @@ def sample_responses(model, tokenizer, prompt_ids, group_size, max_new_tokens, t
             out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=temperature,
                                  top_p=top_p, top_k=0, min_p=None, repetition_penalty=1.0,
                                  max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                                 eos_token_id=stops, pad_token_id=pad, use_cache=True)
+                                 eos_token_id=stops, pad_token_id=pad, use_cache=True, **fast)
         for row in out[:, ids.shape[1]:].tolist():  # (n, T_new)
             r, cut = cut_at_stop(row, set(stops))
             responses.append(r)
@@ -1280,7 +1290,9 @@ def autocast(device, dtype):
 # ----------------------------------------------------------------------------------------------------
 def _chunk_logprob(hidden, targets, weight, bias, temperature):
     """log pi(target | state) for (K, H) states. Logits (K, V) live only inside this chunk."""
-    logits = F.linear(hidden, weight, bias).float() / temperature  # (K, V)
+    logits = F.linear(hidden, weight, bias).float()  # (K, V)
+    if temperature != 1.0:  # the official actor divides by the rollout temperature; at 1.0 skip the copy
+        logits = logits / temperature
     return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)  # (K,)
 
 
@@ -1302,7 +1314,7 @@ def token_logprobs(model, input_ids, attention_mask, position_ids, targets, targ
     return logp
 
 
-def logprob_y_given_x(model, prompt_ids, response_ids, pad, temperature=1.0, chunk=1024):
+def logprob_y_given_x(model, prompt_ids, response_ids, pad, temperature=1.0, chunk=256):
     """log pi(y_t | x, y_<t) for each response token: the standard RL space.
     Prompts left-padded, responses right-padded, positions from the attention mask. -> (logp, mask), (N, T)."""
     device = next(model.parameters()).device
@@ -1314,7 +1326,7 @@ def logprob_y_given_x(model, prompt_ids, response_ids, pad, temperature=1.0, chu
     return logp, y_mask
 
 
-def logprob_y(model, start_id, response_ids, pad, temperature=1.0, chunk=1024):
+def logprob_y(model, start_id, response_ids, pad, temperature=1.0, chunk=256):
     """log pi(y_t | <|im_start|>, y_<t): the pre-train space P(y). Input [<|im_start|>] + y, positions 0..|y|.
     -> (logp, mask), (N, T)."""
     device = next(model.parameters()).device
@@ -1642,7 +1654,8 @@ def train(args: Args, resume_path=None):
         batch = [examples[i] for i in idx]
         prompt_ids = [build_prompt(tokenizer, ex["messages"], args.max_prompt_tokens) for ex in batch]
         responses, truncated = sample_responses(gen_model, tokenizer, prompt_ids, args.group_size, args.max_new_tokens,
-                                                args.temperature, args.top_p, args.gen_batch_size, dtype=dtype)
+                                                args.temperature, args.top_p, args.gen_batch_size, dtype=dtype,
+                                                kv_cache=args.kv_cache)
         t_gen = time.time() - t0
         # 2. reward
         texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
