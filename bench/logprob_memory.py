@@ -1,11 +1,12 @@
 """Peak extra memory of the log-prob + loss pass (forward AND backward) versus response length T, CPU.
 
-    python bench/logprob_memory.py                      # T = 256 .. 4096, chunk 1024, ~2 min
+    python bench/logprob_memory.py                      # T = 256 .. 4096, dsrl chunk 256 (default) and 1024
     python bench/logprob_memory.py --T 256,1024 --chunk 512
 
 Model: Qwen3 with the REAL vocabulary (151,936) but a tiny body (hidden 64, 1 layer), so the vocabulary
 projection dominates, which is exactly what dsrl's chunked log-prob is about. Three methods per T:
-  dsrl   dsrl.logprob_y_given_x(..., chunk=C) + backward   (chunked, checkpointed vocab projection)
+  dsrl   dsrl.logprob_y_given_x(..., chunk=C) + backward   (chunked, checkpointed vocab projection), one
+         column per C of --chunk (a comma list)
   naive  body -> lm_head on all (N, T) positions -> log_softmax (N, T, V) -> gather, + backward
   body   body only, loss = hidden.sum(), + backward     (what any method pays; no vocab projection)
 
@@ -90,20 +91,27 @@ def child(method, T, chunk, n_seq, prompt_len):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--T", default="256,512,1024,2048,4096", help="response lengths")
-    ap.add_argument("--chunk", type=int, default=1024, help="dsrl logprob_chunk (tokens per vocab chunk)")
+    ap.add_argument("--chunk", default="256,1024",
+                    help="dsrl logprob_chunk values (comma list; 256 is dsrl's default), one dsrl column each")
     ap.add_argument("--n-seq", type=int, default=1, help="sequences in the batch (naive needs N*T*V*4 bytes per copy)")
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--methods", default="body,dsrl,naive")
     ap.add_argument("--child", nargs=2, metavar=("METHOD", "T"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        return child(a.child[0], int(a.child[1]), a.chunk, a.n_seq, a.prompt_len)
+        return child(a.child[0], int(a.child[1]), int(a.chunk), a.n_seq, a.prompt_len)
     Ts = [int(t) for t in a.T.split(",")]
-    methods = a.methods.split(",")
+    chunks = [int(c) for c in a.chunk.split(",")]
+    # one column per (method, chunk); only dsrl depends on the chunk
+    methods = []
+    for m in a.methods.split(","):
+        methods += [f"dsrl@{c}" for c in chunks] if m == "dsrl" else [m]
     res = {}
     for T in Ts:
         for m in methods:
-            out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", m, str(T), "--chunk", str(a.chunk),
+            meth, _, c = m.partition("@")
+            out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", meth, str(T),
+                                  "--chunk", c or str(chunks[0]),
                                   "--n-seq", str(a.n_seq), "--prompt-len", str(a.prompt_len)],
                                  capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
             if out.returncode != 0:
@@ -111,13 +119,13 @@ def main():
                 res[m, T] = None
                 continue
             res[m, T] = json.loads(out.stdout.strip().splitlines()[-1])
-            print(f"  {m:5s} T={T:5d}: +{res[m, T]['extra_mb']:8.1f} MB  {res[m, T]['secs']:.2f}s", file=sys.stderr)
+            print(f"  {m:9s} T={T:5d}: +{res[m, T]['extra_mb']:8.1f} MB  {res[m, T]['secs']:.2f}s", file=sys.stderr)
     V = VOCAB
     print(f"\nPeak extra RSS (MB) of one log-prob + loss forward+backward, CPU fp32, N={a.n_seq}, "
-          f"vocab {V}, hidden 64, 1 layer, dsrl chunk={a.chunk}")
-    print(f"{'T':>6} | " + " | ".join(f"{m + ' MB':>10}" for m in methods) + f" | {'N*T*V*4 MB':>10}")
+          f"vocab {V}, hidden 64, 1 layer, dsrl@C = dsrl with logprob chunk C")
+    print(f"{'T':>6} | " + " | ".join(f"{m + ' MB':>12}" for m in methods) + f" | {'N*T*V*4 MB':>10}")
     for T in Ts:
-        cells = [f"{res[m, T]['extra_mb']:10.1f}" if res.get((m, T)) else f"{'failed':>10}" for m in methods]
+        cells = [f"{res[m, T]['extra_mb']:12.1f}" if res.get((m, T)) else f"{'failed':>12}" for m in methods]
         print(f"{T:6d} | " + " | ".join(cells) + f" | {a.n_seq * T * V * 4 / 2**20:10.1f}")
 
 

@@ -2,6 +2,7 @@
 
     /work/venv/bin/python bench/step_vs_trl.py                         # CPU, tiny Qwen3, 64 and 256 new tokens
     /work/venv/bin/python bench/step_vs_trl.py --new-tokens 64 --steps 5
+    /work/venv/bin/python bench/step_vs_trl.py --dsrl-kv-cache dynamic,compile   # both dsrl samplers vs TRL
     python bench/step_vs_trl.py --model-config qwen3-0.6b --device cuda   # GPU: random-init Qwen3-0.6B config
 
 Setup (identical on both sides)
@@ -14,15 +15,23 @@ Setup (identical on both sides)
   * GRPO loss: beta 0 (no KL, no reference model), one update per batch (num_iterations 1, so no old-log-prob
     pass on either side), token-mean over all tokens of the step (TRL loss_type "dapo" is exactly that),
     epsilon 0.2, std-scaled group advantages, AdamW lr 1e-6, weight decay 0.01, grad-norm clip 1.0;
-  * reward: a deterministic hash of the response token ids -> 0/1 (~50% positive), the same function on both
-    sides (`hash_reward`), so groups are mixed and neither side can skip the backward because all
+  * reward: a deterministic hash of (index in the group, response token ids) -> 0/1 (~50% positive), the same
+    function on both sides (`hash_reward`), so groups are mixed and neither side can skip the backward because all
     advantages are 0. The positive share is reported.
   * dsrl is ALSO run in NSR-PreRL mode (P(y), negative samples only), which TRL does not have.
 
-How dsrl is run: `DsrlWorker.step` is the body of dsrl.train's step loop (sample_responses -> decode ->
-reward -> group_advantages -> sample_mask -> policy_loss_backward -> optimizer_step -> sync_generation_copy),
-calling the same dsrl.py functions; only checkpointing and the jsonl logs are left out, and the reward is
+How dsrl is run: `dsrl_worker` runs the body of dsrl.train's step loop (sample_responses(kv_cache=...) ->
+decode -> reward -> group_advantages -> sample_mask -> policy_loss_backward(args.logprob_chunk,
+args.micro_batch_size) -> non-finite-loss skip or optimizer_step -> sync_generation_copy), calling the same
+dsrl.py functions; only checkpointing, the metric row and the jsonl logs are left out, the reward is
 `hash_reward` instead of dsrl.score, and sample_responses gets min_new_tokens (an existing parameter).
+  --dsrl-kv-cache  dsrl's --kv-cache (dynamic | static | compile); a comma list runs one dsrl-GRPO worker per
+                   value in the same alternation (e.g. dynamic,compile). "compile" compiles the decode step in
+                   the first steps: --warmup is raised to >= 2 for it, warm-up steps are not in the medians.
+  --dsrl-micro-batch  dsrl's --micro-batch-size. Default 32 = N_PROMPTS x GROUP = TRL's
+                   per_device_train_batch_size, i.e. TRL's loss forward runs all 32 sequences at once, and so
+                   does dsrl's by default: identical sequences per forward.
+  --chunk          dsrl's --logprob-chunk; default: dsrl's own default (dsrl.Args().logprob_chunk, 256).
 How TRL is run: GRPOTrainer.train() as is; a TrainerCallback blocks in on_step_begin until the parent says
 "go" and takes the time at on_step_end (after clip, AdamW step and zero_grad, before logging).
 
@@ -39,6 +48,7 @@ The LAST line printed is `ratio=... dsrl_s=... trl_s=... dsrl_peak_mb=... trl_pe
 import argparse
 import hashlib
 import json
+import math
 import os
 import resource
 import statistics
@@ -54,9 +64,13 @@ N_PROMPTS, GROUP = 4, 8
 PROTO = "@@"  # prefix of protocol lines on a worker's stdout (libraries may print other lines)
 
 
-def hash_reward(ids) -> float:
-    """0/1 from a hash of the response token ids: deterministic, content-dependent, ~50% positive."""
-    return float(hashlib.md5(",".join(map(str, ids)).encode()).digest()[0] < 128)
+def hash_reward(ids, g) -> float:
+    """0/1 from a hash of (g = the sample's index in its group, the response token ids): deterministic,
+    content-dependent, ~50% positive. The index is salted in because the tiny test model's first ~8 tokens are
+    nearly deterministic: a hash of the ids alone gave 0 for every sample at 8 new tokens (all advantages 0,
+    dsrl then legitimately skips the backward and TRL does not, an unfair comparison). Both sides order the
+    batch prompt-major (sample i is number i % G of its group), so both compute the same function."""
+    return float(hashlib.md5((f"{g}:" + ",".join(map(str, ids))).encode()).digest()[0] < 128)
 
 
 def peak_mb(device):
@@ -131,8 +145,9 @@ def dsrl_worker(a):
     device = dsrl.resolve_device(a.device)
     args = dsrl.Args(model=a.model_dir, mode=a.mode, prompts_per_step=N_PROMPTS, group_size=GROUP,
                      max_new_tokens=a.new_tokens, temperature=1.0, top_p=1.0, lr=1e-6, weight_decay=0.01,
-                     clip_low=0.2, clip_high=0.2, grad_clip=1.0, micro_batch_size=a.micro_batch,
-                     logprob_chunk=a.chunk, device=device, dtype=a.dtype, seed=0)
+                     clip_low=0.2, clip_high=0.2, grad_clip=1.0, micro_batch_size=a.dsrl_micro_batch,
+                     logprob_chunk=a.chunk or dsrl.Args().logprob_chunk, kv_cache=a.kv_cache, device=device,
+                     dtype=a.dtype, seed=0)
     dtype = dsrl.resolve_dtype(args.dtype, device)
     model, tokenizer = dsrl.load_model_and_tokenizer(a.model_dir, device)
     start_id, pad = dsrl.token_id(tokenizer, dsrl.START_TOKEN), dsrl.pad_id(tokenizer)
@@ -144,7 +159,8 @@ def dsrl_worker(a):
     # mode "dsrl" with warmup_steps=0 is GRPO; NSR-PreRL is (space y, negatives only)
     space, samples = dsrl.phase_for_step(args.mode, 1, args.warmup_steps)
     send({"ready": True, "rss_mb": peak_mb("cpu"), "prompt_lens": [len(p) for p in prompt_ids],
-          "space": space, "samples": samples, "dtype": str(dtype)})
+          "space": space, "samples": samples, "dtype": str(dtype), "kv_cache": args.kv_cache,
+          "micro_batch": args.micro_batch_size, "logprob_chunk": args.logprob_chunk})
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     base = peak_mb(device)
@@ -157,25 +173,31 @@ def dsrl_worker(a):
         responses, truncated = dsrl.sample_responses(gen_model, tokenizer, prompt_ids, args.group_size,
                                                      args.max_new_tokens, args.temperature, args.top_p,
                                                      args.gen_batch_size, min_new_tokens=args.max_new_tokens,
-                                                     dtype=dtype)
+                                                     dtype=dtype, kv_cache=args.kv_cache)
         sync(device)
         t_gen = time.perf_counter() - t0
         texts = tokenizer.batch_decode(responses, skip_special_tokens=True)  # train() decodes for the reward/logs
-        rewards = [hash_reward(y) for y in responses]  # stands in for dsrl.score(texts, golds)
+        rewards = [hash_reward(y, i % GROUP) for i, y in enumerate(responses)]  # stands in for dsrl.score(texts, golds)
         adv = dsrl.group_advantages(rewards, args.group_size, use_std=(space == "y|x"))
         keep = dsrl.sample_mask(adv, samples)
         coef = args.prerl_coef if space == "y" else 1.0
         x_ids = [p for p in prompt_ids for _ in range(args.group_size)]
         loss, n_used, tokens_used, loss_tokens = dsrl.policy_loss_backward(model, space, x_ids, responses, adv, keep,
                                                                            coef, args, start_id, pad)
-        grad_norm, skipped = dsrl.optimizer_step(model, optimizer, args.grad_clip)
+        skipped = not math.isfinite(loss)
+        if skipped:
+            model.zero_grad(set_to_none=True)
+            grad_norm = float("nan")
+        else:
+            grad_norm, skipped = dsrl.optimizer_step(model, optimizer, args.grad_clip)
         if not skipped:
             dsrl.sync_generation_copy(gen_model, model)
         sync(device)
         t_step = time.perf_counter() - t0
         # ---------------------------------------------------------------------------------------------
         send({"step_s": t_step, "gen_s": t_gen, "pos_share": sum(rewards) / len(rewards), "n_used": n_used,
-              "gen_tokens": sum(len(y) for y in responses), "loss": loss, "texts": len(texts)})
+              "gen_tokens": sum(len(y) for y in responses), "loss": loss, "texts": len(texts),
+              "skipped": int(skipped)})
     send({"done": True, "peak_mb": peak_mb(device), "base_mb": base})
 
 
@@ -200,7 +222,7 @@ def trl_worker(a):
     stats = {"pos": []}
 
     def reward_fn(prompts, completions, completion_ids, **kw):
-        r = [hash_reward(ids) for ids in completion_ids]
+        r = [hash_reward(ids, i % GROUP) for i, ids in enumerate(completion_ids)]
         stats["pos"].append(sum(r) / len(r))
         stats["gen_tokens"] = sum(len(ids) for ids in completion_ids)
         return r
@@ -283,11 +305,13 @@ class Worker:
 
 def run_length(a, T, log_dir):
     common = ["--model-dir", a.model_dir, "--new-tokens", str(T), "--device", a.device, "--dtype", a.dtype,
-              "--warmup", str(a.warmup), "--steps", str(a.steps), "--micro-batch", str(a.micro_batch),
+              "--warmup", str(a.warmup), "--steps", str(a.steps), "--dsrl-micro-batch", str(a.dsrl_micro_batch),
               "--chunk", str(a.chunk)]
-    specs = [("dsrl-grpo", a.dsrl_python, ["--worker", "dsrl", "--mode", "grpo"]),
-             ("trl-grpo", a.trl_python, ["--worker", "trl"]),
-             ("dsrl-nsr", a.dsrl_python, ["--worker", "dsrl", "--mode", "nsr-prerl"])]
+    specs = [(grpo_name(a, kv), a.dsrl_python, ["--worker", "dsrl", "--mode", "grpo", "--kv-cache", kv])
+             for kv in a.kv_list]
+    specs.append(("trl-grpo", a.trl_python, ["--worker", "trl"]))
+    if not a.no_nsr:
+        specs.append(("dsrl-nsr", a.dsrl_python, ["--worker", "dsrl", "--mode", "nsr-prerl", "--kv-cache", a.kv_list[-1]]))
     workers, ready = [], {}
     for name, py, extra in specs:  # start one at a time so set-up does not overlap the other's
         w = Worker(f"{name}-T{T}", py, extra + common, log_dir)
@@ -300,7 +324,7 @@ def run_length(a, T, log_dir):
             w.send("go")
             r = w.recv()
             res[name].append(r)
-            print(f"  T={T} step {i + 1:2d} {name:9s} {r['step_s']:7.3f}s  gen {r['gen_s']:7.3f}s  "
+            print(f"  T={T} step {i + 1:2d} {name:17s} {r['step_s']:7.3f}s  gen {r['gen_s']:7.3f}s  "
                   f"pos {r['pos_share']}", file=sys.stderr)
     out = {}
     for name, w in workers:
@@ -313,9 +337,14 @@ def run_length(a, T, log_dir):
         out[name] = {"step_s": med, "gen_s": gen, "rest_s": statistics.median(s["step_s"] - s["gen_s"] for s in steps),
                      "pos_share": statistics.mean(s["pos_share"] for s in steps), "peak_mb": final["peak_mb"],
                      "step_extra_mb": final["peak_mb"] - final["base_mb"], "gen_tokens": steps[-1]["gen_tokens"],
-                     "prompt_lens": ready[name]["prompt_lens"], "all_steps": [round(s["step_s"], 4) for s in steps]}
-    assert out["dsrl-grpo"]["prompt_lens"] == out["trl-grpo"]["prompt_lens"], "prompts differ between the systems"
+                     "prompt_lens": ready[name]["prompt_lens"], "all_steps": [round(s["step_s"], 4) for s in steps],
+                     "warmup_steps": [round(s["step_s"], 4) for s in res[name][:a.warmup]]}
+    assert out[grpo_name(a, a.kv_list[-1])]["prompt_lens"] == out["trl-grpo"]["prompt_lens"], "prompts differ between the systems"
     return out
+
+
+def grpo_name(a, kv):
+    return "dsrl-grpo" if len(a.kv_list) == 1 else f"dsrl-grpo-{kv}"
 
 
 def main():
@@ -327,8 +356,13 @@ def main():
     ap.add_argument("--model-dir", default="", help="use an existing model folder (built by this script)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--dtype", default="auto", help="dsrl --dtype (auto: fp32 on CPU, bf16 on GPU)")
-    ap.add_argument("--micro-batch", type=int, default=8, help="dsrl --micro-batch-size (dsrl default 8)")
-    ap.add_argument("--chunk", type=int, default=1024, help="dsrl --logprob-chunk")
+    ap.add_argument("--dsrl-kv-cache", default="dynamic",
+                    help="dsrl --kv-cache: dynamic, static or compile; a comma list runs one dsrl-GRPO worker each")
+    ap.add_argument("--dsrl-micro-batch", "--micro-batch", dest="dsrl_micro_batch", type=int, default=N_PROMPTS * GROUP,
+                    help="dsrl --micro-batch-size; default 32 = TRL's per_device_train_batch_size (sequences per "
+                         "loss forward on the TRL side), so both sides forward the same 32 sequences at once")
+    ap.add_argument("--chunk", type=int, default=0, help="dsrl --logprob-chunk (0: dsrl's default, 256)")
+    ap.add_argument("--no-nsr", action="store_true", help="skip the dsrl NSR-PreRL worker")
     ap.add_argument("--dsrl-python", default=sys.executable, help="python of the main venv (dsrl, no trl needed)")
     ap.add_argument("--trl-python", default=SIDE_VENV_PY if os.path.exists(SIDE_VENV_PY) else sys.executable)
     ap.add_argument("--build-only", action="store_true", help="build the model folder and exit")
@@ -336,7 +370,16 @@ def main():
     # worker-only flags
     ap.add_argument("--worker", choices=["dsrl", "trl"], help=argparse.SUPPRESS)
     ap.add_argument("--mode", default="grpo", help=argparse.SUPPRESS)
+    ap.add_argument("--kv-cache", default="dynamic", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    a.kv_list = [k for k in a.dsrl_kv_cache.split(",") if k]
+    bad = [k for k in a.kv_list if k not in ("dynamic", "static", "compile")]
+    if bad or not a.kv_list:
+        ap.error(f"--dsrl-kv-cache: expected dynamic, static or compile, got {a.dsrl_kv_cache!r}")
+    if any(k != "dynamic" for k in a.kv_list + [a.kv_cache]) and a.warmup < 2:
+        print(f"--warmup {a.warmup} raised to 2: compilation (static/compile KV cache) happens in the first steps",
+              file=sys.stderr)
+        a.warmup = 2
     if a.worker:
         a.new_tokens = int(a.new_tokens)
         return dsrl_worker(a) if a.worker == "dsrl" else trl_worker(a)
@@ -360,18 +403,18 @@ def main():
 
     mem = "peak GPU MB (max_memory_allocated)" if a.device.startswith("cuda") else "peak RSS MB"
     print(f"\n{a.model_config} model, {N_PROMPTS} prompts x {GROUP}, device {a.device}, 1 thread, "
-          f"median of {a.steps} steps after {a.warmup} warm-up, alternating workers")
-    print(f"{'T':>4} {'system':10} {'step s':>8} {'gen s':>8} {'loss+upd s':>10} {'x TRL':>6} {'pos%':>5} "
+          f"median of {a.steps} steps after {a.warmup} warm-up, alternating workers, dsrl micro-batch "
+          f"{a.dsrl_micro_batch}, logprob chunk {a.chunk or 'dsrl default'}, NSR kv-cache {a.kv_list[-1]}")
+    print(f"{'T':>4} {'system':17} {'step s':>8} {'gen s':>8} {'loss+upd s':>10} {'x TRL':>6} {'pos%':>5} "
           f"{mem:>12} {'step extra MB':>13} {'gen tok':>7}")
     for T, res in all_res.items():
         trl_s = res["trl-grpo"]["step_s"]
-        for name in ("dsrl-grpo", "trl-grpo", "dsrl-nsr"):
-            r = res[name]
-            print(f"{T:4d} {name:10} {r['step_s']:8.3f} {r['gen_s']:8.3f} {r['rest_s']:10.3f} "
+        for name, r in res.items():
+            print(f"{T:4d} {name:17} {r['step_s']:8.3f} {r['gen_s']:8.3f} {r['rest_s']:10.3f} "
                   f"{r['step_s'] / trl_s:6.2f} {100 * r['pos_share']:5.1f} {r['peak_mb']:12.0f} "
                   f"{r['step_extra_mb']:13.0f} {r['gen_tokens']:7d}")
     T, res = list(all_res.items())[-1]
-    d, t = res["dsrl-grpo"], res["trl-grpo"]
+    d, t = res[grpo_name(a, a.kv_list[-1])], res["trl-grpo"]
     print(f"ratio={d['step_s'] / t['step_s']:.3f} dsrl_s={d['step_s']:.3f} trl_s={t['step_s']:.3f} "
           f"dsrl_peak_mb={d['peak_mb']:.0f} trl_peak_mb={t['peak_mb']:.0f}")
 
