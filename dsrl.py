@@ -35,6 +35,7 @@ Departures from the official code (each also in README.md, "Departures"):
 
 import argparse
 import dataclasses
+import functools
 import glob
 import json
 import math
@@ -108,7 +109,7 @@ class Args:
     eval_benchmarks: str = field(default="aime24,aime25,amc23", metadata={"help": "benchmarks for --eval-every (names or files)"})
     eval_k: int = field(default=4, metadata={"help": "samples per problem for --eval-every (official: 20)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
-    dtype: str = field(default="auto", metadata={"help": "compute dtype: auto (bf16 on GPU, fp32 on CPU), bfloat16, float16, float32; weights stay fp32"})
+    dtype: str = field(default="auto", metadata={"help": "compute dtype: auto (bf16 on GPU, fp32 on CPU), bfloat16 or float32; weights stay fp32"})
 
 
 # Keys that may change between a run and its resumption without changing what the run computes.
@@ -136,7 +137,7 @@ def build_parser(suppress_defaults=False):
         elif f.name == "kv_cache":
             kw.update(choices=["dynamic", "static", "compile"])
         elif f.name == "dtype":
-            kw.update(choices=["auto", "bfloat16", "float16", "float32"])
+            kw.update(choices=["auto", "bfloat16", "float32"])
         else:
             kw["type"] = type(f.default)
         p.add_argument("--" + f.name.replace("_", "-"), **kw)
@@ -251,6 +252,7 @@ def build_prompt(tokenizer, messages, max_prompt_tokens: int) -> list:
     return ids[-max_prompt_tokens:]
 
 
+@functools.lru_cache(maxsize=2)
 def data_order(n_examples: int, seed: int, epoch: int) -> list:
     """A fixed permutation per epoch: position in the data is a function of (seed, step) alone,
     so resuming needs no sampler state."""
@@ -1739,6 +1741,9 @@ def main(argv=None):
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C: stop now; the last checkpoint is complete (atomic writes)
+        print("\ninterrupted; continue from the last checkpoint with --resume", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

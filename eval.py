@@ -515,7 +515,7 @@ def add_sampling_flags(p, output):
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (official validation: 1.0)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
                    help="compute dtype (auto: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--gen-batch-size", type=int, default=64, help="sequences per generate call, 0 = all at once")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
@@ -543,7 +543,7 @@ def build_parser():
     add_sampling_flags(al, "eval_results/align")
     al.add_argument("--benchmark", default="amc23", help="one benchmark name or file")
     al.add_argument("--rollouts", type=int, default=400, help="rollouts, spread evenly over the problems")
-    al.add_argument("--chunk", type=int, default=1024, help="tokens per log-prob chunk (dsrl --logprob-chunk)")
+    al.add_argument("--chunk", type=int, default=256, help="tokens per log-prob chunk (dsrl --logprob-chunk)")
     pl = sub.add_parser("plot", help="PNG curves of run dirs", **ex("python eval.py plot runs/dsrl runs/grpo --out plots"))
     pl.add_argument("run_dirs", nargs="+", help="dsrl.py output dirs (metrics.jsonl, optional samples.jsonl)")
     pl.add_argument("--out", default="plots", help="directory for the PNGs")
