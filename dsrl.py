@@ -1610,6 +1610,9 @@ def train(args: Args, resume_path=None):
         os.remove(probe)
     except OSError as e:
         raise UsageError(f"output dir {args.output_dir} is not writable ({e.strerror}); choose another --output-dir")
+    if not resume_path and list_checkpoints(args.output_dir):
+        raise UsageError(f"{args.output_dir} already holds checkpoints of a run; add --resume to continue it "
+                         "or choose a new --output-dir")
     examples, n_malformed = load_problems(args.dataset)
     model, tokenizer = load_model_and_tokenizer(resume_path or args.model, device)
     start_id = token_id(tokenizer, START_TOKEN)

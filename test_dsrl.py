@@ -842,6 +842,10 @@ def _bad_files(tmp_path, tiny_model_dir):
     d["rows without answers"] = (["--dataset", tmp_path / "noanswer.jsonl"], "none of its 2 rows")
     (tmp_path / "afile").write_text("x")
     d["output dir not writable"] = (["--output-dir", tmp_path / "afile" / "sub"], "is not writable")
+    os.makedirs(tmp_path / "used" / "checkpoint-5")
+    for f in dsrl.CHECKPOINT_FILES:
+        (tmp_path / "used" / "checkpoint-5" / f).write_text("{}")
+    d["output dir of another run"] = (["--output-dir", tmp_path / "used"], "already holds checkpoints")
     os.makedirs(tmp_path / "t5")
     (tmp_path / "t5" / "config.json").write_text('{"model_type": "t5"}')
     d["not a causal LM"] = (["--model", tmp_path / "t5"], "cannot load a causal LM")
@@ -862,7 +866,7 @@ def _bad_files(tmp_path, tiny_model_dir):
 def test_bad_files_give_one_line_and_exit_2(tiny_model_dir, tiny_data, tmp_path, capsys):
     cases = _bad_files(tmp_path, tiny_model_dir)
     for name, (flags, fragment) in cases.items():
-        base = ["--model", tiny_model_dir, "--dataset", tiny_data, "--output-dir", str(tmp_path / "o" / name[:4])]
+        base = ["--model", tiny_model_dir, "--dataset", tiny_data, "--output-dir", str(tmp_path / "o" / name)]
         assert dsrl.main(base + [str(f) for f in flags]) == 2, name
         err = [l for l in capsys.readouterr().err.strip().splitlines() if not l.startswith("warning")]
         assert len(err) == 1 and err[0].startswith("error: ") and fragment in err[0], (name, err)

@@ -1,8 +1,8 @@
 """One training step of dsrl.py versus TRL's GRPOTrainer on identical work, measured alternately.
 
-    /work/venv/bin/python bench/step_vs_trl.py                         # CPU, tiny Qwen3, 64 and 256 new tokens
-    /work/venv/bin/python bench/step_vs_trl.py --new-tokens 64 --steps 5
-    /work/venv/bin/python bench/step_vs_trl.py --dsrl-kv-cache dynamic,compile   # both dsrl samplers vs TRL
+    python bench/step_vs_trl.py                         # CPU, tiny Qwen3, 64 and 256 new tokens
+    python bench/step_vs_trl.py --new-tokens 64 --steps 5
+    python bench/step_vs_trl.py --dsrl-kv-cache dynamic,compile   # both dsrl samplers vs TRL
     python bench/step_vs_trl.py --model-config qwen3-0.6b --device cuda   # GPU: random-init Qwen3-0.6B config
 
 Setup (identical on both sides)
@@ -36,7 +36,7 @@ How TRL is run: GRPOTrainer.train() as is; a TrainerCallback blocks in on_step_b
 "go" and takes the time at on_step_end (after clip, AdamW step and zero_grad, before logging).
 
 Alternation and memory: each system lives in its OWN worker process (dsrl-grpo and dsrl-nsr in the main
-venv, TRL in the side venv /work/venv-bench), so peak RSS never mixes. The parent sends "go" round-robin:
+venv, TRL in the side venv /tmp/venv-bench or $TRL_PYTHON), so peak RSS never mixes. The parent sends "go" round-robin:
 dsrl-grpo step, trl step, dsrl-nsr step, dsrl-grpo step, ...; only one worker computes at any time, so a
 slow phase of the machine hits all systems alike. Each worker: torch.set_num_threads(1). Medians over
 --steps measured steps after --warmup steps. Peak memory: ru_maxrss of each worker (CPU), or
@@ -59,7 +59,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-SIDE_VENV_PY = "/work/venv-bench/bin/python"
+SIDE_VENV_PY = os.environ.get("TRL_PYTHON", "/tmp/venv-bench/bin/python")  # the side venv with trl (see README)
 N_PROMPTS, GROUP = 4, 8
 PROTO = "@@"  # prefix of protocol lines on a worker's stdout (libraries may print other lines)
 
@@ -95,7 +95,7 @@ def send(obj):
 # ----------------------------------------------------------------------------------------------------
 def build_model(out_dir, model_config):
     sys.path.insert(0, REPO)
-    from test_dsrl import make_tiny_model, make_tokenizer, problem_rows
+    from test_dsrl import make_tiny_model, problem_rows
     if model_config == "tiny":
         make_tiny_model(out_dir)
     else:  # qwen3-0.6b: the real architecture, random init; tokenizer padded to the full vocabulary
