@@ -1144,3 +1144,38 @@ def test_cli_bad_input_is_one_line(tmp_path):
     assert r.returncode == 2 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
     r = run_cli(["accuracy", "--model", "x", "--k", 0], script="eval.py")
     assert r.returncode == 2 and "--k" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_eval_every_writes_eval_metrics_into_the_run(tiny_model_dir, tiny_data, tmp_path):
+    out = tmp_path / "run"
+    res = run_cli(cli_args(tiny_model_dir, tiny_data, out, steps=2, **{"warmup-steps": 1, "eval-every": 2,
+                                                                       "eval-benchmarks": tiny_data, "eval-k": 2}))
+    assert res.returncode == 0, res.stderr[-2000:]
+    m1, m2 = read_jsonl(out / "metrics.jsonl")
+    assert not any(k.startswith("eval/") for k in m1)
+    assert m2["eval/math_tiny/n_problems"] == 2  # the 64 fixture rows hold 2 distinct problems (1+1, 0+1)
+    assert 0.0 <= m2["eval/math_tiny/avg@2"] <= m2["eval/math_tiny/pass@2"] <= 1.0
+
+
+def test_logprobs_never_build_the_full_vocabulary_tensor(monkeypatch):
+    """With Qwen3's real vocabulary (151,936), the largest logits tensor, forward and backward, is one chunk."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    V, chunk, T = 151_936, 64, 300
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(Qwen3Config(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                                         tie_word_embeddings=False))
+    largest = [0]
+    real_linear = F.linear
+
+    def recording_linear(x, w, b=None):
+        out = real_linear(x, w, b)
+        if out.shape[-1] == V:
+            largest[0] = max(largest[0], out.numel())
+        return out
+    monkeypatch.setattr(dsrl.F, "linear", recording_linear)
+    responses = [list(range(5, 5 + T)), list(range(7, 7 + T // 2))]
+    logp, mask = dsrl.logprob_y(model, 1, responses, 0, chunk=chunk)
+    logp[mask].sum().backward()
+    assert 0 < largest[0] <= chunk * V  # not (N, T, V) = 2 * 300 * V
+    assert model.lm_head.weight.grad is not None
