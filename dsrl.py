@@ -1252,11 +1252,10 @@ def cut_at_stop(ids: list, stops: set):
 
 @torch.no_grad()
 def sample_responses(model, tokenizer, prompt_ids, group_size, max_new_tokens, temperature=1.0, top_p=1.0,
-                     batch_size=0, min_new_tokens=0, dtype=torch.float32, kv_cache="dynamic"):
+                     batch_size=0, min_new_tokens=0, dtype=torch.float32, kv_cache="dynamic", share_prompt=True):
     """G samples per prompt from P(y|x), prompt-major (sample i*G+g belongs to prompt i).
     Returns (response_ids: list of lists ending with the stop token unless truncated, truncated: list of bool)."""
     device = next(model.parameters()).device
-    rows = [p for p in prompt_ids for _ in range(group_size)]
     stops, pad = stop_ids(tokenizer), pad_id(tokenizer)
     fast = {}
     if kv_cache in ("static", "compile"):  # transformers compiles the decode step itself with a static cache on GPU
@@ -1265,16 +1264,25 @@ def sample_responses(model, tokenizer, prompt_ids, group_size, max_new_tokens, t
         if kv_cache == "compile":
             fast["compile_config"] = CompileConfig(dynamic=None)
             fast["compile_config"]._compile_all_devices = True  # also on CPU
+        share_prompt = False  # a static cache is allocated by generate itself
+    per_call = max(1, (batch_size or group_size * len(prompt_ids)) // group_size)  # whole groups per call
     responses, truncated = [], []
-    step = batch_size or len(rows)
-    for s in range(0, len(rows), step):
-        ids, mask = left_pad(rows[s:s + step], pad, device)  # (n, L)
+    for s in range(0, len(prompt_ids), per_call):
+        ids, mask = left_pad(prompt_ids[s:s + per_call], pad, device)  # (B, L), one row per prompt
         with autocast(device, dtype):
-            out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=temperature,
-                                 top_p=top_p, top_k=0, min_p=None, repetition_penalty=1.0,
+            if share_prompt and ids.shape[1] > 1:
+                # The G samples of a prompt share its prefix: run the prompt (all but its last token) once and
+                # repeat its KV cache G times; generate then starts from the last prompt token.
+                prefill = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1],
+                                position_ids=positions_from_mask(mask[:, :-1]), use_cache=True)
+                fast["past_key_values"] = prefill.past_key_values
+                fast["past_key_values"].batch_repeat_interleave(group_size)
+            out = model.generate(input_ids=ids.repeat_interleave(group_size, 0),
+                                 attention_mask=mask.repeat_interleave(group_size, 0), do_sample=True,
+                                 temperature=temperature, top_p=top_p, top_k=0, min_p=None, repetition_penalty=1.0,
                                  max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
                                  eos_token_id=stops, pad_token_id=pad, use_cache=True, **fast)
-        for row in out[:, ids.shape[1]:].tolist():  # (n, T_new)
+        for row in out[:, ids.shape[1]:].tolist():  # (B*G, T_new)
             r, cut = cut_at_stop(row, set(stops))
             responses.append(r)
             truncated.append(cut)
@@ -1298,14 +1306,11 @@ def _chunk_logprob(hidden, targets, weight, bias, temperature):
     return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)  # (K,)
 
 
-def token_logprobs(model, input_ids, attention_mask, position_ids, targets, target_mask, first, temperature, chunk):
-    """Per-token log-probs of `targets` (N, T), predicted by the hidden states at positions first-1 .. first+T-2.
+def token_logprobs(model, states, targets, target_mask, temperature, chunk):
+    """Per-token log-probs of `targets` (N, T) from the hidden `states` (N, T, H) that predict them.
     Never builds the (N, T, vocab) log-softmax: the vocabulary projection runs on `chunk` real tokens at a
     time under activation checkpointing, so memory stays flat in T (Qwen3's vocabulary is 151,936)."""
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                              position_ids=position_ids).last_hidden_state  # (N, L, H)
-    T = targets.shape[1]
-    states = hidden[:, first - 1:first - 1 + T][target_mask]  # (K, H), real response tokens only
+    states = states[target_mask]  # (K, H), real response tokens only
     flat_targets = targets[target_mask]  # (K,)
     head = model.get_output_embeddings()
     parts = [checkpoint(_chunk_logprob, states[s:s + chunk], flat_targets[s:s + chunk], head.weight, head.bias,
@@ -1316,16 +1321,29 @@ def token_logprobs(model, input_ids, attention_mask, position_ids, targets, targ
     return logp
 
 
-def logprob_y_given_x(model, prompt_ids, response_ids, pad, temperature=1.0, chunk=256):
-    """log pi(y_t | x, y_<t) for each response token: the standard RL space.
-    Prompts left-padded, responses right-padded, positions from the attention mask. -> (logp, mask), (N, T)."""
+def logprob_y_given_x(model, prompt_ids, response_ids, pad, temperature=1.0, chunk=256, share_prompt=True):
+    """log pi(y_t | x, y_<t) for each response token: the standard RL space. -> (logp, mask), (N, T).
+    Prompts left-padded, responses right-padded, positions from the attention mask. Samples of the same
+    prompt share one forward of that prompt: its KV cache is repeated per sample and gradients flow back
+    through it (exact: the prompt's states do not depend on the response)."""
     device = next(model.parameters()).device
-    x, x_mask = left_pad(prompt_ids, pad, device)  # (N, P)
     y, y_mask = right_pad(response_ids, pad, device)  # (N, T)
-    ids = torch.cat([x, y], 1)  # (N, P+T)
-    mask = torch.cat([x_mask, y_mask.long()], 1)
-    logp = token_logprobs(model, ids, mask, positions_from_mask(mask), y, y_mask, x.shape[1], temperature, chunk)
-    return logp, y_mask
+    rows = {}
+    which = [rows.setdefault(tuple(p), len(rows)) for p in prompt_ids] if share_prompt else list(range(len(prompt_ids)))
+    unique = [list(p) for p in rows] if share_prompt else prompt_ids
+    x, x_mask = left_pad(unique, pad, device)  # (B, P), one row per distinct prompt
+    idx = torch.tensor(which, device=device)
+    prefix = model.base_model(input_ids=x, attention_mask=x_mask, position_ids=positions_from_mask(x_mask),
+                              use_cache=True)
+    cache = prefix.past_key_values
+    cache.batch_select_indices(idx)  # (B, ...) -> (N, ...)
+    mask = torch.cat([x_mask[idx], y_mask.long()], 1)  # (N, P+T)
+    positions = x_mask.sum(1)[idx, None] + torch.arange(y.shape[1], device=device)  # continue after the prompt
+    hidden = model.base_model(input_ids=y, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                              use_cache=True).last_hidden_state  # (N, T, H)
+    # the last prompt state predicts y_0; the state of y_t predicts y_{t+1}
+    states = torch.cat([prefix.last_hidden_state[idx, -1:], hidden[:, :-1]], 1)  # (N, T, H)
+    return token_logprobs(model, states, y, y_mask, temperature, chunk), y_mask
 
 
 def logprob_y(model, start_id, response_ids, pad, temperature=1.0, chunk=256):
@@ -1337,8 +1355,8 @@ def logprob_y(model, start_id, response_ids, pad, temperature=1.0, chunk=256):
     ids = torch.cat([start, y], 1)  # (N, 1+T)
     mask = torch.cat([torch.ones_like(start), y_mask.long()], 1)
     positions = torch.arange(ids.shape[1], device=device).expand_as(ids)  # 0..|y| (pads are masked)
-    logp = token_logprobs(model, ids, mask, positions, y, y_mask, 1, temperature, chunk)
-    return logp, y_mask
+    hidden = model.base_model(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state
+    return token_logprobs(model, hidden[:, :-1], y, y_mask, temperature, chunk), y_mask  # state t predicts y_t
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1392,7 +1410,10 @@ def policy_loss_backward(model, space, prompt_ids, response_ids, adv, keep, coef
     Returns (loss value, number of samples run, tokens run, tokens in the denominator)."""
     kept = [i for i in range(len(response_ids)) if keep[i]]
     n_tokens = sum(len(response_ids[i]) for i in kept)  # token-mean denominator
-    active = sorted((i for i in kept if adv[i] != 0), key=lambda i: len(response_ids[i]))
+    # Length-sorted micro-batches pad little; in P(y|x) samples of one prompt stay together (prompt-major
+    # input) so that they share the prompt's forward pass.
+    by_length = (lambda i: len(response_ids[i])) if space == "y" else (lambda i: (prompt_ids[i], len(response_ids[i])))
+    active = sorted((i for i in kept if adv[i] != 0), key=by_length)
     total = 0.0
     dtype = resolve_dtype(args.dtype, args.device)
     device = next(model.parameters()).device

@@ -238,6 +238,30 @@ def test_logprob_y_given_x_equals_models_own_cross_entropy(tiny):
         assert torch.allclose(logp[i, :len(responses[i])], one, atol=1e-5)
 
 
+def test_shared_prompt_forward_equals_separate_forwards(tiny):
+    """Samples of one prompt share its forward (KV cache repeated): same log-probs and same gradients as one
+    independent forward per sample, and as the model's own cross-entropy."""
+    model, tok = tiny
+    prompts, responses = _rollouts(tok)
+    prompts = [prompts[0], prompts[1], prompts[0], prompts[2], prompts[1]]  # repeated, different lengths
+    responses = [responses[0], responses[1], responses[2], responses[1], responses[0]]
+    pad = dsrl.pad_id(tok)
+    out = {}
+    for share in (True, False):
+        model.zero_grad(set_to_none=True)
+        logp, mask = dsrl.logprob_y_given_x(model, prompts, responses, pad, chunk=4, share_prompt=share)
+        (logp * torch.arange(1.0, 6.0)[:, None]).sum().backward()  # a different weight per sample
+        out[share] = logp.detach(), _grads(model)
+    assert torch.allclose(out[True][0], out[False][0], atol=1e-5)
+    for name, g in out[False][1].items():
+        assert torch.allclose(out[True][1][name], g, atol=1e-5), name
+    for i in range(5):  # one row at a time, no padding, the model's own logits
+        with torch.no_grad():
+            lg = model(input_ids=torch.tensor([prompts[i] + responses[i]])).logits[0, len(prompts[i]) - 1:-1]
+        ref = lg.log_softmax(-1).gather(-1, torch.tensor(responses[i])[:, None]).squeeze(-1)
+        assert torch.allclose(out[True][0][i, :len(responses[i])], ref, atol=1e-5)
+
+
 def test_logprob_y_equals_hand_built_start_token_forward(tiny):
     model, tok = tiny
     _, responses = _rollouts(tok)
@@ -1179,3 +1203,17 @@ def test_logprobs_never_build_the_full_vocabulary_tensor(monkeypatch):
     logp[mask].sum().backward()
     assert 0 < largest[0] <= chunk * V  # not (N, T, V) = 2 * 300 * V
     assert model.lm_head.weight.grad is not None
+
+
+def test_sampler_prompt_sharing_draws_the_same_samples(tiny):
+    """The sampler runs each prompt once and repeats its KV cache G times; with the same seed it draws exactly
+    the samples of G separate copies of the prompt."""
+    model, tok = tiny
+    prompts = [dsrl.build_prompt(tok, r["prompt"], 512) for r in problem_rows(3)]
+    prompts[1] = prompts[1][4:]  # left padding in play
+    draws = []
+    for share in (True, False):
+        torch.manual_seed(5)
+        draws.append(dsrl.sample_responses(model, tok, prompts, 4, 24, min_new_tokens=24, share_prompt=share))
+    assert draws[0] == draws[1]
+    assert len(draws[0][0]) == 12 and all(len(r) == 24 for r in draws[0][0])
