@@ -550,6 +550,7 @@ ADVERSARIAL = [
     (box('+'.join(['x'] * 3000)), '1'), (box('2^{-99999999}'), '0'),
     (box('\\begin{pmatrix}' + '\\\\'.join(['&'.join(['1'] * 60)] * 60) + '\\end{pmatrix}'), '1'),
     (box('\\sqrt{' * 100 + '2' + '}' * 100), '2'), (None, '1'), (box('1'), None),
+    (box('42 or 43'), '42'), (box('42 \\text{ or } 43'), '42'), (box('maybe 42'), '42'),
 ]
 
 
