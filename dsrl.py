@@ -95,7 +95,7 @@ class Args:
     clip_dual: float = field(default=10.0, metadata={"help": "dual-clip constant c for negative advantages"})
     grad_clip: float = field(default=1.0, metadata={"help": "gradient-norm clip"})
     micro_batch_size: int = field(default=8, metadata={"help": "sequences per forward/backward (gradient accumulation, exact)"})
-    gen_batch_size: int = field(default=0, metadata={"help": "sequences per generate call, 0 = all at once"})
+    gen_batch_size: int = field(default=0, metadata={"help": "sequences per generate call (rounded down to whole groups), 0 = all at once"})
     kv_cache: str = field(default="dynamic", metadata={"help": "generate's KV cache: dynamic, static (compiled decode on GPU) or compile (static + torch.compile on any device)"})
     logprob_chunk: int = field(default=256, metadata={"help": "tokens per chunk of the vocabulary projection (memory ~ 4 x chunk x vocab x 4 bytes)"})
     reward: str = field(default="math", metadata={"help": "math (equivalence checker) or official (exact official string scorer)"})

@@ -1218,3 +1218,12 @@ def test_sampler_prompt_sharing_draws_the_same_samples(tiny):
         draws.append(dsrl.sample_responses(model, tok, prompts, 4, 24, min_new_tokens=24, share_prompt=share))
     assert draws[0] == draws[1]
     assert len(draws[0][0]) == 12 and all(len(r) == 24 for r in draws[0][0])
+
+
+def test_readme_lists_every_flag_and_metric_key():
+    readme = open(os.path.join(HERE, "README.md")).read()
+    for f in dsrl.dataclasses.fields(dsrl.Args):
+        assert f"| `--{f.name.replace('_', '-')}` |" in readme, f.name
+    for key in ("reward_mean", "n_used", "tokens_used", "loss_tokens", "solved_all", "grad_norm", "skipped",
+                "truncated_frac", "gen_tokens", "reward_timeout", "time_gen_s"):
+        assert f"`{key}`" in readme, key
