@@ -1227,3 +1227,23 @@ def test_readme_lists_every_flag_and_metric_key():
     for key in ("reward_mean", "n_used", "tokens_used", "loss_tokens", "solved_all", "grad_norm", "skipped",
                 "truncated_frac", "gen_tokens", "reward_timeout", "time_gen_s"):
         assert f"`{key}`" in readme, key
+
+
+def test_bf16_path_generation_copy_and_autocast(tiny_model_dir, tiny_data, tmp_path):
+    """The GPU recipe on CPU: fp32 master weights, a bf16 sampling copy re-synced after each update, bf16
+    autocast for the loss forward."""
+    model, tok = dsrl.load_model_and_tokenizer(tiny_model_dir, "cpu")
+    gen = dsrl.generation_copy(model, torch.bfloat16)
+    assert gen is not model and next(gen.parameters()).dtype == torch.bfloat16
+    assert next(model.parameters()).dtype == torch.float32
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)
+    dsrl.sync_generation_copy(gen, model)
+    assert all(torch.equal(g, p.to(torch.bfloat16)) for g, p in zip(gen.parameters(), model.parameters()))
+    out = tmp_path / "run"
+    res = run_cli(cli_args(tiny_model_dir, tiny_data, out, steps=2, **{"warmup-steps": 1, "dtype": "bfloat16"}))
+    assert res.returncode == 0, res.stderr[-2000:]
+    metrics = read_jsonl(out / "metrics.jsonl")
+    assert [m["skipped"] for m in metrics] == [0, 0] and all(math.isfinite(m["grad_norm"]) for m in metrics)
+    assert json.loads((out / "config.json").read_text())["resolved_dtype"] == "torch.bfloat16"
