@@ -350,19 +350,25 @@ def test_token_mean_counts_only_kept_tokens(tiny):
     assert loss2 == pytest.approx(sum(-adv2[i].item() * lens[i] for i in range(4)) / sum(lens), abs=1e-6)
 
 
-def test_masked_samples_contribute_exactly_zero_gradient(tiny):
+@pytest.mark.parametrize("space,samples,rewards", [("y", "neg", [1, 0, 0, 0, 0, 1, 0, 0]),
+                                                   ("y|x", "all", [1, 0, 0, 0, 1, 1, 1, 1]),
+                                                   ("y|x", "pos", [1, 0, 0, 0, 0, 1, 1, 0])])
+def test_masked_samples_contribute_exactly_zero_gradient(tiny, space, samples, rewards):
     """Skipping masked / zero-advantage samples equals the full computation over every sample."""
     model, tok = tiny
-    prompts, responses, rewards = _batch(tok)
+    prompts, responses, _ = _batch(tok)
     start, pad = dsrl.token_id(tok, "<|im_start|>"), dsrl.pad_id(tok)
-    adv = dsrl.group_advantages(rewards, 4, use_std=False)
-    keep = dsrl.sample_mask(adv, "neg")
+    adv = dsrl.group_advantages(rewards, 4, use_std=(space == "y|x"))
+    keep = dsrl.sample_mask(adv, samples)
     model.zero_grad(set_to_none=True)
-    dsrl.policy_loss_backward(model, "y", prompts, responses, adv, keep, 1.0, small_args(), start, pad)
+    dsrl.policy_loss_backward(model, space, prompts, responses, adv, keep, 1.0, small_args(), start, pad)
     ours = _grads(model)
     # reference: one forward over ALL samples, the loss mask zeroes the masked ones (as the official code does)
     model.zero_grad(set_to_none=True)
-    logp, mask = dsrl.logprob_y(model, start, responses, pad)
+    if space == "y":
+        logp, mask = dsrl.logprob_y(model, start, responses, pad)
+    else:
+        logp, mask = dsrl.logprob_y_given_x(model, prompts, responses, pad, share_prompt=False)
     mask = mask & keep[:, None]
     per_token = dsrl.ppo_clip_loss(logp, logp.detach(), adv[:, None], 0.2, 0.2, 10.0)
     dsrl.token_mean_loss(per_token, mask, int(mask.sum())).backward()
@@ -372,7 +378,7 @@ def test_masked_samples_contribute_exactly_zero_gradient(tiny):
     # and removing the masked samples from the batch changes nothing either
     model.zero_grad(set_to_none=True)
     idx = [i for i in range(8) if keep[i]]
-    dsrl.policy_loss_backward(model, "y", [prompts[i] for i in idx], [responses[i] for i in idx], adv[idx],
+    dsrl.policy_loss_backward(model, space, [prompts[i] for i in idx], [responses[i] for i in idx], adv[idx],
                               keep[idx], 1.0, small_args(), start, pad)
     for name, g in _grads(model).items():
         assert torch.allclose(g, ref[name], atol=1e-6), name
