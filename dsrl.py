@@ -1144,9 +1144,10 @@ def reward_outcome(response, gold):
     """(reward, outcome) with outcome in right / wrong / no_box / unparseable / timeout."""
     try:
         box = last_boxed(response)
-        if box is not None and _is_hedge(box) and not _is_hedge(gold):
-            return 0.0, 'wrong'  # "42 \\text{ or } 43": the one thing the official scorer accepts that we do not
-        if official_reward(response, gold) == 1.0:
+        # The official scorer reads "42 \\text{ or } 43" as "42" plus units; a hedge skips that shortcut and is
+        # compared as the list it is (right against a gold "42, 43", wrong against "42").
+        hedge = box is not None and _is_hedge(box) and not _is_hedge(gold)
+        if not hedge and official_reward(response, gold) == 1.0:
             return 1.0, 'right'
         if box is None:
             return 0.0, 'no_box'

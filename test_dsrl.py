@@ -622,6 +622,7 @@ def test_hedges_are_wrong_even_where_the_official_scorer_accepts_them():
     assert official_reward(hedge, "42") == 1.0  # the official rule cuts "\text{ or } 43" away as units
     assert reward_outcome(hedge, "42") == (0.0, "wrong")
     assert math_reward("$\\boxed{\\text{A or B}}$", "\\text{A or B}") == 1.0  # unless the gold says so itself
+    assert math_reward("$\\boxed{x=2 \\text{ or } x=3}$", "2,3") == 1.0  # "or" joining ALL the roots is a list
 
 
 def test_score_counts_outcomes_separately():
