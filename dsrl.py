@@ -585,8 +585,9 @@ def _text_key(s):
 
 
 def _mc_letter(s):
-    m = re.fullmatch(r'\(?([A-E])\)?(?:\s.*)?', s.strip(), re.S)
-    return m.group(1) if m and (len(s.strip()) == 1 or s.strip().startswith('(')) else None
+    """A multiple-choice answer: "C", "(C)" or "(C) 12" (spaces may be gone: "(C)12") -> "C"."""
+    m = re.fullmatch(r'\(([A-E])\)(?!\s*[-+*/^=,]|.*\([A-E]\)).*|([A-E])', s.strip(), re.S)  # not "(A)+(B)"
+    return (m.group(1) or m.group(2)) if m else None
 
 
 # ---------------------------------------------------------------- LaTeX -> AST parser

@@ -625,6 +625,13 @@ def test_hedges_are_wrong_even_where_the_official_scorer_accepts_them():
     assert math_reward("$\\boxed{x=2 \\text{ or } x=3}$", "2,3") == 1.0  # "or" joining ALL the roots is a list
 
 
+def test_multiple_choice_letters():
+    assert math_reward("$\\boxed{\\textbf{(E)}\\ 7}$", "\\textbf{(E)}") == 1.0  # letter then value, spaces gone
+    assert math_reward("\\boxed{C}", "(C)") == 1.0 and math_reward("\\boxed{(B)}", "B") == 1.0
+    assert math_reward("\\boxed{D}", "C") == 0.0
+    assert math_reward("\\boxed{(A)+(B)}", "(A)") == 0.0 and math_reward("\\boxed{(A), (B)}", "A") == 0.0
+
+
 def test_score_counts_outcomes_separately():
     texts = ["\\boxed{1}", "\\boxed{2}", "no box here", "\\boxed{" + "{" * 300 + "}", "\\boxed{\\frac{2}{4}}"]
     rewards, counts = dsrl.score(texts, ["1", "1", "1", "1", "0.5"])
