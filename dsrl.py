@@ -544,6 +544,13 @@ def _unwrap_text(s):
     raise _Bad()
 
 
+def _repeating_decimal(m):
+    """A.B(C repeating) -> \\frac{p}{q}: A + (BC - B) / (10^|B| (10^|C| - 1))."""
+    whole, fixed, rep = m.group(1) or '0', m.group(2)[:30], m.group(3)
+    value = int(whole) + Fraction(int(fixed + rep) - int(fixed or '0'), 10 ** len(fixed) * (10 ** len(rep) - 1))
+    return '\\frac{%d}{%d}' % (value.numerator, value.denominator)
+
+
 def _clean(s):
     """Canonical LaTeX for structural comparison (None = hedged / empty answer)."""
     s = re.sub(r'[\x00-\x1f\x7f]', ' ', s)
@@ -565,6 +572,7 @@ def _clean(s):
     s = re.sub(r'(?<=\d)\s+(?:%s)\s*$' % '|'.join(w for w in UNIT_WORDS if len(w) == 1), '', s)
     s = re.sub(r'^[a-zA-Z]\s*\\in(?![a-zA-Z])\s*', '', s.replace('{,}', ',').strip())
     s = re.sub(r'^([-+]?\d+(?:\.\d+)?)[eE]([-+]?\d+)$', r'\1\\times10^{\2}', s)  # 3.2e7
+    s = re.sub(r'(\d*)\.(\d*)\\overline\{(\d{1,30})\}', _repeating_decimal, s)  # 0.1\overline{6} = 1/6
     for _ in range(20):  # peel trailing punctuation and whole-answer braces
         old = s
         s = re.sub(r'^\\approx|[.,\s]+$', '', s).strip()
@@ -1161,7 +1169,8 @@ def reward_outcome(response, gold):
             return 0.0, 'wrong'
         for g in _variants(gold):
             g = _clean(g)
-            if g and _eq(resp_parts[0], g):
+            # "x \\approx 2.45" or "\\sqrt{6} \\approx 2.45": the exact form or the stated value may match
+            if g and any(_eq(part, g) for part in resp_parts[:2] + resp_parts[-1:]):
                 return 1.0, 'right'
         return 0.0, 'wrong'
     except _Timeout:

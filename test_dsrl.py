@@ -1261,3 +1261,13 @@ def test_bf16_path_generation_copy_and_autocast(tiny_model_dir, tiny_data, tmp_p
     metrics = read_jsonl(out / "metrics.jsonl")
     assert [m["skipped"] for m in metrics] == [0, 0] and all(math.isfinite(m["grad_norm"]) for m in metrics)
     assert json.loads((out / "config.json").read_text())["resolved_dtype"] == "torch.bfloat16"
+
+
+def test_approximations_and_repeating_decimals():
+    assert math_reward("\\boxed{x \\approx 2.45}", "2.45") == 1.0
+    assert math_reward("\\boxed{\\sqrt{6} \\approx 2.45}", "\\sqrt{6}") == 1.0
+    assert math_reward("\\boxed{x \\approx 2.45}", "\\sqrt{6}") == 0.0  # a rounded value is not the exact one
+    assert math_reward("\\boxed{0.1\\overline{6}}", "\\frac16") == 1.0
+    assert math_reward("\\boxed{1.\\overline{6}}", "\\frac{5}{3}") == 1.0
+    assert math_reward("\\boxed{0.\\overline{3}}", "0.33") == 0.0
+    assert reward_outcome("\\boxed{" + "9" * 6000 + ".\\overline{3}}", "1")[0] == 0.0  # huge: no crash
