@@ -573,6 +573,8 @@ def _clean(s):
     s = re.sub(r'^[a-zA-Z]\s*\\in(?![a-zA-Z])\s*', '', s.replace('{,}', ',').strip())
     s = re.sub(r'^([-+]?\d+(?:\.\d+)?)[eE]([-+]?\d+)$', r'\1\\times10^{\2}', s)  # 3.2e7
     s = re.sub(r'(\d*)\.(\d*)\\overline\{(\d{1,30})\}', _repeating_decimal, s)  # 0.1\overline{6} = 1/6
+    s = re.sub(r'\\langle(?![a-zA-Z])', '(', re.sub(r'\\rangle(?![a-zA-Z])', ')', s))  # vectors <1, 2> = (1, 2)
+    s = re.sub(r'^(\d+)_\{?10\}?$', r'\1', s)  # an explicit base 10 changes nothing
     for _ in range(20):  # peel trailing punctuation and whole-answer braces
         old = s
         s = re.sub(r'^\\approx|[.,\s]+$', '', s).strip()

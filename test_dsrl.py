@@ -1271,3 +1271,9 @@ def test_approximations_and_repeating_decimals():
     assert math_reward("\\boxed{1.\\overline{6}}", "\\frac{5}{3}") == 1.0
     assert math_reward("\\boxed{0.\\overline{3}}", "0.33") == 0.0
     assert reward_outcome("\\boxed{" + "9" * 6000 + ".\\overline{3}}", "1")[0] == 0.0  # huge: no crash
+
+
+def test_vectors_and_explicit_base_ten():
+    assert math_reward("\\boxed{\\langle 1,2\\rangle}", "(1,2)") == 1.0
+    assert math_reward("\\boxed{\\langle 1,2\\rangle}", "(2,1)") == 0.0
+    assert math_reward("\\boxed{5_{10}}", "5") == 1.0
