@@ -1462,6 +1462,24 @@ def optimizer_step(model, optimizer, grad_clip):
     return grad_norm, skipped
 
 
+def policy_update(model, gen_model, optimizer, space, prompt_ids, responses, adv, keep, args, start_id, pad):
+    """One optimizer step of the phase's loss (P(y) scaled by --prerl-coef), then re-sync the sampler.
+    prompt_ids: one per prompt (samples are prompt-major). A non-finite loss or gradient skips the update.
+    -> (loss, samples run, tokens run, token-mean denominator, grad_norm, skipped)."""
+    coef = args.prerl_coef if space == "y" else 1.0
+    x_ids = [p for p in prompt_ids for _ in range(args.group_size)]
+    loss, n_used, tokens_used, loss_tokens = policy_loss_backward(model, space, x_ids, responses, adv, keep, coef,
+                                                                  args, start_id, pad)
+    if math.isfinite(loss):
+        grad_norm, skipped = optimizer_step(model, optimizer, args.grad_clip)
+    else:
+        model.zero_grad(set_to_none=True)
+        grad_norm, skipped = float("nan"), True
+    if not skipped:
+        sync_generation_copy(gen_model, model)
+    return loss, n_used, tokens_used, loss_tokens, grad_norm, skipped
+
+
 # ----------------------------------------------------------------------------------------------------
 # Model, checkpoints, logs
 # ----------------------------------------------------------------------------------------------------
@@ -1704,19 +1722,9 @@ def train(args: Args, resume_path=None):
         adv = group_advantages(rewards, args.group_size, use_std=(space == "y|x"))  # (N,)
         keep = sample_mask(adv, samples)
         # 4. loss in the phase's space, backward, update
-        coef = args.prerl_coef if space == "y" else 1.0
-        x_ids = [p for p in prompt_ids for _ in range(args.group_size)]
-        loss, n_used, tokens_used, loss_tokens = policy_loss_backward(model, space, x_ids, responses, adv, keep, coef,
-                                                                      args, start_id, pad)
-        skipped = not math.isfinite(loss)
-        if skipped:
-            model.zero_grad(set_to_none=True)
-            grad_norm = float("nan")
-        else:
-            grad_norm, skipped = optimizer_step(model, optimizer, args.grad_clip)
+        loss, n_used, tokens_used, loss_tokens, grad_norm, skipped = policy_update(
+            model, gen_model, optimizer, space, prompt_ids, responses, adv, keep, args, start_id, pad)
         bad_in_row = bad_in_row + 1 if skipped else 0
-        if not skipped:
-            sync_generation_copy(gen_model, model)
         # 5. log
         r = torch.tensor(rewards).view(-1, args.group_size)  # (B, G)
         lengths = [len(y) for y in responses]

@@ -21,9 +21,8 @@ Setup (identical on both sides)
   * dsrl is ALSO run in NSR-PreRL mode (P(y), negative samples only), which TRL does not have.
 
 How dsrl is run: `dsrl_worker` runs the body of dsrl.train's step loop (sample_responses(kv_cache=...) ->
-decode -> reward -> group_advantages -> sample_mask -> policy_loss_backward(args.logprob_chunk,
-args.micro_batch_size) -> non-finite-loss skip or optimizer_step -> sync_generation_copy), calling the same
-dsrl.py functions; only checkpointing, the metric row and the jsonl logs are left out, the reward is
+decode -> reward -> group_advantages -> sample_mask -> policy_update, which is the trainer's own loss, backward,
+optimizer step and sampler re-sync), calling the same dsrl.py functions; only checkpointing, the metric row and the jsonl logs are left out, the reward is
 `hash_reward` instead of dsrl.score, and sample_responses gets min_new_tokens (an existing parameter).
   --dsrl-kv-cache  dsrl's --kv-cache (dynamic | static | compile); a comma list runs one dsrl-GRPO worker per
                    value in the same alternation (e.g. dynamic,compile). "compile" compiles the decode step in
@@ -48,7 +47,6 @@ The LAST line printed is `ratio=... dsrl_s=... trl_s=... dsrl_peak_mb=... trl_pe
 import argparse
 import hashlib
 import json
-import math
 import os
 import resource
 import statistics
@@ -180,18 +178,8 @@ def dsrl_worker(a):
         rewards = [hash_reward(y, i % GROUP) for i, y in enumerate(responses)]  # stands in for dsrl.score(texts, golds)
         adv = dsrl.group_advantages(rewards, args.group_size, use_std=(space == "y|x"))
         keep = dsrl.sample_mask(adv, samples)
-        coef = args.prerl_coef if space == "y" else 1.0
-        x_ids = [p for p in prompt_ids for _ in range(args.group_size)]
-        loss, n_used, tokens_used, loss_tokens = dsrl.policy_loss_backward(model, space, x_ids, responses, adv, keep,
-                                                                           coef, args, start_id, pad)
-        skipped = not math.isfinite(loss)
-        if skipped:
-            model.zero_grad(set_to_none=True)
-            grad_norm = float("nan")
-        else:
-            grad_norm, skipped = dsrl.optimizer_step(model, optimizer, args.grad_clip)
-        if not skipped:
-            dsrl.sync_generation_copy(gen_model, model)
+        loss, n_used, _, _, _, skipped = dsrl.policy_update(model, gen_model, optimizer, space, prompt_ids,
+                                                            responses, adv, keep, args, start_id, pad)
         sync(device)
         t_step = time.perf_counter() - t0
         # ---------------------------------------------------------------------------------------------
