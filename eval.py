@@ -195,6 +195,15 @@ def evaluate_accuracy(model, tokenizer, benchmarks, k, max_new_tokens, temperatu
     return results
 
 
+def metrics_for_training(model, tokenizer, args, dtype) -> dict:
+    """dsrl.py --eval-every: evaluate_accuracy on --eval-benchmarks, flattened to `eval/<bench>/<key>` metrics."""
+    results = evaluate_accuracy(model, tokenizer, [b for b in args.eval_benchmarks.split(",") if b], k=args.eval_k,
+                                max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                                dtype=dtype, gen_batch_size=args.gen_batch_size, reward=args.reward)
+    return {f"eval/{bench}/{key}": value for bench, res in results.items() for key, value in res.items()
+            if isinstance(value, (int, float))}
+
+
 def accuracy_markdown(results, k):
     header = ["benchmark", "problems", f"Avg@{k}"] + [f"pass@{kk}" for kk in k_values(k)] + [f"maj@{k}", "mean len",
                                                                                               "truncated"]

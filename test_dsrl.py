@@ -5,11 +5,14 @@ fixtures build and save with `save_pretrained`, exactly as a user's checkpoint w
 The tiny model is briefly trained to answer "\\boxed{1}" or "\\boxed{2}" at random, so that groups hold
 right and wrong answers and every mode has real advantages and gradients to work with.
 """
+import ast
 import json
 import math
 import os
 import random
+import re
 import shutil
+import statistics
 import subprocess
 import sys
 import threading
@@ -22,8 +25,13 @@ import torch.nn.functional as F
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import dsrl  # noqa: E402
+import grader  # noqa: E402
 import eval as evaluator  # noqa: E402  (our eval.py, not the builtin function)
-from dsrl import last_boxed, math_reward, official_reward, reward_outcome, strip_string  # noqa: E402
+from dsrl import last_boxed, math_reward, official_reward, strip_string  # noqa: E402
+
+
+def reward_outcome(response, gold):
+    return dsrl.reward(response, gold, "math")
 
 SHARED_DATA = os.path.join(HERE, "..", "shared", "data")
 CHAT_TEMPLATE = (
@@ -179,14 +187,29 @@ def test_warmup_bound_applies_to_dsrl_only():
         dsrl.check_args(dsrl.Args(mode="dsrl", steps=4))
 
 
+def space_samples(mode, step, warmup):
+    phase = dsrl.phase_for_step(mode, step, warmup)
+    return phase.space, phase.samples
+
+
 def test_phase_for_step_warmup_boundary():
     # --warmup-steps 19 == official pretrain_loss_disable_step=20: steps 1..19 in P(y), 20.. in P(y|x)
-    assert [dsrl.phase_for_step("dsrl", s, 19) for s in (1, 19)] == [("y", "neg")] * 2
-    assert [dsrl.phase_for_step("dsrl", s, 19) for s in (20, 348)] == [("y|x", "all")] * 2
-    assert dsrl.phase_for_step("dsrl", 1, 0) == ("y|x", "all")  # W = 0 is plain GRPO
-    assert {m: dsrl.phase_for_step(m, 1, 0) for m in ("grpo", "nsr-prerl", "psr-prerl", "nsr-rl", "psr-rl")} == {
+    assert [space_samples("dsrl", s, 19) for s in (1, 19)] == [("y", "neg")] * 2
+    assert [space_samples("dsrl", s, 19) for s in (20, 348)] == [("y|x", "all")] * 2
+    assert space_samples("dsrl", 1, 0) == ("y|x", "all")  # W = 0 is plain GRPO
+    assert {m: space_samples(m, 1, 0) for m in ("grpo", "nsr-prerl", "psr-prerl", "nsr-rl", "psr-rl")} == {
         "grpo": ("y|x", "all"), "nsr-prerl": ("y", "neg"), "psr-prerl": ("y", "pos"),
         "nsr-rl": ("y|x", "neg"), "psr-rl": ("y|x", "pos")}
+
+
+def test_phase_record_holds_std_and_coefficient():
+    """One record decides a step: P(y) phases never divide by std and are scaled by --prerl-coef."""
+    warm, rl = dsrl.phase_for_step("dsrl", 5, 5, 0.03), dsrl.phase_for_step("dsrl", 6, 5, 0.03)
+    assert (warm.use_std, warm.coef, warm.name) == (False, 0.03, "warmup")
+    assert (rl.use_std, rl.coef, rl.name) == (True, 1.0, "rl")
+    assert dsrl.phase_for_step("nsr-prerl", 1, 0, 0.5)[:4] == ("y", "neg", False, 0.5)
+    assert dsrl.phase_for_step("nsr-rl", 1, 0, 0.5)[:4] == ("y|x", "neg", True, 1.0)
+    assert dsrl.phase_for_step("nsr-prerl", 1, 0).name == "rl"  # "warmup" only inside dsrl
 
 
 def test_ppo_clip_loss_is_minus_advantage_at_ratio_one_and_clips_otherwise():
@@ -306,6 +329,14 @@ def _batch(tok, n=8):
     return prompts, responses, rewards
 
 
+def loss_backward(model, space, prompts, responses, adv, keep, coef, args, start, pad):
+    """policy_loss_backward through its records -> (loss, samples run, their tokens, token-mean denominator)."""
+    phase = dsrl.Phase(space, "all", space == "y|x", coef, "rl")  # `keep` is given, so `samples` is unused here
+    loss, active, denom = dsrl.policy_loss_backward(model, dsrl.Batch(prompts, responses, adv, keep), phase, args,
+                                                    start, pad)
+    return loss, len(active), sum(len(responses[i]) for i in active), denom
+
+
 def _grads(model):
     return {n: p.grad.clone() if p.grad is not None else torch.zeros_like(p) for n, p in model.named_parameters()}
 
@@ -320,7 +351,7 @@ def test_micro_batched_gradient_equals_one_batch(tiny, space, samples):
     out = {}
     for mbs in (1, 3, 100):
         model.zero_grad(set_to_none=True)
-        out[mbs] = dsrl.policy_loss_backward(model, space, prompts, responses, adv, keep, 0.5,
+        out[mbs] = loss_backward(model, space, prompts, responses, adv, keep, 0.5,
                                              small_args(micro_batch_size=mbs), start, pad), _grads(model)
     for mbs in (1, 3):
         assert out[mbs][0][0] == pytest.approx(out[100][0][0], abs=1e-6)
@@ -336,7 +367,7 @@ def test_token_mean_counts_only_kept_tokens(tiny):
     # NSR in P(y): ratio 1 so the per-token loss is -A; kept = negative samples only
     adv = dsrl.group_advantages(rewards, 4, use_std=False)
     keep = dsrl.sample_mask(adv, "neg")
-    loss, n_used, tokens_used, denom = dsrl.policy_loss_backward(model, "y", prompts, responses, adv, keep, 0.01,
+    loss, n_used, tokens_used, denom = loss_backward(model, "y", prompts, responses, adv, keep, 0.01,
                                                                  small_args(), start, pad)
     kept = [i for i in range(8) if keep[i]]
     assert denom == sum(lens[i] for i in kept) and n_used == len(kept) == 6
@@ -344,7 +375,7 @@ def test_token_mean_counts_only_kept_tokens(tiny):
     # GRPO ("all"): an all-equal group adds tokens to the denominator but runs no forward
     rewards2 = [1, 0, 0, 0, 1, 1, 1, 1]
     adv2 = dsrl.group_advantages(rewards2, 4, use_std=True)
-    loss2, n_used2, tokens_used2, denom2 = dsrl.policy_loss_backward(
+    loss2, n_used2, tokens_used2, denom2 = loss_backward(
         model, "y|x", prompts, responses, adv2, dsrl.sample_mask(adv2, "all"), 1.0, small_args(), start, pad)
     assert denom2 == sum(lens) and n_used2 == 4 and tokens_used2 == sum(lens[:4])
     assert loss2 == pytest.approx(sum(-adv2[i].item() * lens[i] for i in range(4)) / sum(lens), abs=1e-6)
@@ -361,7 +392,7 @@ def test_masked_samples_contribute_exactly_zero_gradient(tiny, space, samples, r
     adv = dsrl.group_advantages(rewards, 4, use_std=(space == "y|x"))
     keep = dsrl.sample_mask(adv, samples)
     model.zero_grad(set_to_none=True)
-    dsrl.policy_loss_backward(model, space, prompts, responses, adv, keep, 1.0, small_args(), start, pad)
+    loss_backward(model, space, prompts, responses, adv, keep, 1.0, small_args(), start, pad)
     ours = _grads(model)
     # reference: one forward over ALL samples, the loss mask zeroes the masked ones (as the official code does)
     model.zero_grad(set_to_none=True)
@@ -378,7 +409,7 @@ def test_masked_samples_contribute_exactly_zero_gradient(tiny, space, samples, r
     # and removing the masked samples from the batch changes nothing either
     model.zero_grad(set_to_none=True)
     idx = [i for i in range(8) if keep[i]]
-    dsrl.policy_loss_backward(model, space, [prompts[i] for i in idx], [responses[i] for i in idx], adv[idx],
+    loss_backward(model, space, [prompts[i] for i in idx], [responses[i] for i in idx], adv[idx],
                               keep[idx], 1.0, small_args(), start, pad)
     for name, g in _grads(model).items():
         assert torch.allclose(g, ref[name], atol=1e-6), name
@@ -393,7 +424,7 @@ def test_prerl_coefficient_scales_the_gradient(tiny):
     grads = []
     for coef in (1.0, 0.01):
         model.zero_grad(set_to_none=True)
-        dsrl.policy_loss_backward(model, "y", prompts, responses, adv, keep, coef, small_args(), start, pad)
+        loss_backward(model, "y", prompts, responses, adv, keep, coef, small_args(), start, pad)
         grads.append(_grads(model))
     for name in grads[0]:
         assert torch.allclose(grads[1][name], 0.01 * grads[0][name], atol=1e-9), name
@@ -406,7 +437,7 @@ def test_one_step_moves_parameters_and_nan_skips(tiny):
     adv = dsrl.group_advantages(rewards, 4, use_std=False)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    dsrl.policy_loss_backward(model, "y", prompts, responses, adv, dsrl.sample_mask(adv, "neg"), 0.01,
+    loss_backward(model, "y", prompts, responses, adv, dsrl.sample_mask(adv, "neg"), 0.01,
                               small_args(), start, pad)
     grad_norm, skipped = dsrl.optimizer_step(model, opt, 1.0)
     assert not skipped and grad_norm > 0
@@ -574,12 +605,12 @@ def test_time_bound_from_worker_thread():
     results = []
 
     def work():
-        old = dsrl.TIME_BUDGET_S
-        dsrl.TIME_BUDGET_S = 0.0  # force the deadline to expire on the first check
+        old = grader.TIME_BUDGET_S
+        grader.TIME_BUDGET_S = 0.0  # force the deadline to expire on the first check
         try:
             results.append(reward_outcome(box('(x+1)^2'), 'x^2+2x+1'))
         finally:
-            dsrl.TIME_BUDGET_S = old
+            grader.TIME_BUDGET_S = old
         t = time.perf_counter()
         for resp, gold in ADVERSARIAL:
             results.append(reward_outcome(resp, gold))
@@ -640,6 +671,110 @@ def test_score_counts_outcomes_separately():
     assert counts["no_box"] >= 1
     official, _ = dsrl.score(texts, ["1", "1", "1", "1", "0.5"], kind="official")
     assert official == [1.0, 0.0, 0.0, 0.0, 0.0]  # the official string scorer: \frac{2}{4} != 0.5 as strings
+
+
+# ---------------------------------------------------------------- grader.py: the checker on its own
+GRADER_PY = os.path.join(HERE, 'grader.py')
+DEV_CASES = read_jsonl(os.path.join(HERE, 'testdata', 'answer_cases_dev.jsonl'))
+# (reward, outcome) of every dev case, frozen from dsrl.reward_outcome before the checker moved here
+DEV_OUTCOMES = {row['id']: (row['reward'], row['outcome'])
+                for row in read_jsonl(os.path.join(HERE, 'testdata', 'answer_outcomes_dev.jsonl'))}
+
+
+def reward(response, gold):
+    """What training computes (dsrl.reward), checked equal to its spelled-out composition."""
+    composed = grader.grade(last_boxed(response), gold, official_equal=official_reward(response, gold) == 1.0)
+    assert dsrl.reward(response, gold) == composed
+    return composed
+
+
+def run_grader(*args):
+    return subprocess.run([sys.executable, GRADER_PY, *args], capture_output=True, text=True, timeout=60)
+
+
+def test_dev_cases_keep_their_frozen_outcomes():
+    assert set(DEV_OUTCOMES) == {c['id'] for c in DEV_CASES}
+    for c in DEV_CASES:
+        assert reward(c['response'], c['gold']) == DEV_OUTCOMES[c['id']], c['id']
+
+
+def test_command_line_box_agrees_with_dsrl_last_boxed():
+    texts = [c['response'] for c in DEV_CASES] + [
+        'a \\boxed{3} b \\boxed{\\frac{1}{2}} c', '\\boxed{\\boxed{5}}', '\\boxed 7$', 'so \\fbox{12}.',
+        'The answer is \\boxed{\\frac{3}{4}', '\\boxed{1} and \\boxed{', '\\boxed {2}', '\\boxedx{2}', 'nothing',
+        '\\boxed', '\\boxed 3 \\boxed{2}', '\\boxed{' * 300 + '7' + '}' * 300, None, 12]
+    for text in texts:
+        assert grader._last_box(text) == last_boxed(text), text
+
+
+def test_grade_outcomes_and_never_raises():
+    assert grader.OUTCOMES == ('right', 'wrong', 'no_box', 'unparseable', 'timeout')
+    assert grader.grade('\\frac{2}{4}', '0.5') == (1.0, 'right')
+    assert grader.grade('3', '4') == (0.0, 'wrong')
+    assert grader.grade(None, '4') == (0.0, 'no_box')
+    assert grader.grade(None, '4', official_equal=True) == (1.0, 'right')  # the official verdict comes first
+    assert grader.grade('42 \\text{ or } 43', '42', official_equal=True) == (0.0, 'wrong')  # except for a hedge
+    assert grader.grade('1' * 2000, '1') == (0.0, 'unparseable')
+    for answer, gold in [('\\frac', '1'), ('1', None), (5, '5'), ('\\frac{1}{0}', '1'), ('9^{9^{9^9}}', '1')]:
+        r, outcome = grader.grade(answer, gold)
+        assert r == 0.0 and outcome in grader.OUTCOMES
+
+
+def test_deadline_gives_timeout_in_a_worker_thread(monkeypatch):
+    monkeypatch.setattr(grader, 'TIME_BUDGET_S', 0.0)  # the deadline expires at the first check
+    results = []
+    worker = threading.Thread(target=lambda: results.append(grader.grade('(x+1)^2', 'x^2+2x+1')))
+    worker.start()
+    worker.join(30)
+    assert results == [(0.0, 'timeout')]
+    monkeypatch.setattr(grader, 'TIME_BUDGET_S', 0.5)
+    assert grader.grade('(x+1)^2', 'x^2+2x+1') == (1.0, 'right')
+
+
+def test_cli_right_wrong_and_no_box():
+    right = run_grader('so $\\boxed{\\frac{2}{4}}$.', '0.5')
+    assert right.returncode == 0 and right.stderr == ''
+    lines = right.stdout.splitlines()
+    assert lines[0] == 'answer: \\frac{2}{4}' and lines[1] == 'gold: 0.5'
+    assert lines[2] == 'cleaned answer: \\frac{2}{4}' and lines[3] == 'cleaned gold: 0.5'
+    assert lines[4:] == ['verdict: equal', 'outcome: right']
+    wrong = run_grader('x = 3', '4')  # no box: the whole text is the answer
+    assert wrong.returncode == 0
+    assert 'answer: x = 3' in wrong.stdout and wrong.stdout.endswith('verdict: not equal\noutcome: wrong\n')
+    cut = run_grader('The answer is \\boxed{\\frac{3}{4}', '\\frac34')
+    assert cut.returncode == 0 and cut.stdout.endswith('verdict: not equal\noutcome: no_box\n')
+
+
+def test_cli_bad_usage_exits_2_without_traceback():
+    for args in [(), ('only one',), ('a', 'b', 'c')]:
+        res = run_grader(*args)
+        assert res.returncode == 2 and res.stdout == ''
+        assert len(res.stderr.strip().splitlines()) == 1 and 'usage' in res.stderr
+        assert 'Traceback' not in res.stderr
+    helped = run_grader('--help')
+    assert helped.returncode == 0 and 'dsrl.official_reward' in helped.stdout
+
+
+def test_grader_does_not_import_dsrl():
+    tree = ast.parse(open(GRADER_PY).read())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            assert all(alias.name.split('.')[0] != 'dsrl' for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            assert (node.module or '').split('.')[0] != 'dsrl'
+
+
+def test_grader_functions_are_short():
+    tree = ast.parse(open(GRADER_PY).read())
+    long = [(node.name, node.end_lineno - node.lineno + 1) for node in ast.walk(tree)
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 40]
+    assert long == []
+
+
+def test_one_public_function_besides_main():
+    public = {name for name, value in vars(grader).items()
+              if callable(value) and not name.startswith('_') and getattr(value, '__module__', None) == 'grader'}
+    assert public == {'grade', 'main'}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -709,6 +844,106 @@ def test_cli_on_the_official_math_train_file(tiny_model_dir, tmp_path):
     # 4 of the 7,500 official rows have an empty ground truth: skipped and counted, not trained on
     assert (config["n_examples"], config["n_malformed_rows"]) == (7496, 4)
     assert len(read_jsonl(out / "samples.jsonl")) == 16
+
+
+@pytest.fixture(scope="module")
+def dsrl_run(tiny_model_dir, tiny_data, tmp_path_factory):
+    """One real DSRL run through the CLI: 3 warm-up steps in P(y), then 2 GRPO steps."""
+    out = tmp_path_factory.mktemp("wiring") / "run"
+    res = run_cli(cli_args(tiny_model_dir, tiny_data, out, steps=5, **{"warmup-steps": 3, "prompts-per-step": 8,
+                                                                         "save-every": 5}))
+    assert res.returncode == 0, res.stderr[-3000:]
+    samples = read_jsonl(out / "samples.jsonl")
+    groups = {}  # (step, group) -> its 4 samples, in the logged (prompt-major) order
+    for i, s in enumerate(samples):
+        groups.setdefault((s["step"], (i % 32) // 4), []).append(s)
+    return read_jsonl(out / "metrics.jsonl"), samples, groups
+
+
+def test_loop_advantages_are_r_minus_mean_in_warmup_and_std_normalised_in_grpo(dsrl_run):
+    """The loop wires the phase into the advantage: no std in P(y) (pretrain_norm_adv_by_std=False), std in GRPO."""
+    metrics, samples, groups = dsrl_run
+    assert [m["phase"] for m in metrics] == ["warmup"] * 3 + ["rl"] * 2
+    mixed = 0
+    for (step, _), group in groups.items():
+        r = [s["reward"] for s in group]
+        mean, std = sum(r) / 4, statistics.stdev(r)  # unbiased, as torch.std
+        want = [(x - mean) if step <= 3 else (x - mean) / (std + 1e-6) for x in r]
+        assert [s["advantage"] for s in group] == pytest.approx(want, abs=1e-5), (step, r)
+        mixed += 0 < sum(r) < 4
+    assert mixed >= 4  # enough mixed groups for the std to matter
+
+
+def test_loop_loss_is_the_token_mean_over_the_phase_samples(dsrl_run):
+    """Warm-up: 0.01 x token-mean of -A over the tokens of A < 0 samples ONLY (A = 0 samples are not NSR).
+    GRPO: token-mean of -A over every sample's tokens, A = 0 included in the denominator."""
+    metrics, samples, _ = dsrl_run
+    zero_and_negative = 0
+    for m in metrics:
+        rows = [s for s in samples if s["step"] == m["step"]]
+        kept = [s for s in rows if s["advantage"] < 0] if m["phase"] == "warmup" else rows
+        coef = 0.01 if m["phase"] == "warmup" else 1.0
+        tokens = sum(s["response_tokens"] for s in kept)
+        want = coef * sum(-s["advantage"] * s["response_tokens"] for s in kept) / max(tokens, 1)
+        assert m["loss"] == pytest.approx(want, abs=1e-6), m["step"]
+        assert m["loss_tokens"] == tokens
+        assert [s["used_in_loss"] for s in rows] == [s in kept for s in rows]
+        zero_and_negative += m["phase"] == "warmup" and any(s["advantage"] == 0 for s in rows) and kept != []
+    assert zero_and_negative >= 1  # a warm-up step with A = 0 and A < 0 samples: the NSR mask is really tested
+
+
+def test_build_prompt_renders_the_chat_template_exactly():
+    tok = make_tokenizer()
+    messages = [{"role": "system", "content": dsrl.SYSTEM_PROMPT}, {"role": "user", "content": "What is 1+1?"}]
+    want = ("<|im_start|>system\n" + dsrl.SYSTEM_PROMPT + "<|im_end|>\n<|im_start|>user\nWhat is 1+1?<|im_end|>\n"
+            "<|im_start|>assistant\n<think>\n\n</think>\n\n")  # add_generation_prompt, enable_thinking=False
+    ids = dsrl.build_prompt(tok, messages, 10 ** 6)
+    assert tok.decode(ids) == want
+    assert dsrl.build_prompt(tok, messages, 10) == ids[-10:]  # left truncation keeps the end
+
+
+def test_sampling_overrides_the_models_generation_config(tiny):
+    """temperature/top_p as given, top_k and min_p off, no repetition penalty, whatever generation_config says."""
+    model, tok = tiny
+    prompts = [dsrl.build_prompt(tok, r["prompt"], 512) for r in problem_rows(2)]
+    draws = []
+    for config in ({}, {"temperature": 0.05, "top_k": 1, "top_p": 0.1, "min_p": 0.9, "repetition_penalty": 10.0}):
+        for key, value in config.items():
+            setattr(model.generation_config, key, value)
+        torch.manual_seed(3)
+        draws.append(dsrl.sample_responses(model, tok, prompts, 4, 16, temperature=1.0, top_p=1.0))
+    assert draws[0] == draws[1]
+    assert len({tuple(r) for r in draws[0][0]}) > 1  # really sampled at temperature 1
+
+
+def test_generation_stops_at_every_eos_of_the_generation_config(tiny):
+    """Qwen3's generation_config lists <|im_end|> and <|endoftext|>; the official rollout stops at both."""
+    model, tok = tiny
+    extra = tok.convert_tokens_to_ids("}")  # the tiny model writes "\\boxed{1}<|im_end|>": "}" comes first
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    model.generation_config.eos_token_id = [im_end, extra]
+    assert set(dsrl.stop_ids(tok, model)) == {im_end, extra}
+    prompts = [dsrl.build_prompt(tok, r["prompt"], 512) for r in problem_rows(2)]
+    torch.manual_seed(0)
+    responses, truncated = dsrl.sample_responses(model, tok, prompts, 4, 24)
+    stopped = [r for r, cut in zip(responses, truncated) if not cut]
+    assert stopped and all(r[-1] in (im_end, extra) for r in stopped)
+    assert all(extra not in r[:-1] and im_end not in r[:-1] for r in responses)
+    assert any(r[-1] == extra for r in stopped)
+
+
+def test_sampler_computes_logits_for_the_last_prompt_position_only(tiny):
+    """The prompt forward builds the KV cache without the vocabulary projection (151,936 logits per position)."""
+    model, tok = tiny
+    seen = []
+    hook = model.lm_head.register_forward_hook(lambda mod, inp, out: seen.append(tuple(out.shape)))
+    try:
+        prompts = [dsrl.build_prompt(tok, r["prompt"], 512) for r in problem_rows(2)]
+        for share in (True, False):
+            dsrl.sample_responses(model, tok, prompts, 4, 5, share_prompt=share)
+    finally:
+        hook.remove()
+    assert seen and all(shape[1] == 1 for shape in seen), seen[:3]
 
 
 def test_unknown_flag_is_an_error(tmp_path):
@@ -798,15 +1033,15 @@ def test_resume_refuses_settings_that_change_the_run(tiny_model_dir, tiny_data, 
 
 def test_failed_checkpoint_write_keeps_the_previous_one(tiny, tmp_path, monkeypatch):
     model, tok = tiny
-    opt = torch.optim.AdamW(model.parameters())
+    run = dsrl.Run(model, model, tok, torch.optim.AdamW(model.parameters()), [], 0, 0, torch.float32, 1, 0)
     args = dsrl.Args()
-    dsrl.save_checkpoint(str(tmp_path), 1, model, tok, opt, args, {})
+    dsrl.save_checkpoint(str(tmp_path), 1, run, args)
 
     def disk_full(*a, **k):
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(torch, "save", disk_full)
     with pytest.raises(dsrl.UsageError, match="No space left on device.*previous checkpoint is intact"):
-        dsrl.save_checkpoint(str(tmp_path), 2, model, tok, opt, args, {})
+        dsrl.save_checkpoint(str(tmp_path), 2, run, args)
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-1"]  # no partial checkpoint-2, no temp folder
     assert dsrl.list_checkpoints(str(tmp_path)) == [str(tmp_path / "checkpoint-1")]
 
@@ -835,7 +1070,7 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tiny_model_dir, ti
     def nan_loss(model, *a, **k):
         for p in model.parameters():
             p.grad = torch.full_like(p, float("nan"))
-        return float("nan"), 1, 1, 1
+        return float("nan"), [0], 1
     monkeypatch.setattr(dsrl, "policy_loss_backward", nan_loss)
     out = tmp_path / "run"
     args = dsrl.Args(model=tiny_model_dir, dataset=tiny_data, output_dir=str(out), steps=10, prompts_per_step=2,
@@ -1119,7 +1354,7 @@ def test_cli_accuracy(tiny_model_dir, tmp_path):
     assert m["avg@4"] == pytest.approx(sum(x["reward"] for x in rows) / 12) == pytest.approx(m["pass@1"])
     per_problem = [[x["reward"] for x in rows if x["problem_index"] == p] for p in range(3)]
     assert m["pass@4"] == pytest.approx(sum(max(rs) for rs in per_problem) / 3)
-    assert 0 < m["avg@4"] < 1  # the tiny model answers 1 or 2 at random
+    assert all(x["reward"] == dsrl.reward(x["response"], x["gold"])[0] for x in rows)  # the trainer's own reward
 
 
 def test_cli_behaviours(tmp_path):
@@ -1241,6 +1476,42 @@ def test_readme_lists_every_flag_and_metric_key():
     for key in ("reward_mean", "n_used", "tokens_used", "loss_tokens", "solved_all", "grad_norm", "skipped",
                 "truncated_frac", "gen_tokens", "reward_timeout", "time_gen_s"):
         assert f"`{key}`" in readme, key
+
+
+def _departures(text):
+    """The numbered list under "Departures from the official code", whitespace and backticks normalised."""
+    block = text.split("Departures from the official code", 1)[1]
+    items = re.findall(r"^\s*(\d+)\. (.*?)(?=^\s*\d+\. |\n\n|\n#|\Z)", block, re.S | re.M)
+    return [(n, " ".join(body.replace("`", "").split())) for n, body in items]
+
+
+def test_readme_departures_are_the_docstring_departures():
+    readme = open(os.path.join(HERE, "README.md")).read()
+    assert len(_departures(dsrl.__doc__)) >= 8
+    assert _departures(readme) == _departures(dsrl.__doc__)
+
+
+def test_readme_install_and_test_lines_are_what_ci_runs():
+    readme = open(os.path.join(HERE, "README.md")).read()
+    ci = open(os.path.join(HERE, ".ci", "run")).read()
+    install = next(line.split("#")[0].strip() for line in readme.splitlines() if line.startswith("pip install"))
+    test = next(line.split("#")[0].strip() for line in readme.splitlines() if line.startswith("python -m pytest"))
+    assert install.endswith("pytest matplotlib") and f"\n{install}\n" in ci and f"\n{test}\n" in ci
+
+
+def test_dsrl_reads_in_the_papers_order_and_stays_short():
+    """The shape promised to readers: at most 900 lines, short functions, sections in the paper's order."""
+    source = open(os.path.join(HERE, "dsrl.py")).read()
+    assert len(source.splitlines()) <= 900
+    tree = ast.parse(source)
+    sizes = {n.name: n.end_lineno - n.lineno + 1 for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
+    assert sizes.pop("train") <= 100 and max(sizes.values()) <= 40, sorted(sizes.items(), key=lambda kv: -kv[1])[:3]
+    order = ["class Args", "def build_prompt", "def last_boxed", "def official_reward", "def reward(",
+             "def sample_responses", "def logprob_y_given_x", "def logprob_y(", "def group_advantages",
+             "def sample_mask", "def ppo_clip_loss", "def token_mean_loss", "def phase_for_step", "def policy_update",
+             "def train(", "def save_checkpoint", "def resolve_resume", "def main("]
+    positions = [source.index("\n" + name) for name in order]
+    assert positions == sorted(positions)
 
 
 def test_bf16_path_generation_copy_and_autocast(tiny_model_dir, tiny_data, tmp_path):
