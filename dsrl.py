@@ -10,9 +10,8 @@ NSR-PreRL: push DOWN log P(y) = sum_t log pi(y_t | <|im_start|>, y_<t) of the wr
 gradient goes through the model *without the prompt* ("pre-train space"). DSRL: do that for a short
 warm-up, then hand the weights over to ordinary GRPO in P(y|x) ("policy reincarnation").
 
-Run:   python dsrl.py --model Qwen/Qwen3-0.6B                  (DSRL, one GPU)
-       python dsrl.py --model PATH --mode grpo --steps 100     (any of the six modes)
-       python dsrl.py --output-dir runs/x --resume             (continue a stopped run)
+Run:   python dsrl.py --model Qwen/Qwen3-0.6B  (DSRL, one GPU);  --mode grpo|nsr-prerl|...  (the six modes);
+       python dsrl.py --output-dir runs/x --resume  (continue a stopped run)
 
 Departures from the official code (the same list is in README.md, "Departures"):
  1. Token-mean over ALL kept tokens of the step. Official: token-mean per micro-batch, micro-batches
@@ -30,6 +29,7 @@ Departures from the official code (the same list is in README.md, "Departures"):
     weights that is re-synced after every update (official: FSDP fp32 master + bf16 rollout engine).
  6. Default sizes for one GPU: Qwen3-0.6B, 16 prompts x 8 samples, 1,024 new tokens, checkpoints every
     50 steps (official: Qwen3-4B, 128 x 8, 8,192). Loss, clip and optimizer settings are the official ones.
+    Evaluation only with --eval-every (official: every 5 steps), then also before step 1 (official: not).
  7. `--warmup-steps W` counts warm-up UPDATES: steps 1..W use P(y), steps W+1.. use P(y|x).
     The official `pretrain_loss_disable_step=D` runs steps 1..D-1 in P(y), so W = D - 1 (default 19).
  8. Rows with an empty ground truth are skipped (4 in the official MATH file). The official run keeps them:
@@ -42,6 +42,8 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
 from typing import NamedTuple
 
+import pyarrow.parquet as pq  # comes with datasets
+import safetensors
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -52,8 +54,7 @@ SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\
 START_TOKEN = "<|im_start|>"   # the one token that stands in for the prompt in P(y) space
 STOP_TOKEN = "<|im_end|>"      # chat end of turn: Qwen's EOS for chat responses
 DEFAULT_DATASET = "DigitalLearningGmbH/MATH-lighteval"
-# mode -> (space, samples) of its steps. Space "y" is P(y) (pre-train space), "y|x" is P(y|x); samples "neg" (NSR)
-# keeps A < 0, "pos" (PSR) A > 0, "all" every sample. dsrl: NSR-PreRL for --warmup-steps steps, then GRPO.
+# mode -> (space, samples): "y" = P(y), "y|x" = P(y|x); "neg" (NSR) keeps A < 0, "pos" (PSR) A > 0, "all" all.
 MODES = {"dsrl": ("y", "neg"), "grpo": ("y|x", "all"), "nsr-prerl": ("y", "neg"), "psr-prerl": ("y", "pos"),
          "nsr-rl": ("y|x", "neg"), "psr-rl": ("y|x", "pos")}  # nsr-rl / psr-rl: the ablations with the prompt kept
 
@@ -92,12 +93,15 @@ class Args:
     eval_every: int = field(default=0, metadata={"help": "run eval.py accuracy every N steps, 0 = never (official: 5)"})
     eval_benchmarks: str = field(default="aime24,aime25,amc23", metadata={"help": "benchmarks for --eval-every (names or files)"})
     eval_k: int = field(default=4, metadata={"help": "samples per problem for --eval-every (official: 20)"})
+    eval_before_train: bool = field(default=True, metadata={"help": "with --eval-every, evaluate before step 1 too (a step-0 row), as verl's default (the official DSRL script: off)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
     dtype: str = field(default="auto", metadata={"help": "compute dtype: auto (bf16 on GPU, fp32 on CPU), bfloat16 or float32; weights stay fp32"})
+    deterministic: bool = field(default=False, metadata={"help": "torch's deterministic algorithms (for GPU runs; CPU runs repeat bit for bit without it)"})
+    print_verl_command: bool = field(default=False, metadata={"help": "print the official multi-GPU launch of this experiment (verl) and exit"})
 
 RESUMABLE_CHANGES = {"steps", "output_dir", "resume", "save_every", "save_total_limit", "device", "micro_batch_size",
                      "gen_batch_size", "kv_cache", "logprob_chunk", "max_bad_steps", "eval_every", "eval_benchmarks",
-                     "eval_k"}  # flags a resumed run may change: they do not change what the run computes
+                     "eval_k", "eval_before_train", "deterministic"}  # may change on --resume: the run stays the same
 
 class UsageError(Exception):
     """Bad input: reported as one line on stderr, exit code 2, no traceback."""
@@ -113,6 +117,8 @@ def build_parser():
         kw = {"help": f.metadata["help"] + f" (default: {f.default})"}
         if f.name == "resume":
             kw.update(nargs="?", const="latest")
+        elif isinstance(f.default, bool):  # --deterministic / --no-deterministic; the print command is an action
+            kw["action"] = "store_true" if f.name == "print_verl_command" else argparse.BooleanOptionalAction
         elif f.name in CHOICES:
             kw["choices"] = CHOICES[f.name]
         else:
@@ -131,13 +137,13 @@ def check_args(a: Args):
         (a.steps >= 1 and a.prompts_per_step >= 1, "--steps and --prompts-per-step must be >= 1"),
         (a.warmup_steps >= 0 and (a.mode != "dsrl" or a.warmup_steps <= a.steps),
          f"--warmup-steps {a.warmup_steps}: must be between 0 and --steps {a.steps}"),
-        (a.lr > 0, f"--lr {a.lr}: must be > 0"),
-        (a.weight_decay >= 0 and a.prerl_coef > 0, "--weight-decay must be >= 0 and --prerl-coef > 0"),
+        (a.lr > 0, f"--lr {a.lr}: must be > 0"), (a.weight_decay >= 0, "--weight-decay must be >= 0"),
+        (a.prerl_coef > 0, "--prerl-coef must be > 0"),
         (a.temperature > 0 and 0 < a.top_p <= 1, "--temperature must be > 0 and --top-p in (0, 1]"),
-        (a.max_new_tokens >= 1 and a.max_prompt_tokens >= 1, "--max-new-tokens and --max-prompt-tokens must be >= 1"),
+        (min(a.max_new_tokens, a.max_prompt_tokens, a.micro_batch_size, a.logprob_chunk) >= 1 and a.gen_batch_size >= 0,
+         "--max-new-tokens, --max-prompt-tokens, --micro-batch-size, --logprob-chunk must be >= 1"),
         (a.clip_low > 0 and a.clip_high > 0 and a.clip_dual > 1 and a.grad_clip > 0,
          "--clip-low, --clip-high and --grad-clip must be > 0, --clip-dual > 1"),
-        (a.micro_batch_size >= 1 and a.gen_batch_size >= 0 and a.logprob_chunk >= 1, "batch and chunk sizes must be >= 1"),
         (a.save_every >= 1 and a.save_total_limit >= 0, "--save-every must be >= 1 and --save-total-limit >= 0"),
         (a.max_bad_steps >= 1 and a.eval_every >= 0 and a.eval_k >= 1, "--max-bad-steps and --eval-k must be >= 1, --eval-every >= 0"),
     ]
@@ -159,7 +165,6 @@ def read_rows(source: str, split: str = "train") -> list:
         raise UsageError(f"dataset file not found: {source} (give an existing .parquet/.jsonl file or a hub id)")
     try:
         if source.endswith(".parquet"):
-            import pyarrow.parquet as pq  # comes with `datasets`
             return pq.read_table(source).to_pylist()
         with open(source, encoding="utf-8") as fh:
             return [_json_row(line, n) for n, line in enumerate(fh, 1) if line.strip()]
@@ -452,10 +457,9 @@ def token_logprobs(model, states, targets, target_mask, temperature, chunk):
     return logp.masked_scatter(target_mask, torch.cat(parts)) if parts else logp
 
 def logprob_y_given_x(model, prompt_ids, response_ids, pad, temperature=1.0, chunk=256, share_prompt=True):
-    """log pi(y_t | x, y_<t) for each response token: the standard RL space. -> (logp, mask), (N, T).
-    Prompts left-padded, responses right-padded, positions from the attention mask. Samples of the same
-    prompt share one forward of that prompt: its KV cache is repeated per sample and gradients flow back
-    through it (exact: the prompt's states do not depend on the response)."""
+    """log pi(y_t | x, y_<t) for each response token: the standard RL space. -> (logp, mask), (N, T). Prompts left-
+    padded, responses right-padded, positions from the attention mask. Samples of one prompt share one forward of it:
+    its KV cache is repeated per sample, gradients flow back through it (exact: the prompt does not see y)."""
     device = next(model.parameters()).device
     y, y_mask = right_pad(response_ids, pad, device)  # (N, T)
     rows = {}
@@ -465,8 +469,11 @@ def logprob_y_given_x(model, prompt_ids, response_ids, pad, temperature=1.0, chu
     idx = torch.tensor(which, device=device)
     prefix = model.base_model(input_ids=x, attention_mask=x_mask, position_ids=positions_from_mask(x_mask),
                               use_cache=True)
+    # (B, ...) -> (N, ...) by index_select: the backward of the cache's own batch_select_indices (fancy indexing,
+    # index_put with accumulate) adds in a thread-dependent order on CPU, and two runs would differ in the last bits
+    for layer in prefix[cache_arg(model)].layers:
+        layer.keys, layer.values = layer.keys.index_select(0, idx), layer.values.index_select(0, idx)
     cache = prefix[cache_arg(model)]
-    cache.batch_select_indices(idx)  # (B, ...) -> (N, ...)
     mask = torch.cat([x_mask[idx], y_mask.long()], 1)  # (N, P+T)
     positions = x_mask.sum(1)[idx, None] + torch.arange(y.shape[1], device=device)  # continue after the prompt
     hidden = model.base_model(input_ids=y, attention_mask=mask, position_ids=positions, **{cache_arg(model): cache},
@@ -547,9 +554,8 @@ class UpdateStats(NamedTuple):
     skipped: bool       # non-finite loss or gradient: no update
 
 def policy_loss_backward(model, batch: Batch, phase: Phase, args, start_id, pad):
-    """Forward + backward of coef * token_mean(PPO loss) in the phase's space, gradient-accumulated over
-    length-sorted micro-batches. Only samples that can change the gradient (kept, A != 0) are run.
-    -> (loss value, indices of the samples run, tokens in the denominator)."""
+    """Forward + backward of coef * token_mean(PPO loss) in the phase's space over length-sorted micro-batches, for the
+    samples that can change the gradient (kept, A != 0). -> (loss, indices of the samples run, token-mean denominator)."""
     ys_all, adv = batch.response_ids, batch.adv
     kept = [i for i in range(len(ys_all)) if batch.keep[i]]
     n_tokens = sum(len(ys_all[i]) for i in kept)  # token-mean denominator
@@ -629,9 +635,12 @@ def rollout(run: Run, args, step: int):
     return dict(idx=idx, prompt_ids=prompt_per_sample, responses=responses, truncated=truncated, texts=texts,
                 golds=golds, rewards=rewards, outcomes=outcomes)
 
-def train(args: Args, resume_path=None):
+def train(args: Args, resume=None):
     from tqdm import tqdm
-    run = start_run(args, resume_path)
+    run = start_run(args, resume)
+    if args.eval_every and args.eval_before_train and run.first_step == 1:  # the curve's starting point: step 0
+        append_jsonl(os.path.join(args.output_dir, "metrics.jsonl"),
+                     [{"step": 0, **__import__("eval").metrics_for_training(run.gen_model, run.tokenizer, args, run.dtype)}])
     bar = tqdm(range(run.first_step, args.steps + 1), initial=run.first_step - 1, total=args.steps, dynamic_ncols=True)
     for step in bar:
         t0 = time.time()
@@ -700,11 +709,9 @@ def console_line(row):
 
 # ---- Model, checkpoints, resume, logs ----------------------------------------------------------------------
 def resolve_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {name}: no CUDA device is available (use --device cpu)")
-    return name
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
 
 def resolve_dtype(name: str, device: str):
     auto = torch.bfloat16 if resolve_device(device).startswith("cuda") else torch.float32
@@ -751,12 +758,15 @@ def prepare_output_dir(args, resume_path):
         raise UsageError(f"{args.output_dir} already holds checkpoints of a run; add --resume to continue it "
                          "or choose a new --output-dir")
 
-def start_run(args: Args, resume_path=None) -> Run:
-    """Load data and model, seed, build AdamW; from a checkpoint, restore optimizer, RNG and step."""
+def start_run(args: Args, resume=None) -> Run:
+    """Load data and model, seed, build AdamW; from a checkpoint (path, state), restore optimizer, RNG and step."""
     check_args(args)
-    device = resolve_device(args.device)
+    device, (resume_path, state) = resolve_device(args.device), resume or (None, None)
     dtype = resolve_dtype(args.dtype, device)
     prepare_output_dir(args, resume_path)
+    if args.deterministic:  # before CUDA starts: cuBLAS needs a fixed workspace to repeat its sums
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
     examples, n_malformed = load_problems(args.dataset)
     model, tokenizer = load_model_and_tokenizer(resume_path or args.model, device)
     start_id, pad = token_id(tokenizer, START_TOKEN), pad_id(tokenizer)
@@ -766,7 +776,6 @@ def start_run(args: Args, resume_path=None) -> Run:
     run = Run(model, None, tokenizer, optimizer, examples, start_id, pad, dtype, first_step=1, bad_in_row=0)
     logs = [os.path.join(args.output_dir, name) for name in ("metrics.jsonl", "samples.jsonl")]
     if resume_path:
-        state = torch.load(os.path.join(resume_path, "trainer_state.pt"), map_location="cpu", weights_only=False)
         optimizer.load_state_dict(state["optimizer"])
         random.setstate(state["rng"]["python"])  # the sampler's and the data's random streams continue exactly
         torch.set_rng_state(state["rng"]["torch"])
@@ -792,9 +801,8 @@ def start_run(args: Args, resume_path=None) -> Run:
 CHECKPOINT_FILES = ("config.json", "trainer_state.pt")
 
 def save_checkpoint(output_dir, step, run: Run, args):
-    """checkpoint-N/: HF weights + tokenizer (AutoModelForCausalLM.from_pretrained works on it) and
-    trainer_state.pt. Written to a temporary folder and renamed, so a kill never leaves a checkpoint that
-    looks complete but is not. A failed write (disk full) removes the partial folder and raises UsageError."""
+    """checkpoint-N/: HF weights + tokenizer (from_pretrained loads it) and trainer_state.pt, written to a temporary
+    folder and renamed (a kill never leaves a complete-looking partial one); a failed write raises UsageError."""
     final = os.path.join(output_dir, f"checkpoint-{step}")
     tmp = os.path.join(output_dir, f".tmp-checkpoint-{step}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -849,23 +857,36 @@ def append_jsonl(path, rows):
     with open(path, "a", encoding="utf-8") as fh:
         fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
+def read_checkpoint(path):
+    """trainer_state of a checkpoint whose files read back whole, or None (truncated or corrupt: a disk fault)."""
+    try:
+        for weights in glob.glob(os.path.join(path, "*.safetensors")):
+            safetensors.safe_open(weights, "pt").keys()  # checks that the file covers every tensor of its header
+        state = torch.load(os.path.join(path, "trainer_state.pt"), map_location="cpu", weights_only=False)
+        return state if {"step", "optimizer", "rng", "args"} <= set(state) else None
+    except Exception:
+        return None
+
 def resolve_resume(args: Args, explicit: set):
-    """Resume: find the checkpoint, restore the run's settings, refuse changes that break resuming.
-    -> (args, checkpoint path or None)."""
+    """The newest readable checkpoint and its run's settings; changes that break resuming refused. -> (args, resume)"""
     if not args.resume:
         return args, None
     if args.resume == "latest":
-        ckpts = list_checkpoints(args.output_dir)
-        if not ckpts:
-            raise UsageError(f"--resume: no complete checkpoint in {args.output_dir} (start without --resume)")
-        path = ckpts[-1]
+        candidates = list_checkpoints(args.output_dir)[::-1]
     else:
-        path = args.resume.rstrip("/")
-        if not all(os.path.exists(os.path.join(path, f)) for f in CHECKPOINT_FILES):
-            raise UsageError(f"--resume {path}: not a complete checkpoint folder (needs {', '.join(CHECKPOINT_FILES)})")
+        candidates = [args.resume.rstrip("/")]
+        if not all(os.path.exists(os.path.join(candidates[0], f)) for f in CHECKPOINT_FILES):
+            raise UsageError(f"--resume {candidates[0]}: not a complete checkpoint folder (needs "
+                             f"{', '.join(CHECKPOINT_FILES)})")
         if "output_dir" not in explicit:
-            args.output_dir = os.path.dirname(os.path.abspath(path))
-    saved = torch.load(os.path.join(path, "trainer_state.pt"), map_location="cpu", weights_only=False)["args"]
+            args.output_dir = os.path.dirname(os.path.abspath(candidates[0]))
+    for path in candidates:
+        if (state := read_checkpoint(path)) is not None:
+            break
+        print(f"warning: {path} cannot be read (truncated or corrupt); trying an older checkpoint", file=sys.stderr)
+    else:
+        raise UsageError(f"--resume: no readable checkpoint in {args.output_dir} (start without --resume)")
+    saved = state["args"]
     clash = sorted(k for k in explicit - RESUMABLE_CHANGES if k in saved and saved[k] != getattr(args, k))
     if clash:
         raise UsageError(f"--resume: {', '.join(clash)} differ from the checkpoint's run "
@@ -873,7 +894,50 @@ def resolve_resume(args: Args, explicit: set):
     for k, v in saved.items():  # unspecified flags take the run's values
         if k not in explicit and k not in ("resume", "output_dir") and hasattr(args, k):
             setattr(args, k, v)
-    return args, path
+    return args, (path, state)
+
+# ---- The same experiment on the official multi-GPU engine (verl) -------------------------------------------
+# ours -> official Hydra key (run_code/DSRL_qwen3-4b.sh). README's table "From one GPU to the official launch" is
+# this mapping; --print-verl-command prints it with the run's values. Keys are full paths: Hydra rejects others.
+ACTOR = "actor_rollout_ref.actor."
+VERL_KEYS = {"model": ["actor_rollout_ref.model.path"], "dataset": ["data.train_files"],
+             "prompts_per_step": ["data.train_batch_size", ACTOR + "ppo_mini_batch_size"],  # one update per step
+             "group_size": ["actor_rollout_ref.rollout.n"], "max_prompt_tokens": ["data.max_prompt_length"],
+             "max_new_tokens": ["data.max_response_length"], "temperature": ["actor_rollout_ref.rollout.temperature"],
+             "lr": [ACTOR + "optim.lr"], "clip_low": [ACTOR + "clip_ratio_low"], "clip_high": [ACTOR + "clip_ratio_high"],
+             "clip_dual": [ACTOR + "clip_ratio_c"], "grad_clip": [ACTOR + "grad_clip"],
+             "prerl_coef": ["algorithm.pretrain_loss_coef"], "warmup_steps": ["algorithm.pretrain_loss_disable_step"],
+             "mode": [ACTOR + "negative_pretrain", ACTOR + "positive_pretrain", ACTOR + "negative_rl",
+                      ACTOR + "positive_rl", "algorithm.pretrain_only_warmup", "algorithm.pretrain_only"],
+             "steps": ["trainer.total_epochs"], "save_every": ["trainer.save_freq"], "eval_every": ["trainer.test_freq"],
+             "eval_before_train": ["trainer.val_before_train"]}
+VERL_FIXED = ("algorithm.adv_estimator=grpo algorithm.norm_adv_by_std_in_grpo=True algorithm.pretrain_norm_adv_by_std=False "
+              "algorithm.use_kl_in_reward=False algorithm.kl_ctrl.kl_coef=0.0 data.prompt_key=prompt data.truncation=left "
+              "data.prompt_template_type=qwen3_no_thinking actor_rollout_ref.rollout.name=vllm "
+              "actor_rollout_ref.model.enable_gradient_checkpointing=True trainer.n_gpus_per_node=8 trainer.nnodes=1").split() + [
+    ACTOR + k for k in "loss_agg_mode=token-mean pretrain_loss_agg_mode=token-mean use_kl_loss=False kl_loss_coef=0.0 "
+                       "entropy_coeff=0 use_dynamic_bsz=True".split()]
+
+def verl_command(a: Args) -> str:
+    """The official launch of the same experiment; our flags without an official counterpart become comments."""
+    space, samples = MODES[a.mode]
+    dsrl_run, prerl_only = a.mode == "dsrl", space == "y" and a.mode != "dsrl"
+    rows = pq.ParquetFile(a.dataset).metadata.num_rows if a.dataset.endswith(".parquet") else 7500  # MATH train
+    derived = {"warmup_steps": a.warmup_steps + 1 if dsrl_run else a.steps + 1 if prerl_only else 1,
+               "mode": [space == "y" and samples == "neg", space == "y" and samples == "pos",
+                        dsrl_run or space == "y|x" and samples != "pos", dsrl_run or space == "y|x" and samples != "neg",
+                        dsrl_run, prerl_only],
+               "steps": math.ceil(a.steps * a.prompts_per_step / rows), "eval_every": a.eval_every or -1,
+               "eval_before_train": a.eval_before_train and a.eval_every > 0}
+    lines = ["python3 -m verl.trainer.main_ppo"] + VERL_FIXED
+    for name, keys in VERL_KEYS.items():
+        value = derived.get(name, getattr(a, name))
+        lines += [f"{key}={v}" for key, v in zip(keys, value if isinstance(value, list) else [value] * len(keys))]
+    comments = [f"# --{f.name.replace('_', '-')} {getattr(a, f.name)}: no official counterpart" for f in fields(Args)
+                if f.name not in VERL_KEYS and f.name != "print_verl_command"]
+    comments += [f"# trainer.total_epochs={derived['steps']} runs {derived['steps'] * rows // a.prompts_per_step} steps "
+                 f"of {a.prompts_per_step} prompts ({rows} rows), ours {a.steps}; data.train_files must be a verl parquet"]
+    return "\n".join(comments + [" \\\n    ".join(lines)])
 
 # ---- Main --------------------------------------------------------------------------------------------------
 STOP_REQUEST = {"signal": None}
@@ -887,8 +951,11 @@ def _request_stop(signum, frame):
 def main(argv=None):
     try:
         args, explicit = parse_args(argv)
-        args, resume_path = resolve_resume(args, explicit)
-        return train(args, resume_path)
+        if args.print_verl_command:  # nothing is loaded: the same experiment on the official multi-GPU engine
+            print(verl_command(args))
+            return 0
+        args, resume = resolve_resume(args, explicit)
+        return train(args, resume)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

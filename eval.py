@@ -21,11 +21,13 @@ import os
 import re
 import statistics
 import sys
+import time
 from collections import Counter
 
 import torch
 
 import dsrl
+import grader  # maj@k groups answers by its equivalence
 
 # ----------------------------------------------------------------------------------------------------
 # Keyword rules (all lists in one place; matched case-insensitively on steps = text between blank lines)
@@ -116,20 +118,59 @@ def k_values(k: int) -> list:
 
 
 def extracted_answer(response: str):
-    """Normalised content of the last \\boxed{}, or None: the answer maj@k votes on."""
+    """Normalised content of the last \\boxed{}, or None: the answer maj@k votes on. Hendrycks-normalised
+    (dsrl.strip_string) so that trivially equal answers share one string; a box that normalisation chokes on
+    (it asserts on two "\\text{ " parts) is kept as written instead of crashing the evaluation."""
     box = dsrl.last_boxed(response)
-    return None if box is None else dsrl.strip_string(box)
+    if box is None:
+        return None
+    try:
+        return dsrl.strip_string(box)
+    except Exception:
+        return box.strip()
 
 
-def majority_correct(answers: list, rewards: list) -> float:
-    """maj@k of one problem: reward of the most frequent extracted answer (no-box samples do not vote).
-    Tie rule: among the most frequent answers, the one that appears first in sample order wins."""
-    votes = Counter(a for a in answers if a is not None)
-    if not votes:
+MAJORITY_BUDGET_S = 3.0  # grader time per problem for maj@k; past it, answers group by exact string only
+
+
+def answer_classes(answers: list, budget_s: float = MAJORITY_BUDGET_S) -> list:
+    """Votes grouped by equivalence: [[index of the first member, votes], ...] in order of first appearance.
+    A new answer joins the class of an identical string without a grader call; otherwise it is compared, in
+    order, with each class's representative (its first member): grader.grade(answer, representative) == 1.0.
+    No-box answers (None) never vote. Bounded: each grader call stops within grader.TIME_BUDGET_S (0.5 s), at
+    most k*(k-1)/2 calls are made and, once `budget_s` seconds have gone by, remaining answers group by
+    exact string only."""
+    classes, class_of = [], {}
+    calls_left, deadline = len(answers) * (len(answers) - 1) // 2, time.monotonic() + budget_s
+    for i, answer in enumerate(answers):
+        if answer is None:
+            continue
+        found = class_of.get(answer)  # an identical string: same class, no grader call
+        if found is None:
+            for candidate in classes:
+                if calls_left <= 0 or time.monotonic() > deadline:
+                    break  # budget spent: exact-string grouping from here on
+                calls_left -= 1
+                if grader.grade(answer, answers[candidate[0]])[0] == 1.0:
+                    found = candidate
+                    break
+        if found is None:
+            found = [i, 0]
+            classes.append(found)
+        found[1] += 1
+        class_of[answer] = found
+    return classes
+
+
+def majority_correct(answers: list, rewards: list, budget_s: float = MAJORITY_BUDGET_S) -> float:
+    """maj@k of one problem: the reward of the representative (first member) of the largest class of equivalent
+    answers (see answer_classes: 0.5, \\frac{1}{2} and 1/2 vote together; no-box samples do not vote).
+    Tie rule: among the largest classes, the one whose first member came first in sample order wins."""
+    classes = answer_classes(answers, budget_s)
+    if not classes:
         return 0.0
-    top = max(votes.values())
-    winner = next(a for a in answers if a is not None and votes[a] == top)  # earliest first occurrence
-    return rewards[answers.index(winner)]
+    top = max(votes for _, votes in classes)
+    return rewards[next(first for first, votes in classes if votes == top)]
 
 
 def accuracy_metrics(rewards, answers, lengths, truncated, k: int) -> dict:

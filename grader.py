@@ -46,6 +46,9 @@ Rules for ambiguous cases
   of its entries.
 * Bases: an explicit base 10 is dropped (5_{10} = 5); another base (1011_2) is compared as text only.
 * Thousands separators: 1,386 = 1{,}386 = 1\\,386 = 1386, also inside a scalar (\\frac{1}{29,322,216}).
+  Digit groups of three after 1-3 leading digits, joined by ",\\!", "{,}", "\\,", "\\!", "\\ ", "~" or a
+  space, are one number anywhere, also inside a tuple: 1,\\!234,\\!567 = 1\\,234\\,567 = 1 234 567 =
+  1234567, (1,\\!234, 5) = (1234, 5); "1 234" != 234. A bare "1,234" inside brackets still separates.
 * Lists: a bare comma list is a set of answers, unordered ("1, 2" = "2, 1"), as is \\{1, 2\\}; a
   ';' list is ordered; tuples and intervals are ordered and their brackets matter ((1,2) != [1,2]);
   one root of several is wrong. A union of intervals is unordered.
@@ -53,6 +56,14 @@ Rules for ambiguous cases
   (-\\infty, 1), "2 < x \\le 5" = (2, 5]). Two inequalities with two sides each are compared after
   turning > into < (2 \\le x = x \\ge 2), and also match when right minus left of one is a positive
   multiple of the other's (x+y<3 = 2x+2y<6). Longer chains are compared side by side, in order.
+* Unions of inequalities: "or" (also \\text{ or }, \\quad\\text{or}\\quad, \\cup) between inequalities in ONE
+  variable is the union of their intervals, unordered: "x \\le 2 \\text{ or } x > 5" =
+  (-\\infty,2]\\cup(5,\\infty); a point "x = 7" may join them as \\{7\\}. "or" between numbers or between
+  equations alone stays a hedge / list of roots ("2 or 5" != the union; "x=2 or x=3" = "2, 3"), and two
+  variables ("x < 1 or y > 2") are no union.
+* All reals: \\mathbb{R}, \\mathbb R, \\R, "all real numbers" / "all reals" / "all real x" (any case, also
+  after "x \\in") are (-\\infty,\\infty), as is -\\infty < x < \\infty; \\mathbb{R}^+, \\mathbb{R}^2,
+  \\mathbb{R}\\setminus\\{0\\} and "all real numbers except 2" are not.
 * Equations: "x = 5" against "5" compares the right-hand side; two equations are equal when their
   sides match or one is a non-zero multiple of the other (2x+2y=2 = x+y=1). A leading "x \\in" is
   dropped.
@@ -60,7 +71,15 @@ Rules for ambiguous cases
   (LQXS != LQSX); a single letter is a variable, except e and i (Euler's number, imaginary unit).
 * Free variables are sampled at positive points (0.25 to 2.25), so \\sqrt{x^2} = x and |x| = x.
 * Matrices: any matrix environment, entries compared in order with the same shape; a normalised gold
-  that lost its "\\\\" before a command (-\\sqrt{3}/2\\sqrt{3}/2) is re-split into cells.
+  that lost its "\\\\" before a command (-\\sqrt{3}/2\\sqrt{3}/2) is re-split into cells. An environment
+  inside ( ) or [ ] is that matrix: \\left[\\begin{array}{cc}1&2\\\\3&4\\end{array}\\right] = the pmatrix or
+  bmatrix, with or without the column spec; \\hline is ignored. Shapes must agree (1x4 != 2x2) unless
+  both are vectors (a row equals the column of the same entries); | | around an array is a determinant.
+* Invisible delimiters: a \\left/\\right pair with a '.' side is decoration and is dropped whole, its
+  other side too: \\left. 5 \\right. = 5, \\left. \\frac12 \\right| = 1/2, \\left\\{ 1, 2 \\right. = "1, 2".
+  A visible pair stays (\\left| -3 \\right| = 3).
+* Empty gold: a gold with nothing in it (blank, only $ or spacing, \\text{ }) is never matched, not even
+  through the official shortcut: any answer is "wrong" (no box: "no_box"), reward 0.
 * \\pm: one \\pm (or \\mp) is the list of both values (\\pm 3 = "3, -3"; 3 != \\pm 3).
 * Empty set: \\emptyset, \\varnothing, \\{\\}, "empty", "none" (any case) are all the empty set.
 * Numbers: 2\\frac14 is a mixed number (9/4); 3.2e7 = 3.2 \\times 10^7; a \\over b = \\frac{a}{b}.
@@ -118,8 +137,17 @@ _SPACING_RE = re.compile(r'\\(?:left|right|big|Big|bigg|Bigg|displaystyle|textst
 _TEXT_COMMAND_RE = re.compile(r'\\(?:text|textbf|textit|textrm|mathrm|mathbf|mathit|mbox|'
                               r'textnormal|operatorname|boxed|fbox)\s*\{')
 _DEGREES_RE = re.compile(r'\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\circ|°|\\degree')
-_HEDGE_TEXT_RE = re.compile(r'\\text\{\s*(?:%s)\s*\}' % '|'.join(HEDGE_WORDS))
-_HEDGE_SPACED_RE = re.compile(r'\s+(?:%s)\s+' % '|'.join(HEDGE_WORDS))
+_HEDGE_TEXT_RE = re.compile(r'\\(?:text|textrm|textit|textbf|textnormal|mbox|mathrm)\s*\{\s*(%s)\s*\}'
+                            % '|'.join(HEDGE_WORDS))
+_HEDGE_SPACED_RE = re.compile(r'\s+(%s)\s+' % '|'.join(HEDGE_WORDS))
+_OR = '\\lor'  # "or" becomes \lor, "and" a comma: both separate a list, \lor also a union of inequalities
+_OR_RE = re.compile(r'\\lor(?![a-zA-Z])')
+_DELIMITER_RE = re.compile(r'\\(left|right)(?![a-zA-Z])\s*(\\[a-zA-Z]+|\\.|.)?', re.S)
+_DIGIT_GROUP_RE = re.compile(r'(?<![\d.^_])\d{1,3}(?:(?:,\\!|\{,\}|\\[,!]|\\thinspace|\\ |~|\s)\s*\d{3}(?!\d))+')
+_EMPTY_GOLD_RE = re.compile(r'[\s$~]|\\[,;:! ]|\\q?quad(?![a-zA-Z])|\\(?:text|mbox|mathrm)\{\s*\}')
+_ALL_REALS_RE = re.compile(r'\\mathbb\s*\{\s*R\s*\}|\\mathbb\s*R|\\R|(?i:(?:the\s+set\s+of\s+)?(?:all|any|every)'
+                           r'\s+real(?:s|\s+numbers?|\s+values?)?(?:\s+(?:of\s+)?[a-z])?)')
+_ALL_REALS = '(-\\infty,\\infty)'
 _PERCENT_RE = re.compile(r'\\%|\\text\{\s*percent\s*\}|\s*percent\b')
 _DOUBT_RE = re.compile(r'(?<![a-z])(?:%s)(?![a-z])' % '|'.join(re.escape(w) for w in DOUBT_WORDS))
 _HEDGE_RE = re.compile(r'(?<![a-zA-Z])(?:%s)(?![a-zA-Z])' % '|'.join(HEDGE_WORDS + DOUBT_WORDS[:-1]))
@@ -129,7 +157,8 @@ _SHORT_UNIT_RE = re.compile(r'(?<=\d)\s+(?:%s)\s*$' % '|'.join(w for w in UNIT_W
 _REPEATING_RE = re.compile(r'(\d*)\.(\d*)\\overline\{(\d{1,30})\}')
 _APPROX_RE = re.compile(r'\\approx|≈')
 _THOUSANDS_RE = re.compile(r'^[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?$')
-_MATRIX_RE = re.compile(r'^\\begin\{([pbvBV]?matrix|array)\}(?:\{[lcr|]*\})?(.*)\\end\{\1\}$', re.S)
+_MATRIX_RE = re.compile(r'^\\begin\{([pbvBV]?matrix|array)\}(?:\{[lcr|\s]*\})?(.*)\\end\{\1\}$', re.S)
+_BRACKETED_MATRIX_RE = re.compile(r'^(?:\(\s*(\\begin\{.*\})\s*\)|\[\s*(\\begin\{.*\})\s*\])$', re.S)  # [\begin{array}..]
 _RELATION_RE = re.compile(r'\\leq?(?![a-zA-Z])|\\geq?(?![a-zA-Z])|\\[lg]t(?![a-zA-Z])|<=|>=|[<>=]|≤|≥')
 _UNION_RE = re.compile(r'\\cup(?![a-zA-Z])|∪')
 _TOKEN_RE = re.compile(r'(\d+\.?\d*|\.\d+)|\\([a-zA-Z]+)|([a-zA-Z])|(\S)')
@@ -266,15 +295,42 @@ def _repeating_decimal_as_fraction(m):
     return '\\frac{%d}{%d}' % (value.numerator, value.denominator)
 
 
+def _drop_invisible_delimiters(s):
+    """\\left. x \\right| -> x: a \\left/\\right pair with an invisible side ('.') is decoration, dropped
+    whole (a lone \\left. or \\right. too). Visible pairs stay: \\left| -3 \\right| is |-3|."""
+    if '\\left' not in s and '\\right' not in s:
+        return s
+    opened, spans = [], []
+    for m in _DELIMITER_RE.finditer(s):
+        if m.group(1) == 'left':
+            opened.append(m)
+        elif opened:
+            left = opened.pop()
+            if '.' in (left.group(2), m.group(2)):
+                spans += [left.span(), m.span()]
+        elif m.group(2) == '.':
+            spans.append(m.span())
+    spans += [m.span() for m in opened if m.group(2) == '.']
+    for start, end in sorted(spans, reverse=True):
+        s = s[:start] + ' ' + s[end:]
+    return s
+
+
+def _hedge_separator(m):
+    return ' %s ' % _OR if m.group(1) == 'or' else ','
+
+
 def _normalise_symbols(s):
-    """Control characters, \\dfrac, spacing, dollars, degrees, infinity, hedge words, percent."""
+    """Control characters, \\dfrac, digit groups, spacing, dollars, degrees, infinity, hedge words, percent."""
     s = re.sub(r'[\x00-\x1f\x7f]', ' ', s)
     s = re.sub(r'\\[dtc]frac', r'\\frac', s)
+    s = _DIGIT_GROUP_RE.sub(lambda m: re.sub(r'\D', '', m.group(0)), _drop_invisible_delimiters(s))
     s = _SPACING_RE.sub('', s).replace('\\$', '').replace('$', '')
     s = _DEGREES_RE.sub('', s)
     s = s.replace('∞', '\\infty').replace('\\infin ', '\\infty')
-    s = _HEDGE_TEXT_RE.sub(',', s)
-    s = _HEDGE_SPACED_RE.sub(',', s)
+    s = _HEDGE_TEXT_RE.sub(_hedge_separator, s)
+    s = _HEDGE_SPACED_RE.sub(_hedge_separator, s)
+    s = re.sub(r',\s*(?=\\lor(?![a-zA-Z]))|,\s*(?=,)', '', s)  # "1, 2, or 3": the comma before "or" goes
     return _PERCENT_RE.sub('%', s)
 
 
@@ -314,6 +370,8 @@ def _clean_answer(s):
         s = s.replace(',', '')
     if s.lower() in EMPTY_WORDS or s in ('\\{ \\}', '\\{\\}'):
         s = '\\emptyset'
+    if _ALL_REALS_RE.fullmatch(s):
+        s = _ALL_REALS
     return s or None
 
 
@@ -732,16 +790,53 @@ def _proportional(f, g, positive):
 
 # ---------------------------------------------------------------- structure
 def _matrix_rows(body):
-    rows = [r for r in re.split(r'\\\\|\\(?=[\s\d+\-.(\[])', body) if r.strip()]
+    rows = [r for r in re.split(r'\\\\|\\(?=[\s\d+\-.(\[])', body.replace('\\hline', '')) if r.strip()]
     return [[cell.strip() for cell in row.split('&')] for row in rows]
+
+
+def _matrix_match(s):
+    """\\begin{pmatrix}..\\end{pmatrix}, also inside ( ) or [ ] (\\left[\\begin{array}{cc}..\\end{array}\\right])."""
+    bracketed = _BRACKETED_MATRIX_RE.match(s)
+    if bracketed:
+        inner = bracketed.group(1) or bracketed.group(2)
+        s = inner if inner.count('\\begin{') == 1 else s
+    return _MATRIX_RE.match(s)
+
+
+def _point_or_interval(sides, relations):
+    """"x = 3" -> \\{3\\}, "x < 1" -> (-\\infty,1), else None."""
+    if relations == ['='] and re.fullmatch(r'\s*[a-zA-Z]\s*', sides[0]):
+        return '\\{%s\\}' % sides[1]
+    return _inequality_as_interval(sides, relations) if relations else None
+
+
+def _inequality_union(s):
+    """"x \\le 2 \\lor x > 5" ("or", or \\cup): inequalities in one variable joined -> their intervals
+    (a point "x = 3" may join them; equations alone, "x = 2 or x = 3", stay a list of roots)."""
+    parts = _split_top_level(s, _UNION_RE.pattern + '|' + _OR_RE.pattern)[0]
+    if len(parts) < 2:
+        return None
+    pieces, names = [], set()
+    for part in parts:
+        sides, relations = _split_top_level(part, _RELATION_RE.pattern)
+        piece = _point_or_interval(sides, relations)
+        if piece is None:
+            return None
+        pieces.append(piece)
+        names |= {side.strip() for side in sides if re.fullmatch(r'\s*[a-zA-Z]\s*', side)}
+    inequality = any(not piece.startswith('\\{') for piece in pieces)
+    return pieces if len(names) == 1 and inequality else None
 
 
 def _answer_structure(s):
     """(kind, payload): matrix / union / set / bracketed (tuple or interval) / ordered_list / list /
     relation / scalar. Bare comma lists are answer sets (unordered), ';' lists are ordered."""
-    m = _MATRIX_RE.match(s)
+    m = _matrix_match(s)
     if m:
         return 'matrix', _matrix_rows(m.group(2))
+    intervals = _inequality_union(s)
+    if intervals:
+        return 'union', intervals
     parts, _ = _split_top_level(s, _UNION_RE.pattern)
     if len(parts) > 1:
         return 'union', parts
@@ -752,7 +847,7 @@ def _answer_structure(s):
         elements = _split_top_level(s[1:-1], ',')[0]
         if len(elements) > 1:
             return 'bracketed', (s[0] + s[-1], elements)
-    for separator, kind in ((';', 'ordered_list'), (',', 'list')):
+    for separator, kind in ((';', 'ordered_list'), (',|' + _OR_RE.pattern, 'list')):
         parts = _split_top_level(s, separator)[0]
         if len(parts) > 1:
             return kind, parts
@@ -769,6 +864,10 @@ def _elements(kind, payload):
     if kind == 'matrix':
         return [cell for row in payload for cell in row]
     return payload[1] if kind == 'bracketed' else payload
+
+
+def _is_vector(rows):
+    return len(rows) == 1 or all(len(r) == 1 for r in rows)
 
 
 def _resplit_matrix_cells(cells, want):
@@ -859,11 +958,14 @@ def _collections_equal(kind_a, payload_a, kind_b, payload_b):
     xs, ys = _elements(kind_a, payload_a), _elements(kind_b, payload_b)
     if kind_a == 'matrix' and kind_b == 'matrix':
         if [len(r) for r in payload_a] != [len(r) for r in payload_b]:
-            xs, ys = _resplit_matrix_cells(xs, len(ys)), _resplit_matrix_cells(ys, len(xs))
+            resplit = _resplit_matrix_cells(xs, len(ys)), _resplit_matrix_cells(ys, len(xs))
+            if resplit == (xs, ys) and not (_is_vector(payload_a) and _is_vector(payload_b)):
+                return False  # a real shape mismatch (1x4 != 2x2), not a gold that lost its "\\\\"
+            xs, ys = resplit
         return _equal_in_order(xs, ys)
     if 'matrix' in (kind_a, kind_b):  # a row/column vector equals the tuple of its entries
         matrix = payload_a if kind_a == 'matrix' else payload_b
-        return (len(matrix) == 1 or all(len(r) == 1 for r in matrix)) and _equal_in_order(xs, ys)
+        return _is_vector(matrix) and _equal_in_order(xs, ys)
     if {kind_a, kind_b} <= {'set', 'list'}:
         return _equal_in_any_order(xs, ys)
     return _equal_in_order(xs, ys)
@@ -971,6 +1073,8 @@ def grade(answer, gold, official_equal=False):
         # The official scorer reads "42 \text{ or } 43" as "42" plus units; a hedge skips that shortcut
         # and is compared as the list it is (right against a gold "42, 43", wrong against "42").
         hedged = answer is not None and _is_hedge(answer) and not _is_hedge(gold)
+        if not _EMPTY_GOLD_RE.sub('', gold):  # no label: nothing matches it, not even the official scorer
+            return 0.0, 'no_box' if answer is None else 'wrong'
         if official_equal and not hedged:
             return 1.0, 'right'
         if answer is None:
