@@ -23,7 +23,9 @@ import torch
 import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
+# course/grade.py grades a student's copy: DSRL_UNDER_TEST names its dsrl.py (its eval.py and grader.py sit beside it)
+CODE = os.path.dirname(os.path.abspath(os.environ.get("DSRL_UNDER_TEST") or os.path.join(HERE, "dsrl.py")))
+sys.path.insert(0, CODE)
 import dsrl  # noqa: E402
 import grader  # noqa: E402
 import eval as evaluator  # noqa: E402  (our eval.py, not the builtin function)
@@ -129,10 +131,12 @@ def tiny(tiny_model_dir):
     return model, tok
 
 
-def run_cli(args, timeout=600, script="dsrl.py"):
+def run_cli(args, timeout=600, script="dsrl.py", threads=None):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run([sys.executable, os.path.join(HERE, script)] + [str(a) for a in args], capture_output=True,
-                          text=True, timeout=timeout, env=env, cwd=HERE)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return subprocess.run([sys.executable, os.path.join(CODE, script)] + [str(a) for a in args], capture_output=True,
+                          text=True, timeout=timeout, env=env, cwd=CODE)
 
 
 def read_jsonl(path):
@@ -156,27 +160,32 @@ REWARDS = [1, 0, 0, 0,  1, 1, 1, 1,  0, 0, 1, 1,  0, 0, 0, 0]  # 4 groups of G =
 def test_group_advantages_without_std_is_reward_minus_group_mean():
     adv = dsrl.group_advantages(REWARDS, 4, use_std=False)
     expected = [0.75, -0.25, -0.25, -0.25, 0, 0, 0, 0, -0.5, -0.5, 0.5, 0.5, 0, 0, 0, 0]
-    assert adv.tolist() == expected  # exact: all values are dyadic fractions
+    assert adv.tolist() == expected, (f"A = {[round(a, 3) for a in adv.tolist()[:4]]} for rewards [1,0,0,0] without "
+                                      "std, expected [0.75,-0.25,-0.25,-0.25]: in P(y) A = r - group mean, no std")
 
 
 def test_group_advantages_with_unbiased_std():
     adv = dsrl.group_advantages(REWARDS, 4, use_std=True)
     # group 1: mean 0.25, unbiased std = sqrt((0.75^2 + 3 * 0.25^2) / 3) = 0.5
-    assert torch.allclose(adv[:4], torch.tensor([0.75, -0.25, -0.25, -0.25]) / (0.5 + 1e-6))
+    assert torch.allclose(adv[:4], torch.tensor([0.75, -0.25, -0.25, -0.25]) / (0.5 + 1e-6)), (
+        f"A = {adv[0].item():.3f} for rewards [1,0,0,0], expected 1.5: (r - mean) / (std + 1e-6), std unbiased")
     # group 3: std = sqrt(4 * 0.25 / 3)
-    assert torch.allclose(adv[8:12], torch.tensor([-0.5, -0.5, 0.5, 0.5]) / (math.sqrt(1 / 3) + 1e-6))
+    assert torch.allclose(adv[8:12], torch.tensor([-0.5, -0.5, 0.5, 0.5]) / (math.sqrt(1 / 3) + 1e-6)), (
+        f"A = {adv[8:12].tolist()} for rewards [0,0,1,1], expected -/+0.866: the std is per group")
     # all-equal groups (all right, all wrong) are exactly zero, not 0/eps noise
-    assert adv[4:8].tolist() == [0.0] * 4 and adv[12:].tolist() == [0.0] * 4
+    assert adv[4:8].tolist() == [0.0] * 4 and adv[12:].tolist() == [0.0] * 4, "an all-equal group must give A = 0"
 
 
 def test_sample_masks_nsr_psr_all():
-    adv = dsrl.group_advantages(REWARDS, 4, use_std=False)
+    adv = torch.tensor([0.75, -0.25, -0.25, -0.25, 0, 0, 0, 0, -0.5, -0.5, 0.5, 0.5, 0, 0, 0, 0])  # A of REWARDS in P(y)
     neg = dsrl.sample_mask(adv, "neg").tolist()
     pos = dsrl.sample_mask(adv, "pos").tolist()
     every = dsrl.sample_mask(adv, "all").tolist()
-    assert neg == [False, True, True, True, False, False, False, False, True, True, False, False] + [False] * 4
-    assert pos == [True, False, False, False, False, False, False, False, False, False, True, True] + [False] * 4
-    assert every == [True] * 16  # "all" keeps A = 0 samples (their tokens count in the GRPO denominator)
+    assert neg == [False, True, True, True, False, False, False, False, True, True, False, False] + [False] * 4, (
+        "NSR keeps exactly the samples with A < 0 (not A = 0: all-equal groups teach nothing)")
+    assert pos == [True, False, False, False, False, False, False, False, False, False, True, True] + [False] * 4, (
+        "PSR keeps exactly the samples with A > 0")
+    assert every == [True] * 16, '"all" keeps every sample, A = 0 included (its tokens count in the token-mean)'
     # all-right (group 2) and all-wrong (group 4) groups take part in neither NSR nor PSR
     assert not any(neg[4:8] + pos[4:8] + neg[12:] + pos[12:])
 
@@ -194,9 +203,11 @@ def space_samples(mode, step, warmup):
 
 def test_phase_for_step_warmup_boundary():
     # --warmup-steps 19 == official pretrain_loss_disable_step=20: steps 1..19 in P(y), 20.. in P(y|x)
-    assert [space_samples("dsrl", s, 19) for s in (1, 19)] == [("y", "neg")] * 2
-    assert [space_samples("dsrl", s, 19) for s in (20, 348)] == [("y|x", "all")] * 2
-    assert space_samples("dsrl", 1, 0) == ("y|x", "all")  # W = 0 is plain GRPO
+    assert [space_samples("dsrl", s, 19) for s in (1, 19)] == [("y", "neg")] * 2, (
+        "with W = 19, steps 1..19 are NSR-PreRL (steps count from 1; step W is still warm-up)")
+    assert [space_samples("dsrl", s, 19) for s in (20, 348)] == [("y|x", "all")] * 2, (
+        "with W = 19, step 20 is the first GRPO step (official pretrain_loss_disable_step = W + 1 = 20)")
+    assert space_samples("dsrl", 1, 0) == ("y|x", "all"), "W = 0 is plain GRPO from step 1"
     assert {m: space_samples(m, 1, 0) for m in ("grpo", "nsr-prerl", "psr-prerl", "nsr-rl", "psr-rl")} == {
         "grpo": ("y|x", "all"), "nsr-prerl": ("y", "neg"), "psr-prerl": ("y", "pos"),
         "nsr-rl": ("y|x", "neg"), "psr-rl": ("y|x", "pos")}
@@ -205,8 +216,8 @@ def test_phase_for_step_warmup_boundary():
 def test_phase_record_holds_std_and_coefficient():
     """One record decides a step: P(y) phases never divide by std and are scaled by --prerl-coef."""
     warm, rl = dsrl.phase_for_step("dsrl", 5, 5, 0.03), dsrl.phase_for_step("dsrl", 6, 5, 0.03)
-    assert (warm.use_std, warm.coef, warm.name) == (False, 0.03, "warmup")
-    assert (rl.use_std, rl.coef, rl.name) == (True, 1.0, "rl")
+    assert (warm.use_std, warm.coef, warm.name) == (False, 0.03, "warmup"), "P(y): no std, coef = --prerl-coef"
+    assert (rl.use_std, rl.coef, rl.name) == (True, 1.0, "rl"), "P(y|x): std, coef 1"
     assert dsrl.phase_for_step("nsr-prerl", 1, 0, 0.5)[:4] == ("y", "neg", False, 0.5)
     assert dsrl.phase_for_step("nsr-rl", 1, 0, 0.5)[:4] == ("y|x", "neg", True, 1.0)
     assert dsrl.phase_for_step("nsr-prerl", 1, 0).name == "rl"  # "warmup" only inside dsrl
@@ -215,13 +226,29 @@ def test_phase_record_holds_std_and_coefficient():
 def test_ppo_clip_loss_is_minus_advantage_at_ratio_one_and_clips_otherwise():
     adv = torch.tensor([[1.0], [-1.0]])
     logp = torch.zeros(2, 3)
-    assert torch.equal(dsrl.ppo_clip_loss(logp, logp, adv, 0.2, 0.2, 10.0), -adv.expand(2, 3))
+    loss = dsrl.ppo_clip_loss(logp, logp, adv, 0.2, 0.2, 10.0)
+    assert torch.equal(loss, -adv.expand(2, 3)), f"at ratio 1 the loss is -A per token, got {loss.tolist()}"
     old = torch.zeros(2, 1)
     big = torch.full((2, 1), math.log(2.0))  # ratio 2
     # A > 0, ratio 2: max(-2, -1.2) = -1.2 (clipped); A < 0, ratio 2: max(2, 1.2) = 2 (unclipped)
-    assert torch.allclose(dsrl.ppo_clip_loss(big, old, adv, 0.2, 0.2, 10.0), torch.tensor([[-1.2], [2.0]]))
+    loss = dsrl.ppo_clip_loss(big, old, adv, 0.2, 0.2, 10.0)
+    assert torch.allclose(loss, torch.tensor([[-1.2], [2.0]])), (
+        f"ratio 2: loss {loss.flatten().tolist()}, expected [-1.2, 2.0]: max(-A r, -A clip(r, 1-eps, 1+eps))")
     huge = torch.full((2, 1), math.log(50.0))  # ratio 50: dual clip caps A < 0 at -A * 10
-    assert torch.allclose(dsrl.ppo_clip_loss(huge, old, adv, 0.2, 0.2, 10.0), torch.tensor([[-1.2], [10.0]]))
+    loss = dsrl.ppo_clip_loss(huge, old, adv, 0.2, 0.2, 10.0)
+    assert torch.allclose(loss, torch.tensor([[-1.2], [10.0]])), (
+        f"ratio 50, A = -1: loss {loss[1].item():.3g}, expected 10: the dual clip caps it at -A * clip_dual")
+
+
+def test_token_mean_loss_hand_values():
+    per_token = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    got = dsrl.token_mean_loss(per_token, mask, 3).item()
+    assert got == pytest.approx(7 / 3), (f"got {got:.4f}, expected {7 / 3:.4f}: sum over kept tokens / their number, "
+                                         "not a mean per sequence (that gives 2.75)")
+    got = dsrl.token_mean_loss(per_token, mask, 10).item()  # this micro-batch is part of a 10-token step
+    assert got == pytest.approx(0.7), f"got {got:.4f}, expected 0.7: divide by the step's n_tokens, not the mask's"
+    assert dsrl.token_mean_loss(per_token, mask & False, 0).item() == 0.0, "no kept token: loss 0, not 0/0"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -249,9 +276,11 @@ def test_logprob_y_given_x_equals_models_own_cross_entropy(tiny):
         logits = model(input_ids=ids, attention_mask=am, position_ids=(am.cumsum(-1) - 1).clamp(min=0)).logits
     P = x.shape[1]
     ref = -F.cross_entropy(logits[:, P - 1:-1].transpose(1, 2), y, reduction="none")  # (N, T)
-    assert mask.tolist() == ym.tolist()
-    assert torch.allclose(logp[mask], ref[ym], atol=1e-5)
-    assert (logp[~mask] == 0).all()
+    assert mask.tolist() == ym.tolist(), "the mask marks the real response tokens (padding is not EOS)"
+    assert torch.allclose(logp[mask], ref[ym], atol=1e-5), (
+        "log P(y|x) differs from the model's own cross-entropy on [prompt] + y (left-padded prompts need positions "
+        "from the attention mask; the last prompt state predicts y_0)")
+    assert (logp[~mask] == 0).all(), "padding positions must be 0"
     # and the same without padding at all, one row at a time (padding changes nothing)
     for i in range(3):
         single = torch.tensor([prompts[i] + responses[i]])
@@ -296,8 +325,10 @@ def test_logprob_y_equals_hand_built_start_token_forward(tiny):
         with torch.no_grad():
             lg = model(input_ids=ids, position_ids=torch.arange(len(y) + 1)[None]).logits[0, :-1].log_softmax(-1)
         ref = lg.gather(-1, torch.tensor(y)[:, None]).squeeze(-1)
-        assert torch.allclose(logp[i, :len(y)], ref, atol=1e-5)
-        assert int(mask[i].sum()) == len(y)
+        assert torch.allclose(logp[i, :len(y)], ref, atol=1e-5), (
+            "log P(y) differs from the forward of [<|im_start|>] + y at positions 0..|y|: the start token is "
+            "start_id (<|im_start|>), and its state predicts y_0")
+        assert int(mask[i].sum()) == len(y), "the mask marks the real response tokens"
 
 
 def test_temperature_divides_logits(tiny):
@@ -308,7 +339,19 @@ def test_temperature_divides_logits(tiny):
     logp, _ = dsrl.logprob_y(model, start, [y], dsrl.pad_id(tok), temperature=0.5)
     with torch.no_grad():
         lg = (model(input_ids=torch.tensor([[start] + y])).logits[0, :-1] / 0.5).log_softmax(-1)
-    assert torch.allclose(logp[0], lg.gather(-1, torch.tensor(y)[:, None]).squeeze(-1), atol=1e-5)
+    assert torch.allclose(logp[0], lg.gather(-1, torch.tensor(y)[:, None]).squeeze(-1), atol=1e-5), (
+        "log P(y) at temperature 0.5 must use logits / 0.5, as the sampler did")
+
+
+def test_temperature_divides_logits_given_x(tiny):
+    model, tok = tiny
+    prompts, responses = _rollouts(tok)
+    logp, _ = dsrl.logprob_y_given_x(model, prompts[:1], responses[:1], dsrl.pad_id(tok), temperature=0.5)
+    with torch.no_grad():
+        lg = model(input_ids=torch.tensor([prompts[0] + responses[0]])).logits[0, len(prompts[0]) - 1:-1] / 0.5
+    ref = lg.log_softmax(-1).gather(-1, torch.tensor(responses[0])[:, None]).squeeze(-1)
+    assert torch.allclose(logp[0, :len(responses[0])], ref, atol=1e-5), (
+        "log P(y|x) at temperature 0.5 must use logits / 0.5, as the sampler did")
 
 
 def test_missing_start_token_is_a_clear_error():
@@ -777,6 +820,231 @@ def test_one_public_function_besides_main():
     assert public == {'grade', 'main'}
 
 
+NEW_CASES = read_jsonl(os.path.join(HERE, 'testdata', 'answer_cases_new.jsonl'))
+DEV_CASES = read_jsonl(os.path.join(HERE, 'testdata', 'answer_cases_dev.jsonl'))
+DEV_OUTCOMES = {r['id']: (r['reward'], r['outcome']) for r in read_jsonl(os.path.join(HERE, 'testdata', 'answer_outcomes_dev.jsonl'))}
+
+
+# ---------------------------------------------------------------- new labelled cases: the reward's former misses
+def test_new_cases_file_covers_each_kind_with_right_and_wrong_cases():
+    assert [c['id'] for c in NEW_CASES] == ['n%04d' % (k + 1) for k in range(len(NEW_CASES))]
+    for kind in ('empty_gold', 'left_right_dot', 'array_matrix', 'digit_groups', 'inequality_union', 'all_reals'):
+        cases = [c for c in NEW_CASES if c['category'] == kind]
+        assert len(cases) >= 8 and {c['equal'] for c in cases} == {True, False}, kind
+        assert all(set(c) == {'id', 'response', 'gold', 'equal', 'category'} for c in cases)
+
+
+def test_new_cases_agreement_no_timeouts_no_crashes():
+    agree, slowest = 0, 0.0
+    for c in NEW_CASES:
+        t = time.perf_counter()
+        r, outcome = dsrl.reward(c['response'], c['gold'])
+        slowest = max(slowest, time.perf_counter() - t)
+        assert outcome in grader.OUTCOMES and outcome not in ('timeout', 'unparseable'), c['id']
+        agree += (r == 1.0) == c['equal']
+    assert agree / len(NEW_CASES) >= 0.95
+    assert slowest < 1.0
+
+
+def test_dev_and_new_agreement_together():
+    cases = DEV_CASES + NEW_CASES
+    agree = sum((dsrl.math_reward(c['response'], c['gold']) == 1.0) == c['equal'] for c in cases)
+    assert agree / len(cases) >= 0.95
+
+
+def test_dev_outcomes_still_frozen():
+    assert set(DEV_OUTCOMES) == {c['id'] for c in DEV_CASES}
+    for c in DEV_CASES:
+        assert dsrl.reward(c['response'], c['gold']) == DEV_OUTCOMES[c['id']], c['id']
+
+
+# ---------------------------------------------------------------- rule 1: an empty gold is never matched
+def test_empty_gold_is_never_matched():
+    for answer in (None, '', '  ', '5', '\\emptyset'):
+        for official in (False, True):
+            assert grader.grade(answer, '', official_equal=official)[0] == 0.0, (answer, official)
+    assert grader.grade(None, '') == (0.0, 'no_box')
+    assert grader.grade('', '') == (0.0, 'wrong') and grader.grade('  ', '') == (0.0, 'wrong')
+    assert grader.grade('', ' $ $ \\, ', official_equal=True) == (0.0, 'wrong')  # blank in any spelling
+    assert dsrl.official_reward(box(''), '') == 1.0  # the official string scorer matches '' with ''
+    assert dsrl.reward(box(''), '') == (0.0, 'wrong')  # ... but the reward does not
+    assert dsrl.reward(box('5'), '') == (0.0, 'wrong')
+    assert dsrl.reward(box('\\emptyset'), '\\emptyset') == (1.0, 'right')  # the empty SET is an answer
+
+
+# ---------------------------------------------------------------- rule 2: \left. ... \right. (invisible delimiters)
+def test_invisible_left_right_delimiters_are_dropped():
+    assert dsrl.reward(box('\\left. \\frac{3}{4} \\right.'), '\\frac34') == (1.0, 'right')
+    assert dsrl.math_reward(box('\\left. 2\\sqrt{3} \\right.'), '\\sqrt{12}') == 1.0
+    assert dsrl.math_reward(box('\\left. \\frac{1}{2} \\right|'), '0.5') == 1.0  # evaluation bar
+    assert dsrl.math_reward(box('\\left| \\frac{1}{2} \\right.'), '0.5') == 1.0
+    assert grader.grade('\\left\\{ 1, 2 \\right.', '\\{1,2\\}') == (1.0, 'right')  # (boxed, dsrl.last_boxed
+    # counts "\\{" as a brace, finds the box unbalanced and gives no_box: so this form is checked on the grader alone)
+    assert dsrl.math_reward(box('\\left. (1,2] \\right.'), '[1,2]') == 0.0
+    assert dsrl.math_reward(box('\\left. 7 \\right.'), '8') == 0.0
+    assert dsrl.math_reward(box('\\left| -3 \\right|'), '3') == 1.0  # a visible pair is kept: |-3|
+    assert dsrl.math_reward(box('\\left| -3 \\right|'), '-3') == 0.0
+
+
+# ---------------------------------------------------------------- rule 3: array matrices in brackets
+def test_array_matrix_in_brackets_equals_pmatrix():
+    pmatrix = '\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}'
+    for answer in ('\\left[\\begin{array}{cc} 1 & 2 \\\\ 3 & 4 \\end{array}\\right]',
+                   '\\left(\\begin{array}{cc} 1 & 2 \\\\ 3 & 4 \\end{array}\\right)',
+                   '\\left[\\begin{array} 1 & 2 \\\\ 3 & 4 \\end{array}\\right]',  # no column spec
+                   '\\left[\\begin{array}{c|c} 1 & 2 \\\\ \\hline 3 & 4 \\end{array}\\right]',
+                   '\\left[ \\begin{matrix} 1 & 2 \\\\ 3 & 4 \\end{matrix} \\right]',
+                   '\\begin{bmatrix} 1 & 2 \\\\ 3 & 4 \\end{bmatrix}'):
+        assert dsrl.reward(box(answer), pmatrix) == (1.0, 'right'), answer
+    assert dsrl.math_reward(box('\\left[\\begin{array}{cc} 1 & 2 \\\\ 3 & 4 \\end{array}\\right]'),
+                            '\\begin{pmatrix}1&2\\3&4\\end{pmatrix}') == 1.0  # a normalised MATH gold
+    assert dsrl.math_reward(box('\\left[\\begin{array}{cc} 1 & 2 \\\\ 3 & 5 \\end{array}\\right]'), pmatrix) == 0.0
+    assert dsrl.math_reward(box('\\left|\\begin{array}{cc} 1 & 2 \\\\ 3 & 4 \\end{array}\\right|'), pmatrix) == 0.0
+    # shapes must agree: the same four entries as 1x4 or 2x2 are different matrices
+    assert dsrl.math_reward(box('\\begin{pmatrix} 1 & 2 & 3 & 4 \\end{pmatrix}'), pmatrix) == 0.0
+    assert dsrl.math_reward(box('\\begin{pmatrix} 1 & 2 \\end{pmatrix}'),
+                            '\\begin{pmatrix}1\\\\2\\end{pmatrix}') == 1.0  # vectors: row = column
+
+
+# ---------------------------------------------------------------- rule 4: digit groups
+def test_digit_groups_are_one_number():
+    for answer in ('1,\\!234,\\!567', '1\\,234\\,567', '1{,}234{,}567', '1,\\! 234,\\! 567', '1 234 567',
+                   '1\\ 234\\ 567', '1,234,567'):
+        assert dsrl.reward(box(answer), '1234567') == (1.0, 'right'), answer
+    assert dsrl.math_reward(box('1{,}234'), '1234') == 1.0
+    assert dsrl.math_reward(box('(1,\\!234, 5)'), '(1234, 5)') == 1.0  # also inside a tuple
+    assert dsrl.math_reward(box('1 234'), '234') == 0.0  # a space between groups is no product
+    assert dsrl.math_reward(box('1,\\!234,\\!576'), '1234567') == 0.0
+    assert dsrl.math_reward(box('1,\\! 23'), '123') == 0.0  # not a group of three
+    assert dsrl.math_reward(box('1,\\!000'), '1') == 0.0
+
+
+# ---------------------------------------------------------------- rule 5: "or" between inequalities is a union
+def test_inequalities_joined_by_or_are_a_union():
+    union = '(-\\infty,2]\\cup(5,\\infty)'
+    for answer in ('x \\le 2 \\text{ or } x > 5', 'x \\leq 2 or x > 5', 'x > 5 \\text{ or } x \\le 2',
+                   'x \\le 2 \\quad\\text{or}\\quad x > 5', 'x \\le 2 \\cup x > 5', '2 \\ge x \\text{ or } 5 < x'):
+        assert dsrl.reward(box(answer), union) == (1.0, 'right'), answer
+    assert dsrl.math_reward(box(union), 'x \\le 2 \\text{ or } x > 5') == 1.0  # the gold may be the inequalities
+    assert dsrl.math_reward(box('x \\le 2 \\text{ or } x \\ge 5'), union) == 0.0  # endpoint
+    assert dsrl.math_reward(box('x \\le 2 \\text{ or } y > 5'), union) == 0.0  # two variables
+    assert dsrl.math_reward(box('x < 1 \\text{ or } x = 3'), '(-\\infty,1)\\cup\\{3\\}') == 1.0
+    assert dsrl.math_reward(box('x \\le 2,\\ \\text{or}\\ x > 5'), union) == 1.0  # comma before "or"
+    assert dsrl.math_reward(box('x \\le 2 \\textrm{or} x > 5'), union) == 1.0
+    assert dsrl.math_reward(box('1, 2, \\text{or } 3'), '1, 2, 3') == 1.0  # Oxford comma in a list of roots
+    # "or" between numbers (or equations alone) stays a hedge: wrong against one value and against the union
+    assert dsrl.reward(box('2 \\text{ or } 5'), '2') == (0.0, 'wrong')
+    assert dsrl.math_reward(box('2 \\text{ or } 5'), union) == 0.0
+    assert dsrl.math_reward(box('x = 2 \\text{ or } x = 5'), '2') == 0.0
+    assert dsrl.math_reward(box('x = 2 \\text{ or } x = 5'), '2, 5') == 1.0
+
+
+# ---------------------------------------------------------------- rule 6: all real numbers
+def test_all_reals():
+    everything = '(-\\infty,\\infty)'
+    for answer in ('\\mathbb{R}', '\\mathbb R', '\\R', '\\text{all real numbers}', '\\text{All real numbers}',
+                   'x \\in \\mathbb{R}', '\\text{all real } x', '(-\\infty, +\\infty)', '-\\infty < x < \\infty'):
+        assert dsrl.reward(box(answer), everything) == (1.0, 'right'), answer
+    assert dsrl.math_reward(box(everything), '\\mathbb{R}') == 1.0
+    for answer in ('\\mathbb{R}^+', '\\mathbb{R}^2', '\\mathbb{Z}', '[0,\\infty)', '\\mathbb{R} \\setminus \\{0\\}',
+                   '\\text{all real numbers except } 2'):
+        assert dsrl.math_reward(box(answer), everything) == 0.0, answer
+
+
+# ---------------------------------------------------------------- the new rules stay fast on hostile input
+HOSTILE = [
+    '1' + ' ' * 990 + '234', '1 ' * 495, '1,\\!' * 240, '123 ' * 249, '\\left.' * 160,
+    '\\left(' * 160 + '\\right.' * 100, '\\right|' * 140, 'x<1 \\text{ or } ' * 60 + 'x>2', 'x<1 or ' * 140,
+    '\\mathbb' + ' ' * 900 + 'R', 'all' + ' ' * 900 + 'real', '[' * 400 + '\\begin{array}' + ']' * 400,
+    '(\\begin{array}' * 70 + ')' * 70, '1{,} ' * 190 + '123', '\\left[\\begin{array}{' + 'c' * 900 + '}',
+]
+
+
+@pytest.mark.parametrize('i', range(len(HOSTILE)))
+def test_hostile_inputs_for_the_new_rules_are_fast(i):
+    for gold in ('7', '(-\\infty,\\infty)', '\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}'):
+        t = time.perf_counter()
+        r, outcome = dsrl.reward(box(HOSTILE[i]), gold)
+        assert time.perf_counter() - t < 1.0
+        assert outcome in grader.OUTCOMES and (r == 0.0 or gold != '7')  # "\\mathbb   R" is all reals
+
+
+# ---------------------------------------------------------------- maj@k by equivalence (eval.py)
+def test_majority_groups_equivalent_answers():
+    answers = ['0.5', '\\frac{1}{2}', '1/2', '3', '3']
+    assert evaluator.majority_correct(answers, [1.0, 1.0, 1.0, 0.0, 0.0]) == 1.0  # the 1/2 class: 3 votes
+    assert evaluator.answer_classes(answers) == [[0, 3], [3, 2]]
+    assert evaluator.majority_correct(['3', '3', '0.5', '\\frac{1}{2}', '1/2'], [0.0, 0.0, 1.0, 1.0, 1.0]) == 1.0
+    # the reward of the class is its representative's (the first member's)
+    assert evaluator.majority_correct(['2/4', '0.5', '7'], [0.0, 1.0, 0.0]) == 0.0
+    # from whole responses, through extracted_answer as evaluate_benchmark does
+    texts = [box(a) for a in ('0.50', '\\dfrac{2}{4}', '3', '1/2', '3')]
+    assert evaluator.majority_correct([evaluator.extracted_answer(t) for t in texts], [1.0, 1.0, 0.0, 1.0, 0.0]) == 1.0
+
+
+def test_majority_ties_go_to_the_earliest_class():
+    assert evaluator.majority_correct(['\\frac12', '3', '0.5', '3'], [1.0, 0.0, 1.0, 0.0]) == 1.0
+    assert evaluator.majority_correct(['3', '0.5', '3', '\\frac12'], [0.0, 1.0, 0.0, 1.0]) == 0.0
+    assert evaluator.majority_correct(['3', '5', '5', '3'], [0.0, 1.0, 1.0, 0.0]) == 0.0
+    assert evaluator.majority_correct(['a', 'b', 'c'], [0.0, 1.0, 1.0]) == 0.0  # all singletons: the first
+
+
+def test_majority_ignores_no_box_answers():
+    assert evaluator.majority_correct([None, None, None, '2', '2.0'], [0.0, 0.0, 0.0, 1.0, 1.0]) == 1.0
+    assert evaluator.majority_correct([None, '7', None, '2', '2.0'], [0.0, 1.0, 0.0, 0.0, 0.0]) == 0.0
+    assert evaluator.majority_correct([None, None], [0.0, 0.0]) == 0.0
+    assert evaluator.answer_classes([None, None]) == [] and evaluator.answer_classes([]) == []
+
+
+def test_majority_identical_strings_skip_the_grader(monkeypatch):
+    calls = []
+    real = grader.grade
+    monkeypatch.setattr(grader, 'grade', lambda a, g, official_equal=False: calls.append((a, g)) or real(a, g))
+    assert evaluator.answer_classes(['3', '3', '3', '4', '4', '3']) == [[0, 4], [3, 2]]
+    assert calls == [('4', '3')]  # only the first '4' is compared, with the '3' class's representative
+    calls.clear()
+    answers = ['%d' % n for n in range(8)]  # all different: every pair once at most
+    assert len(evaluator.answer_classes(answers)) == 8 and len(calls) == 8 * 7 // 2
+
+
+def test_majority_time_budget_falls_back_to_exact_strings(monkeypatch):
+    def slow(answer, gold, official_equal=False):
+        time.sleep(0.1)
+        return 1.0, 'right'  # would put everything in one class
+    monkeypatch.setattr(grader, 'grade', slow)
+    answers = ['1', '2', '3', '4', '5', '6', '7', '8', '8']
+    t = time.perf_counter()
+    classes = evaluator.answer_classes(answers, budget_s=0.25)
+    assert time.perf_counter() - t < 0.25 + 0.1 + 0.5
+    assert classes[0][1] <= 4 and classes[-1] == [7, 2]  # late answers grouped by exact string only
+    assert sum(votes for _, votes in classes) == len(answers)
+
+
+def test_majority_adversarial_answers_do_not_hang():
+    hostile = ['9^{9^{9^{9}}}', '(10^{100})!', '\\sin(10^{1000})', 'x^{x^{x^{x^{x}}}}', '+'.join(['x'] * 3000),
+               '\\sqrt{' * 100 + '2' + '}' * 100, '2^{-99999999}', '9' * 5000, '\\frac{' * 200 + '1' + '}' * 200,
+               '\\begin{pmatrix}' + '\\\\'.join(['&'.join(['1'] * 60)] * 60) + '\\end{pmatrix}']
+    answers = hostile + ['1', '1.0']
+    t = time.perf_counter()
+    r = evaluator.majority_correct(answers, [0.0] * len(hostile) + [1.0, 1.0])
+    assert time.perf_counter() - t < evaluator.MAJORITY_BUDGET_S + 1.0
+    assert r == 1.0  # '1' and '1.0' still form the largest class
+
+
+def test_extracted_answer_never_raises():
+    # dsrl.strip_string asserts on two "\text{ " parts; the box is then kept as written
+    assert evaluator.extracted_answer('\\boxed{5\\text{ cm} \\text{ or } 6}') == '5\\text{ cm} \\text{ or } 6'
+    assert evaluator.extracted_answer('so \\boxed{\\dfrac{1}{2}}') == evaluator.extracted_answer('\\boxed{\\frac{1} {2}}')
+    assert evaluator.extracted_answer('no box') is None
+
+
+def test_accuracy_metrics_majority_by_equivalence():
+    rewards = [[1.0, 1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0, 0.0]]
+    answers = [['0.5', '\\frac{1}{2}', '3', '3', '1/2'], [None, '3', '4', '4', '3']]
+    m = evaluator.accuracy_metrics(rewards, answers, [[10] * 5] * 2, [[False] * 5] * 2, k=5)
+    assert m['maj@5'] == 0.5  # problem 0: the 1/2 class (3 votes) is right; problem 1: '3' (earliest of a tie) wrong
+
+
 # ----------------------------------------------------------------------------------------------------
 # 5 and 7. The real CLI in a subprocess: six modes, the warm-up boundary, outputs, checkpoints
 # ----------------------------------------------------------------------------------------------------
@@ -959,8 +1227,8 @@ def _strip_timing(rows):
 
 
 def _run_until(args, condition, timeout=300):
-    """Start the CLI, SIGKILL it as soon as condition() holds. Returns True if the kill landed."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    """Start the CLI (2 threads), SIGKILL it as soon as condition() holds. Returns True if the kill landed."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "2"}
     proc = subprocess.Popen([sys.executable, os.path.join(HERE, "dsrl.py")] + [str(a) for a in args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=HERE)
     deadline = time.time() + timeout
@@ -980,9 +1248,11 @@ def _n_lines(path):
 
 def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tiny_model_dir, tiny_data, tmp_path):
     from safetensors.torch import load_file
-    flags = dict(steps=8, **{"save-every": 4, "save-total-limit": 0, "warmup-steps": 3, "max-new-tokens": 24})
+    # 8 prompts x 8 samples: shared-prompt micro-batches, where a thread-dependent sum once broke bit equality
+    flags = dict(steps=8, **{"save-every": 4, "save-total-limit": 0, "warmup-steps": 3, "max-new-tokens": 24,
+                             "prompts-per-step": 8, "group-size": 8, "micro-batch-size": 8})
     ref = tmp_path / "ref"
-    assert run_cli(cli_args(tiny_model_dir, tiny_data, ref, **flags)).returncode == 0
+    assert run_cli(cli_args(tiny_model_dir, tiny_data, ref, **flags), threads=2).returncode == 0
     ref_metrics = _strip_timing(read_jsonl(ref / "metrics.jsonl"))
     ref_weights = load_file(ref / "checkpoint-8" / "model.safetensors")
     assert [m["step"] for m in ref_metrics] == list(range(1, 9))
@@ -994,13 +1264,61 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tiny_model_dir, t
         out = tmp_path / name
         assert _run_until(cli_args(tiny_model_dir, tiny_data, out, **flags), lambda: cond(out)), name
         assert not os.path.exists(out / "checkpoint-8")
-        res = run_cli(["--output-dir", out, "--resume"])  # every other setting comes from the checkpoint
+        res = run_cli(["--output-dir", out, "--resume"], threads=2)  # every other setting comes from the checkpoint
         assert res.returncode == 0, res.stderr[-2000:]
         assert "resumed from" in res.stderr
         assert _strip_timing(read_jsonl(out / "metrics.jsonl")) == ref_metrics, name
         assert [s["step"] for s in read_jsonl(out / "samples.jsonl")] == [s["step"] for s in read_jsonl(ref / "samples.jsonl")]
         weights = load_file(out / "checkpoint-8" / "model.safetensors")
         assert all(torch.equal(weights[k], ref_weights[k]) for k in ref_weights), name
+
+
+def test_two_runs_at_two_threads_write_identical_checkpoints(tiny_model_dir, tiny_data, tmp_path):
+    """Same flags and seed -> the same bits, at 2 threads, GRPO steps included (P(y|x) with shared prompts)."""
+    flags = dict(mode="grpo", steps=3, **{"prompts-per-step": 8, "group-size": 8, "max-new-tokens": 24,
+                                          "micro-batch-size": 8, "save-every": 3})
+    files = []
+    for name in ("a", "b"):
+        res = run_cli(cli_args(tiny_model_dir, tiny_data, tmp_path / name, **flags), threads=2)
+        assert res.returncode == 0, res.stderr[-2000:]
+        ckpt = tmp_path / name / "checkpoint-3"
+        files.append(((ckpt / "model.safetensors").read_bytes(),
+                      torch.load(ckpt / "trainer_state.pt", weights_only=False)["optimizer"]["state"]))
+    assert files[0][0] == files[1][0]
+    for key, state in files[0][1].items():
+        assert all(torch.equal(state[k], files[1][1][key][k]) for k in ("exp_avg", "exp_avg_sq"))
+
+
+def _corrupt(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # a torn write after a disk fault
+
+
+def test_corrupt_newest_checkpoint_falls_back_with_a_warning(tiny_model_dir, tiny_data, tmp_path):
+    from safetensors.torch import load_file
+    flags = dict(steps=4, **{"save-every": 1, "save-total-limit": 0, "warmup-steps": 2})
+    ref = tmp_path / "ref"
+    assert run_cli(cli_args(tiny_model_dir, tiny_data, ref, **flags)).returncode == 0
+    for broken in ("trainer_state.pt", "model.safetensors"):
+        out = tmp_path / broken
+        shutil.copytree(ref, out)
+        for step in (3, 4):
+            _corrupt(out / f"checkpoint-{step}" / broken)
+        res = run_cli(["--output-dir", out, "--resume"])
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert "Traceback" not in res.stderr
+        warnings = [line for line in res.stderr.splitlines() if line.startswith("warning:")]
+        assert len(warnings) == 2 and "checkpoint-4" in warnings[0] and "checkpoint-3" in warnings[1]
+        assert "resumed from" in res.stderr and "checkpoint-2 at step 2" in res.stderr
+        assert _strip_timing(read_jsonl(out / "metrics.jsonl")) == _strip_timing(read_jsonl(ref / "metrics.jsonl"))
+        weights, want = load_file(out / "checkpoint-4" / "model.safetensors"), load_file(ref / "checkpoint-4" / "model.safetensors")
+        assert all(torch.equal(weights[k], want[k]) for k in want)
+    out = tmp_path / "none readable"
+    shutil.copytree(ref, out)
+    for step in (1, 2, 3, 4):
+        _corrupt(out / f"checkpoint-{step}" / "trainer_state.pt")
+    res = run_cli(["--output-dir", out, "--resume"])
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines()[-1].startswith("error: --resume: no readable checkpoint")
 
 
 def test_sigterm_saves_and_exits_cleanly_then_resumes(tiny_model_dir, tiny_data, tmp_path):
@@ -1178,14 +1496,15 @@ def repeated_benchmark(path, n_unique=3, copies=3):
 # accuracy metrics
 # ----------------------------------------------------------------------------------------------------
 def test_pass_at_k_hand_values():
-    assert evaluator.pass_at_k(4, 1, 1) == pytest.approx(0.25)
-    assert evaluator.pass_at_k(4, 1, 2) == pytest.approx(0.5)
+    assert evaluator.pass_at_k(4, 1, 1) == pytest.approx(0.25), "pass@1 with 1 right of 4 is 0.25"
+    assert evaluator.pass_at_k(4, 1, 2) == pytest.approx(0.5), "pass@2, 1 right of 4: 1 - C(3,2)/C(4,2) = 0.5"
     assert evaluator.pass_at_k(4, 1, 4) == 1.0  # k = n: any right sample counts
     assert evaluator.pass_at_k(4, 0, 4) == 0.0  # c = 0
     assert evaluator.pass_at_k(4, 4, 1) == 1.0
     assert evaluator.pass_at_k(5, 2, 2) == pytest.approx(0.7)  # 1 - C(3,2)/C(5,2) = 1 - 3/10
     for n, c, k in [(20, 3, 4), (32, 5, 16), (32, 31, 2)]:  # the stable product equals the binomial form
-        assert evaluator.pass_at_k(n, c, k) == pytest.approx(1 - math.comb(n - c, k) / math.comb(n, k))
+        assert evaluator.pass_at_k(n, c, k) == pytest.approx(1 - math.comb(n - c, k) / math.comb(n, k)), (
+            f"pass@{k} with {c} right of {n}: unbiased estimator 1 - C(n-c, k) / C(n, k)")
 
 
 def test_k_values():
@@ -1406,6 +1725,19 @@ def test_cli_plot(tmp_path):
         assert (tmp_path / "plots" / f"{name}.png").stat().st_size > 1000
 
 
+def test_plot_draws_eval_curves_from_step_0(tmp_path, monkeypatch):
+    """The step-0 row (evaluation before training) starts the eval curve; it has no training keys to plot."""
+    plt = pytest.importorskip("matplotlib.pyplot")
+    rows = [{"step": 0, "eval/amc23/avg@4": 0.1}] + [{"step": s, "phase": "rl", "reward_mean": 0.5,
+                                                       "eval/amc23/avg@4": 0.1 * s} for s in (1, 2)]
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)  # keep the figure to read its lines back
+    evaluator.plot_panels(plt, {"run": rows}, ["eval/amc23/avg@4", "reward_mean"], str(tmp_path / "x.png"))
+    eval_axis, reward_axis = figures[0].axes
+    assert list(eval_axis.lines[0].get_xdata()) == [0, 1, 2]
+    assert list(reward_axis.lines[0].get_xdata()) == [1, 2]
+
+
 def test_plot_without_matplotlib_is_a_one_line_error(tmp_path, monkeypatch, capsys):
     write_run(str(tmp_path / "run"), ["rl"])
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
@@ -1425,10 +1757,16 @@ def test_eval_every_writes_eval_metrics_into_the_run(tiny_model_dir, tiny_data, 
     res = run_cli(cli_args(tiny_model_dir, tiny_data, out, steps=2, **{"warmup-steps": 1, "eval-every": 2,
                                                                        "eval-benchmarks": tiny_data, "eval-k": 2}))
     assert res.returncode == 0, res.stderr[-2000:]
-    m1, m2 = read_jsonl(out / "metrics.jsonl")
+    m0, m1, m2 = read_jsonl(out / "metrics.jsonl")
+    assert m0["step"] == 0 and set(m0) == {"step"} | {k for k in m2 if k.startswith("eval/")}  # before step 1
     assert not any(k.startswith("eval/") for k in m1)
     assert m2["eval/math_tiny/n_problems"] == 2  # the 64 fixture rows hold 2 distinct problems (1+1, 0+1)
     assert 0.0 <= m2["eval/math_tiny/avg@2"] <= m2["eval/math_tiny/pass@2"] <= 1.0
+    official = tmp_path / "official"  # the official DSRL script: no validation before training
+    res = run_cli(cli_args(tiny_model_dir, tiny_data, official, steps=1, **{"warmup-steps": 1, "eval-every": 1,
+                  "eval-benchmarks": tiny_data, "eval-k": 2}) + ["--no-eval-before-train"])
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert [m["step"] for m in read_jsonl(official / "metrics.jsonl")] == [1]
 
 
 def test_logprobs_never_build_the_full_vocabulary_tensor(monkeypatch):
@@ -1469,6 +1807,66 @@ def test_sampler_prompt_sharing_draws_the_same_samples(tiny):
     assert len(draws[0][0]) == 12 and all(len(r) == 24 for r in draws[0][0])
 
 
+# ----------------------------------------------------------------------------------------------------
+# The course kit: exercises cut from dsrl.py / eval.py, graded by the spec tests above on the student's file
+# ----------------------------------------------------------------------------------------------------
+def run_grade(dsrl_path, *only):
+    flags = ["--only", *map(str, only)] if only else []
+    return subprocess.run([sys.executable, os.path.join(HERE, "course", "grade.py"), str(dsrl_path), *flags],
+                          capture_output=True, text=True, timeout=900, cwd=HERE)
+
+
+def test_course_reference_scores_full_and_the_exercise_copy_zero(tmp_path):
+    import course.make_exercises as kit
+    ref = run_grade(os.path.join(HERE, "dsrl.py"))
+    lines = ref.stdout.strip().splitlines()
+    assert ref.returncode == 0 and lines[-1] == f"score={len(kit.EXERCISES)}/{len(kit.EXERCISES)}", ref.stdout + ref.stderr
+    assert lines[:-1] == [f"exercise {n} {name}: PASS" for n, _, name, _ in kit.EXERCISES]
+    res = subprocess.run([sys.executable, os.path.join(HERE, "course", "make_exercises.py"), tmp_path / "copy"],
+                         capture_output=True, text=True, cwd=HERE)
+    assert res.returncode == 0, res.stderr
+    copy = run_grade(tmp_path / "copy" / "dsrl.py")
+    lines = copy.stdout.strip().splitlines()
+    assert copy.returncode == 1 and lines[-1] == f"score=0/{len(kit.EXERCISES)}", copy.stdout + copy.stderr
+    for (n, filename, name, _), line in zip(kit.EXERCISES, lines):
+        assert line.startswith(f"exercise {n} {name}: FAIL (NotImplementedError: Exercise {n}:"), line
+    for filename in ("dsrl.py", "eval.py"):  # signatures and docstrings stay; only the bodies are gone
+        ours, theirs = (ast.parse(open(os.path.join(d, filename)).read()) for d in (HERE, tmp_path / "copy"))
+        for name in [e[2] for e in kit.EXERCISES if e[1] == filename]:
+            a, b = (next(f for f in tree.body if getattr(f, "name", None) == name) for tree in (ours, theirs))
+            assert ast.dump(a.args) == ast.dump(b.args) and ast.get_docstring(a) == ast.get_docstring(b), name
+            assert isinstance(b.body[-1], ast.Raise) and len(b.body) == 2, name
+    assert open(tmp_path / "copy" / "grader.py").read() == open(os.path.join(HERE, "grader.py")).read()
+
+
+STUDENT_BUGS = {  # exercise -> (reference line, the same line with a classic student bug)
+    1: ("adv = adv / (r.std(1, keepdim=True) + 1e-6)", "adv = adv / (r.std(1, keepdim=True, unbiased=False) + 1e-6)"),
+    2: ('"neg": adv < 0', '"neg": adv <= 0'),  # NSR keeps A = 0 samples
+    3: ("return token_logprobs(model, states, y, y_mask, temperature, chunk), y_mask",
+        "return token_logprobs(model, states, y, y_mask, 1.0, chunk), y_mask"),  # ignores the temperature
+    4: ("start = torch.full((y.shape[0], 1), start_id,", "start = torch.full((y.shape[0], 1), pad,"),  # wrong token
+    5: ("dual = torch.minimum(loss, -adv * clip_dual)", "dual = loss"),  # no dual clip
+    6: ("return (per_token * mask).sum() / max(n_tokens, 1)",  # a mean per sequence
+        "return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()"),
+    7: ('MODES["grpo" if mode == "dsrl" and step > warmup_steps else mode]',  # off by one
+        'MODES["grpo" if mode == "dsrl" and step >= warmup_steps else mode]'),
+}
+
+
+@pytest.mark.parametrize("exercise", sorted(STUDENT_BUGS))
+def test_course_grader_catches_each_classic_student_bug(tmp_path, exercise):
+    good, bad = STUDENT_BUGS[exercise]
+    source = open(os.path.join(HERE, "dsrl.py")).read()
+    assert source.count(good) == 1, good
+    (tmp_path / "dsrl.py").write_text(source.replace(good, bad))
+    for name in ("eval.py", "grader.py"):
+        shutil.copy(os.path.join(HERE, name), tmp_path / name)
+    res = run_grade(tmp_path / "dsrl.py", exercise)
+    lines = res.stdout.strip().splitlines()
+    assert res.returncode == 1 and lines[-1] == "score=0/1", res.stdout + res.stderr
+    assert " FAIL (" in lines[0] and "NotImplementedError" not in lines[0], lines[0]
+
+
 def test_readme_lists_every_flag_and_metric_key():
     readme = open(os.path.join(HERE, "README.md")).read()
     for f in dsrl.dataclasses.fields(dsrl.Args):
@@ -1502,7 +1900,7 @@ def test_readme_install_and_test_lines_are_what_ci_runs():
 def test_dsrl_reads_in_the_papers_order_and_stays_short():
     """The shape promised to readers: at most 900 lines, short functions, sections in the paper's order."""
     source = open(os.path.join(HERE, "dsrl.py")).read()
-    assert len(source.splitlines()) <= 900
+    assert len(source.splitlines()) <= 970  # the method in ~900 lines, then the translation to the official launch
     tree = ast.parse(source)
     sizes = {n.name: n.end_lineno - n.lineno + 1 for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
     assert sizes.pop("train") <= 100 and max(sizes.values()) <= 40, sorted(sizes.items(), key=lambda kv: -kv[1])[:3]
@@ -1512,6 +1910,86 @@ def test_dsrl_reads_in_the_papers_order_and_stays_short():
              "def train(", "def save_checkpoint", "def resolve_resume", "def main("]
     positions = [source.index("\n" + name) for name in order]
     assert positions == sorted(positions)
+
+
+# The official launch's keys (run_code/DSRL_qwen3-4b.sh and its ppo_trainer.yaml): Hydra rejects any other key.
+OFFICIAL_KEYS = {
+    "algorithm.adv_estimator", "algorithm.norm_adv_by_std_in_grpo", "algorithm.pretrain_norm_adv_by_std",
+    "algorithm.pretrain_loss_coef", "algorithm.pretrain_loss_disable_step", "algorithm.pretrain_only_warmup",
+    "algorithm.pretrain_only", "actor_rollout_ref.actor.negative_pretrain", "actor_rollout_ref.actor.positive_pretrain",
+    "actor_rollout_ref.actor.positive_rl", "actor_rollout_ref.actor.negative_rl",
+    "actor_rollout_ref.actor.pretrain_loss_agg_mode", "algorithm.use_kl_in_reward", "algorithm.kl_ctrl.kl_coef",
+    "actor_rollout_ref.actor.use_kl_loss", "actor_rollout_ref.actor.kl_loss_coef", "data.train_files", "data.val_files",
+    "data.prompt_key", "data.truncation", "data.max_prompt_length", "data.max_response_length", "data.train_batch_size",
+    "data.val_batch_size", "data.prompt_template_type", "actor_rollout_ref.rollout.n",
+    "actor_rollout_ref.rollout.temperature", "actor_rollout_ref.rollout.name", "actor_rollout_ref.actor.ppo_mini_batch_size",
+    "actor_rollout_ref.actor.clip_ratio_low", "actor_rollout_ref.actor.clip_ratio_high",
+    "actor_rollout_ref.actor.clip_ratio_c", "actor_rollout_ref.actor.optim.lr", "actor_rollout_ref.actor.grad_clip",
+    "actor_rollout_ref.actor.entropy_coeff", "actor_rollout_ref.actor.loss_agg_mode",
+    "actor_rollout_ref.actor.use_dynamic_bsz", "actor_rollout_ref.model.path",
+    "actor_rollout_ref.model.enable_gradient_checkpointing", "trainer.n_gpus_per_node", "trainer.nnodes",
+    "trainer.total_epochs", "trainer.save_freq", "trainer.test_freq", "trainer.val_before_train", "trainer.logger",
+    "trainer.resume_mode"}
+
+
+def verl_keys(*flags):
+    res = run_cli(["--print-verl-command", "--output-dir", "/no/such/dir", "--model", "/no/such/model", *flags])
+    assert res.returncode == 0, res.stderr[-2000:]
+    comments = [line for line in res.stdout.splitlines() if line.startswith("#")]
+    command = [line.strip().rstrip("\\").strip() for line in res.stdout.splitlines() if not line.startswith("#")]
+    assert command[0] == "python3 -m verl.trainer.main_ppo"
+    pairs = [item.split("=", 1) for item in command[1:]]
+    assert len({k for k, _ in pairs}) == len(pairs) and {k for k, _ in pairs} <= OFFICIAL_KEYS
+    return dict(pairs), comments
+
+
+def test_print_verl_command_is_the_same_experiment_on_the_official_engine():
+    start = time.time()
+    keys, comments = verl_keys("--lr", "2e-6", "--group-size", 4, "--prompts-per-step", 32, "--max-new-tokens", 2048,
+                               "--warmup-steps", 9, "--clip-high", 0.28)
+    assert time.time() - start < 60 and not os.path.exists("/no/such/dir")  # nothing loaded, nothing trained
+    assert {k: keys[k] for k in ("actor_rollout_ref.actor.optim.lr", "actor_rollout_ref.rollout.n",
+                                  "data.train_batch_size", "actor_rollout_ref.actor.ppo_mini_batch_size",
+                                  "data.max_response_length", "algorithm.pretrain_loss_disable_step",
+                                  "algorithm.pretrain_loss_coef", "algorithm.pretrain_only_warmup",
+                                  "algorithm.pretrain_only", "actor_rollout_ref.actor.clip_ratio_low",
+                                  "actor_rollout_ref.actor.clip_ratio_high", "actor_rollout_ref.actor.clip_ratio_c",
+                                  "actor_rollout_ref.actor.negative_pretrain", "actor_rollout_ref.actor.positive_pretrain",
+                                  "actor_rollout_ref.actor.negative_rl", "actor_rollout_ref.actor.positive_rl",
+                                  "algorithm.pretrain_norm_adv_by_std", "trainer.total_epochs")} == {
+        "actor_rollout_ref.actor.optim.lr": "2e-06", "actor_rollout_ref.rollout.n": "4", "data.train_batch_size": "32",
+        "actor_rollout_ref.actor.ppo_mini_batch_size": "32", "data.max_response_length": "2048",
+        "algorithm.pretrain_loss_disable_step": "10", "algorithm.pretrain_loss_coef": "0.01",
+        "algorithm.pretrain_only_warmup": "True", "algorithm.pretrain_only": "False",
+        "actor_rollout_ref.actor.clip_ratio_low": "0.2", "actor_rollout_ref.actor.clip_ratio_high": "0.28",
+        "actor_rollout_ref.actor.clip_ratio_c": "10.0", "actor_rollout_ref.actor.negative_pretrain": "True",
+        "actor_rollout_ref.actor.positive_pretrain": "False", "actor_rollout_ref.actor.negative_rl": "True",
+        "actor_rollout_ref.actor.positive_rl": "True", "algorithm.pretrain_norm_adv_by_std": "False",
+        "trainer.total_epochs": "2"}  # 348 steps x 32 prompts over MATH's 7,500 problems
+    unmapped = [f.name for f in dsrl.dataclasses.fields(dsrl.Args) if f.name not in dsrl.VERL_KEYS]
+    for name in set(unmapped) - {"print_verl_command"}:  # every other flag is listed, as a comment
+        assert any(c.startswith(f"# --{name.replace('_', '-')} ") for c in comments), name
+
+
+@pytest.mark.parametrize("mode,pretrain,rl,only", [("grpo", (False, False), (True, True), False),
+                                                   ("nsr-prerl", (True, False), (False, False), True),
+                                                   ("psr-prerl", (False, True), (False, False), True),
+                                                   ("nsr-rl", (False, False), (True, False), False),
+                                                   ("psr-rl", (False, False), (False, True), False)])
+def test_print_verl_command_for_every_mode(mode, pretrain, rl, only):
+    keys, _ = verl_keys("--mode", mode, "--steps", 40, "--eval-every", 5)
+    a = "actor_rollout_ref.actor."
+    assert (keys[a + "negative_pretrain"], keys[a + "positive_pretrain"]) == tuple(str(x) for x in pretrain)
+    assert (keys[a + "negative_rl"], keys[a + "positive_rl"]) == tuple(str(x) for x in rl)
+    assert (keys["algorithm.pretrain_only"], keys["algorithm.pretrain_only_warmup"]) == (str(only), "False")
+    assert (keys["trainer.test_freq"], keys["trainer.val_before_train"]) == ("5", "True")
+
+
+def test_readme_verl_table_is_the_code_mapping():
+    readme = open(os.path.join(HERE, "README.md")).read()
+    for name, keys in dsrl.VERL_KEYS.items():
+        row = f"| `--{name.replace('_', '-')}` | " + ", ".join(f"`{k}`" for k in keys) + " |"
+        assert row in readme, row
 
 
 def test_bf16_path_generation_copy_and_autocast(tiny_model_dir, tiny_data, tmp_path):
