@@ -1,10 +1,18 @@
-"""Agreement and latency of dsrl.math_reward, the official string scorer and (optionally) math_verify.
+"""Agreement and latency of dsrl's reward (dsrl.math_reward), the official string scorer and (optionally) math_verify.
 
     python bench/reward_agreement.py [CASES.jsonl]        # default: testdata/answer_cases_dev.jsonl
+    python bench/reward_agreement.py --math-verify /tmp/mv/bin/python
+
+Each case is {"response", "gold", "equal"[, "ambiguous"]}: agreement = share of cases where the scorer's verdict
+equals the label; "non-ambiguous" leaves out the cases marked ambiguous. Latency: p50, p99, max of one call.
+Also printed: the outcome counts of dsrl.reward (right / wrong / no_box / unparseable / timeout), as the trainer
+logs them.
 
 math_verify is not a dependency: if a side venv has it (`python3 -m venv /tmp/mv && /tmp/mv/bin/pip install
 math-verify`), pass `--math-verify /tmp/mv/bin/python` to add its row (it runs in that interpreter).
 """
+import argparse
+import collections
 import json
 import os
 import subprocess
@@ -40,23 +48,32 @@ def math_verify_equal(response, gold):
     return verify(parse("$\\boxed{%s}$" % gold), parse(response))
 
 
-if __name__ == "__main__":
-    argv = sys.argv[1:]
-    if "--math-verify" in argv:
-        del argv[argv.index("--math-verify"):argv.index("--math-verify") + 2]
-    args = [a for a in argv if not a.startswith("--")]
-    path = args[0] if args else os.path.join(REPO, "testdata", "answer_cases_dev.jsonl")
-    cases = [json.loads(line) for line in open(path) if line.strip()]
-    if "--only-math-verify" in sys.argv:  # inside the side venv
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("cases", nargs="?", default=os.path.join(REPO, "testdata", "answer_cases_dev.jsonl"),
+                    help="labelled cases, jsonl (default: testdata/answer_cases_dev.jsonl)")
+    ap.add_argument("--math-verify", metavar="PYTHON", default="",
+                    help="python of a venv with math-verify installed: adds its row")
+    ap.add_argument("--only-math-verify", action="store_true", help=argparse.SUPPRESS)  # inside that venv
+    a = ap.parse_args()
+    with open(a.cases) as fh:
+        cases = [json.loads(line) for line in fh if line.strip()]
+    if a.only_math_verify:
         import logging
         logging.disable(logging.CRITICAL)
-        measure("math_verify", math_verify_equal, cases)
-        sys.exit()
+        from importlib.metadata import version
+        measure(f"math_verify {version('math-verify')}", math_verify_equal, cases)
+        return
     import dsrl
     print(f"{len(cases)} cases, {sum(bool(c.get('ambiguous')) for c in cases)} ambiguous")
     print("| scorer | agreement | non-ambiguous | p50 | p99 | max |\n|---|---|---|---|---|---|")
     measure("dsrl.math_reward", dsrl.math_reward, cases)
     measure("official string scorer", dsrl.official_reward, cases)
-    if "--math-verify" in sys.argv:
-        python = sys.argv[sys.argv.index("--math-verify") + 1]  # the side venv's interpreter
-        subprocess.run([python, __file__, path, "--only-math-verify"])
+    if a.math_verify:
+        subprocess.run([a.math_verify, os.path.abspath(__file__), a.cases, "--only-math-verify"], check=True)
+    outcomes = collections.Counter(dsrl.reward(c["response"], c["gold"])[1] for c in cases)
+    print("dsrl.reward outcomes: " + ", ".join(f"{k} {outcomes.get(k, 0)}" for k in dsrl.REWARD_OUTCOMES))
+
+
+if __name__ == "__main__":
+    main()
