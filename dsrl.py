@@ -936,7 +936,8 @@ def verl_command(a: Args) -> str:
     comments = [f"# --{f.name.replace('_', '-')} {getattr(a, f.name)}: no official counterpart" for f in fields(Args)
                 if f.name not in VERL_KEYS and f.name != "print_verl_command"]
     comments += [f"# trainer.total_epochs={derived['steps']} runs {derived['steps'] * rows // a.prompts_per_step} steps "
-                 f"of {a.prompts_per_step} prompts ({rows} rows), ours {a.steps}; data.train_files must be a verl parquet"]
+                 f"of {a.prompts_per_step} prompts ({rows} rows{'' if a.dataset.endswith('.parquet') else ' assumed: MATH train'}), "
+                 f"ours {a.steps}; data.train_files must be a verl parquet file"]
     return "\n".join(comments + [" \\\n    ".join(lines)])
 
 # ---- Main --------------------------------------------------------------------------------------------------
