@@ -27,12 +27,11 @@ def previous_logprob_y_given_x():
     """dsrl.logprob_y_given_x with the cache's own batch_select_indices, as before the fix."""
     source = open(os.path.join(ROOT, "dsrl.py")).read()
     body = source[source.index("def logprob_y_given_x"):source.index("def logprob_y(")]
-    fix = ("    for layer in prefix[cache_arg(model)].layers:\n"
-           "        layer.keys, layer.values = layer.keys.index_select(0, idx), layer.values.index_select(0, idx)\n"
-           "    cache = prefix[cache_arg(model)]\n")
+    fix = ("    for layer in prefix[cache_key].layers:\n"
+           "        layer.keys, layer.values = layer.keys.index_select(0, idx), layer.values.index_select(0, idx)\n")
     assert fix in body, "dsrl.logprob_y_given_x changed; update this benchmark"
     namespace = dict(vars(dsrl))
-    exec(body.replace(fix, "    cache = prefix[cache_arg(model)]\n    cache.batch_select_indices(idx)\n"), namespace)
+    exec(body.replace(fix, "    prefix[cache_key].batch_select_indices(idx)\n"), namespace)
     return namespace["logprob_y_given_x"]
 
 
