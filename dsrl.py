@@ -93,7 +93,7 @@ class Args:
     eval_every: int = field(default=0, metadata={"help": "run eval.py accuracy every N steps, 0 = never (official: 5)"})
     eval_benchmarks: str = field(default="aime24,aime25,amc23", metadata={"help": "benchmarks for --eval-every (names or files)"})
     eval_k: int = field(default=4, metadata={"help": "samples per problem for --eval-every (official: 20)"})
-    eval_before_train: bool = field(default=True, metadata={"help": "with --eval-every, evaluate before step 1 too (a step-0 row), as verl's default (the official DSRL script: off)"})
+    eval_before_train: bool = field(default=True, metadata={"help": "with --eval-every, evaluate before step 1 too (a step-0 row) (official: off in the DSRL script, on in the GRPO baseline's)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
     dtype: str = field(default="auto", metadata={"help": "compute dtype: auto (bf16 on GPU, fp32 on CPU), bfloat16 or float32; weights stay fp32"})
     deterministic: bool = field(default=False, metadata={"help": "torch's deterministic algorithms (for GPU runs; CPU runs repeat bit for bit without it)"})
@@ -897,50 +897,6 @@ def resolve_resume(args: Args, explicit: set):
             setattr(args, k, v)
     return args, (path, state)
 
-# ---- The same experiment on the official multi-GPU engine (verl) -------------------------------------------
-# ours -> official Hydra key (run_code/DSRL_qwen3-4b.sh). README's table "From one GPU to the official launch" is
-# this mapping; --print-verl-command prints it with the run's values. Keys are full paths: Hydra rejects others.
-ACTOR = "actor_rollout_ref.actor."
-VERL_KEYS = {"model": ["actor_rollout_ref.model.path"], "dataset": ["data.train_files"],
-             "prompts_per_step": ["data.train_batch_size", ACTOR + "ppo_mini_batch_size"],  # one update per step
-             "group_size": ["actor_rollout_ref.rollout.n"], "max_prompt_tokens": ["data.max_prompt_length"],
-             "max_new_tokens": ["data.max_response_length"], "temperature": ["actor_rollout_ref.rollout.temperature"],
-             "lr": [ACTOR + "optim.lr"], "clip_low": [ACTOR + "clip_ratio_low"], "clip_high": [ACTOR + "clip_ratio_high"],
-             "clip_dual": [ACTOR + "clip_ratio_c"], "grad_clip": [ACTOR + "grad_clip"],
-             "prerl_coef": ["algorithm.pretrain_loss_coef"], "warmup_steps": ["algorithm.pretrain_loss_disable_step"],
-             "mode": [ACTOR + "negative_pretrain", ACTOR + "positive_pretrain", ACTOR + "negative_rl",
-                      ACTOR + "positive_rl", "algorithm.pretrain_only_warmup", "algorithm.pretrain_only"],
-             "steps": ["trainer.total_epochs"], "save_every": ["trainer.save_freq"], "eval_every": ["trainer.test_freq"],
-             "eval_before_train": ["trainer.val_before_train"]}
-VERL_FIXED = ("algorithm.adv_estimator=grpo algorithm.norm_adv_by_std_in_grpo=True algorithm.pretrain_norm_adv_by_std=False "
-              "algorithm.use_kl_in_reward=False algorithm.kl_ctrl.kl_coef=0.0 data.prompt_key=prompt data.truncation=left "
-              "data.prompt_template_type=qwen3_no_thinking actor_rollout_ref.rollout.name=vllm "
-              "actor_rollout_ref.model.enable_gradient_checkpointing=True trainer.n_gpus_per_node=8 trainer.nnodes=1").split() + [
-    ACTOR + k for k in "loss_agg_mode=token-mean pretrain_loss_agg_mode=token-mean use_kl_loss=False kl_loss_coef=0.0 "
-                       "entropy_coeff=0 use_dynamic_bsz=True".split()]
-
-def verl_command(a: Args) -> str:
-    """The official launch of the same experiment; our flags without an official counterpart become comments."""
-    space, samples = MODES[a.mode]
-    dsrl_run, prerl_only = a.mode == "dsrl", space == "y" and a.mode != "dsrl"
-    rows = pq.ParquetFile(a.dataset).metadata.num_rows if a.dataset.endswith(".parquet") else 7500  # MATH train
-    derived = {"warmup_steps": a.warmup_steps + 1 if dsrl_run else a.steps + 1 if prerl_only else 1,
-               "mode": [space == "y" and samples == "neg", space == "y" and samples == "pos",
-                        dsrl_run or space == "y|x" and samples != "pos", dsrl_run or space == "y|x" and samples != "neg",
-                        dsrl_run, prerl_only],
-               "steps": math.ceil(a.steps * a.prompts_per_step / rows), "eval_every": a.eval_every or -1,
-               "eval_before_train": a.eval_before_train and a.eval_every > 0}
-    lines = ["python3 -m verl.trainer.main_ppo"] + VERL_FIXED
-    for name, keys in VERL_KEYS.items():
-        value = derived.get(name, getattr(a, name))
-        lines += [f"{key}={v}" for key, v in zip(keys, value if isinstance(value, list) else [value] * len(keys))]
-    comments = [f"# --{f.name.replace('_', '-')} {getattr(a, f.name)}: no official counterpart" for f in fields(Args)
-                if f.name not in VERL_KEYS and f.name != "print_verl_command"]
-    comments += [f"# trainer.total_epochs={derived['steps']} runs {derived['steps'] * rows // a.prompts_per_step} steps "
-                 f"of {a.prompts_per_step} prompts ({rows} rows{'' if a.dataset.endswith('.parquet') else ' assumed: MATH train'}), "
-                 f"ours {a.steps}; data.train_files must be a verl parquet file"]
-    return "\n".join(comments + [" \\\n    ".join(lines)])
-
 # ---- Main --------------------------------------------------------------------------------------------------
 STOP_REQUEST = {"signal": None}
 
@@ -954,7 +910,8 @@ def main(argv=None):
     try:
         args, explicit = parse_args(argv)
         if args.print_verl_command:  # nothing is loaded: the same experiment on the official multi-GPU engine
-            print(verl_command(args))
+            import scale  # here only: the launch translation is not the method, and training never needs it
+            print(scale.verl_command(args))
             return 0
         args, resume = resolve_resume(args, explicit)
         return train(args, resume)
@@ -966,4 +923,5 @@ def main(argv=None):
         return 130
 
 if __name__ == "__main__":
+    sys.modules["dsrl"] = sys.modules[__name__]  # `import dsrl` in scale.py, eval.py: this module, not a second copy
     sys.exit(main())

@@ -1929,82 +1929,224 @@ def test_dsrl_reads_in_the_papers_order_and_stays_short():
     assert positions == sorted(positions)
 
 
-# The official launch's keys (run_code/DSRL_qwen3-4b.sh and its ppo_trainer.yaml): Hydra rejects any other key.
-OFFICIAL_KEYS = {
-    "algorithm.adv_estimator", "algorithm.norm_adv_by_std_in_grpo", "algorithm.pretrain_norm_adv_by_std",
-    "algorithm.pretrain_loss_coef", "algorithm.pretrain_loss_disable_step", "algorithm.pretrain_only_warmup",
-    "algorithm.pretrain_only", "actor_rollout_ref.actor.negative_pretrain", "actor_rollout_ref.actor.positive_pretrain",
-    "actor_rollout_ref.actor.positive_rl", "actor_rollout_ref.actor.negative_rl",
-    "actor_rollout_ref.actor.pretrain_loss_agg_mode", "algorithm.use_kl_in_reward", "algorithm.kl_ctrl.kl_coef",
-    "actor_rollout_ref.actor.use_kl_loss", "actor_rollout_ref.actor.kl_loss_coef", "data.train_files", "data.val_files",
-    "data.prompt_key", "data.truncation", "data.max_prompt_length", "data.max_response_length", "data.train_batch_size",
-    "data.val_batch_size", "data.prompt_template_type", "actor_rollout_ref.rollout.n",
-    "actor_rollout_ref.rollout.temperature", "actor_rollout_ref.rollout.name", "actor_rollout_ref.actor.ppo_mini_batch_size",
-    "actor_rollout_ref.actor.clip_ratio_low", "actor_rollout_ref.actor.clip_ratio_high",
-    "actor_rollout_ref.actor.clip_ratio_c", "actor_rollout_ref.actor.optim.lr", "actor_rollout_ref.actor.grad_clip",
-    "actor_rollout_ref.actor.entropy_coeff", "actor_rollout_ref.actor.loss_agg_mode",
-    "actor_rollout_ref.actor.use_dynamic_bsz", "actor_rollout_ref.model.path",
-    "actor_rollout_ref.model.enable_gradient_checkpointing", "trainer.n_gpus_per_node", "trainer.nnodes",
-    "trainer.total_epochs", "trainer.save_freq", "trainer.test_freq", "trainer.val_before_train", "trainer.logger",
-    "trainer.resume_mode"}
+# ---- The official multi-GPU launch: --print-verl-command (scale.py) -----------------------------------------
+OFFICIAL_CONFIG = os.path.join(HERE, "..", "shared", "verl_official")  # the fork's config/ and run_code/*.sh
+PAPER_FLAGS = ["--model", "Qwen/Qwen3-4B", "--dataset", "data/math_train.parquet", "--prompts-per-step", "128",
+               "--max-new-tokens", "8192", "--eval-every", "5", "--no-eval-before-train", "--eval-benchmarks",
+               "data/aime_2024_20times.parquet,data/aime_2025_20times.parquet,data/amc2023_20times.parquet"]
+A, R = "actor_rollout_ref.actor.", "actor_rollout_ref.rollout."
 
 
-def verl_keys(*flags):
-    res = run_cli(["--print-verl-command", "--output-dir", "/no/such/dir", "--model", "/no/such/model", *flags])
-    assert res.returncode == 0, res.stderr[-2000:]
-    comments = [line for line in res.stdout.splitlines() if line.startswith("#")]
-    command = [line.strip().rstrip("\\").strip() for line in res.stdout.splitlines() if not line.startswith("#")]
-    assert command[0] == "python3 -m verl.trainer.main_ppo"
-    pairs = [item.split("=", 1) for item in command[1:]]
-    assert len({k for k, _ in pairs}) == len(pairs) and {k for k, _ in pairs} <= OFFICIAL_KEYS
+def printed_launch(*flags):
+    """--print-verl-command's output for these flags -> (overrides as {key: value}, the `#` comment lines)."""
+    import scale  # the launch translation lives beside dsrl.py, outside the method
+    text = scale.verl_command(dsrl.parse_args(["--print-verl-command", *map(str, flags)])[0])
+    return parse_launch(text)
+
+
+def parse_launch(text):
+    import shlex
+    comments = [line for line in text.splitlines() if line.startswith("#")]
+    words = shlex.split(" ".join(line.rstrip("\\") for line in text.splitlines() if not line.startswith("#")))
+    assert words[:3] == ["python3", "-m", "verl.trainer.main_ppo"], words[:3]
+    pairs = [w.split("=", 1) for w in words[3:]]
+    assert len({k for k, _ in pairs}) == len(pairs), "a key printed twice"
     return dict(pairs), comments
 
 
-def test_print_verl_command_is_the_same_experiment_on_the_official_engine():
-    start = time.time()
-    keys, comments = verl_keys("--lr", "2e-6", "--group-size", 4, "--prompts-per-step", 32, "--max-new-tokens", 2048,
-                               "--warmup-steps", 9, "--clip-high", 0.28)
-    assert time.time() - start < 60 and not os.path.exists("/no/such/dir")  # nothing loaded, nothing trained
-    assert {k: keys[k] for k in ("actor_rollout_ref.actor.optim.lr", "actor_rollout_ref.rollout.n",
-                                  "data.train_batch_size", "actor_rollout_ref.actor.ppo_mini_batch_size",
-                                  "data.max_response_length", "algorithm.pretrain_loss_disable_step",
-                                  "algorithm.pretrain_loss_coef", "algorithm.pretrain_only_warmup",
-                                  "algorithm.pretrain_only", "actor_rollout_ref.actor.clip_ratio_low",
-                                  "actor_rollout_ref.actor.clip_ratio_high", "actor_rollout_ref.actor.clip_ratio_c",
-                                  "actor_rollout_ref.actor.negative_pretrain", "actor_rollout_ref.actor.positive_pretrain",
-                                  "actor_rollout_ref.actor.negative_rl", "actor_rollout_ref.actor.positive_rl",
-                                  "algorithm.pretrain_norm_adv_by_std", "trainer.total_epochs")} == {
-        "actor_rollout_ref.actor.optim.lr": "2e-06", "actor_rollout_ref.rollout.n": "4", "data.train_batch_size": "32",
-        "actor_rollout_ref.actor.ppo_mini_batch_size": "32", "data.max_response_length": "2048",
-        "algorithm.pretrain_loss_disable_step": "10", "algorithm.pretrain_loss_coef": "0.01",
-        "algorithm.pretrain_only_warmup": "True", "algorithm.pretrain_only": "False",
-        "actor_rollout_ref.actor.clip_ratio_low": "0.2", "actor_rollout_ref.actor.clip_ratio_high": "0.28",
-        "actor_rollout_ref.actor.clip_ratio_c": "10.0", "actor_rollout_ref.actor.negative_pretrain": "True",
-        "actor_rollout_ref.actor.positive_pretrain": "False", "actor_rollout_ref.actor.negative_rl": "True",
-        "actor_rollout_ref.actor.positive_rl": "True", "algorithm.pretrain_norm_adv_by_std": "False",
-        "trainer.total_epochs": "2"}  # 348 steps x 32 prompts over MATH's 7,500 problems
-    unmapped = [f.name for f in dsrl.dataclasses.fields(dsrl.Args) if f.name not in dsrl.VERL_KEYS]
-    for name in set(unmapped) - {"print_verl_command"}:  # every other flag is listed, as a comment
-        assert any(c.startswith(f"# --{name.replace('_', '-')} ") for c in comments), name
+def test_print_verl_command_maps_every_flag_at_non_default_values():
+    keys, comments = printed_launch(
+        "--lr", "2e-6", "--group-size", 4, "--prompts-per-step", 128, "--max-new-tokens", 2048, "--max-prompt-tokens",
+        512, "--warmup-steps", 9, "--clip-high", 0.28, "--top-p", 0.95, "--weight-decay", 0.05, "--seed", 7,
+        "--steps", 350, "--eval-every", 10, "--eval-k", 8, "--eval-benchmarks", "aime24,math500",
+        "--save-total-limit", 0, "--temperature", 0.7, "--output-dir", "/no/such/run7")
+    expected = {A + "optim.lr": "2e-06", R + "n": "4", "data.train_batch_size": "128", A + "ppo_mini_batch_size": "128",
+                "data.max_response_length": "2048", "data.max_prompt_length": "512",
+                R + "max_num_batched_tokens": "2560",  # prompt + response: vLLM's chunked prefill refuses less
+                "algorithm.pretrain_loss_disable_step": "10", A + "clip_ratio_high": "0.28", A + "clip_ratio_low": "0.2",
+                R + "top_p": "0.95", R + "val_kwargs.top_p": "0.95", A + "optim.weight_decay": "0.05",
+                "+data.seed": "7", R + "temperature": "0.7", R + "val_kwargs.temperature": "0.7",
+                # 7,500 MATH rows // 128 = 58 full batches per epoch (verl drops the partial one): 350 steps need 7
+                "trainer.total_training_steps": "350", "trainer.total_epochs": "7",
+                "trainer.test_freq": "10", "trainer.test_freq_early": "10", "trainer.test_freq_late": "10",
+                "trainer.val_before_train": "True", R + "val_kwargs.n": "8", R + "val_kwargs.do_sample": "True",
+                "data.val_files": "[data/aime_2024_20times.parquet,math500]", "trainer.max_actor_ckpt_to_keep": "null",
+                "data.train_files": "data/math_train.parquet", "trainer.default_local_dir": "/no/such/run7",
+                "trainer.experiment_name": "run7"}
+    assert {k: keys.get(k) for k in expected} == expected
+    import scale
+    listed = {name for name in scale.VERL_KEYS} | {"print_verl_command"}
+    for f in dsrl.dataclasses.fields(dsrl.Args):  # every flag is in the mapping or named in a comment
+        assert f.name in listed or any(re.match(f"# --{f.name.replace('_', '-')}[ :]", c) for c in comments), f.name
+    assert any("7500 rows assumed" in c for c in comments)  # the default hub dataset: its size is assumed
 
 
-@pytest.mark.parametrize("mode,pretrain,rl,only", [("grpo", (False, False), (True, True), False),
-                                                   ("nsr-prerl", (True, False), (False, False), True),
-                                                   ("psr-prerl", (False, True), (False, False), True),
-                                                   ("nsr-rl", (False, False), (True, False), False),
-                                                   ("psr-rl", (False, False), (False, True), False)])
-def test_print_verl_command_for_every_mode(mode, pretrain, rl, only):
-    keys, _ = verl_keys("--mode", mode, "--steps", 40, "--eval-every", 5)
-    a = "actor_rollout_ref.actor."
-    assert (keys[a + "negative_pretrain"], keys[a + "positive_pretrain"]) == tuple(str(x) for x in pretrain)
-    assert (keys[a + "negative_rl"], keys[a + "positive_rl"]) == tuple(str(x) for x in rl)
-    assert (keys["algorithm.pretrain_only"], keys["algorithm.pretrain_only_warmup"]) == (str(only), "False")
+@pytest.mark.parametrize("mode,switches,disable_step", [
+    ("dsrl", ("True", "False", "True", "True", "True", "False"), "20"),
+    ("grpo", ("False", "False", "True", "True", "False", "False"), None),
+    ("nsr-prerl", ("True", "False", "False", "False", "False", "True"), "99999"),
+    ("psr-prerl", ("False", "True", "False", "False", "False", "True"), "99999"),
+    ("nsr-rl", ("False", "False", "True", "False", "False", "False"), None),
+    ("psr-rl", ("False", "False", "False", "True", "False", "False"), None)])
+def test_print_verl_command_for_every_mode(mode, switches, disable_step):
+    """The six modes as the official scripts set them (DSRL_abla_qwen3-4b.sh's four variants, the baseline)."""
+    keys, _ = printed_launch("--mode", mode, "--steps", 1000, "--eval-every", 5)
+    names = [A + "negative_pretrain", A + "positive_pretrain", A + "negative_rl", A + "positive_rl",
+             "algorithm.pretrain_only_warmup", "algorithm.pretrain_only"]
+    assert tuple(keys[n] for n in names) == switches
+    # P(y)-only: 99999 as the official ablation (verl crashes on reaching it with pretrain_only on); P(y|x): unset
+    assert keys.get("algorithm.pretrain_loss_disable_step") == disable_step
+    assert (keys["trainer.total_training_steps"], keys["trainer.total_epochs"]) == ("1000", "3")  # 7500 // 16 = 468
+    assert ("algorithm.pretrain_norm_adv_by_std" in keys) == (mode != "grpo")  # the baseline script leaves it unset
     assert (keys["trainer.test_freq"], keys["trainer.val_before_train"]) == ("5", "True")
 
 
+def test_print_verl_command_counts_the_rows_of_a_local_dataset(tmp_path):
+    path = write_parquet([{"prompt": [{"role": "user", "content": f"q{i}"}], "x": i} for i in range(300)],
+                         str(tmp_path / "train.parquet"))
+    keys, comments = printed_launch("--dataset", path, "--prompts-per-step", 64, "--steps", 10)
+    assert (keys["trainer.total_epochs"], keys["trainer.total_training_steps"]) == ("3", "10")  # 300 // 64 = 4 a epoch
+    assert any("300 rows)" in c for c in comments) and not any("assumed" in c for c in comments)
+    with pytest.raises(dsrl.UsageError, match="exceeds the 300 rows"):  # verl's dataloader would be empty
+        printed_launch("--dataset", path, "--prompts-per-step", 512)
+
+
+@pytest.mark.slow
+def test_print_verl_command_cli_loads_nothing_and_never_tracebacks(tmp_path):
+    start = time.time()
+    res = run_cli(["--print-verl-command", "--output-dir", str(tmp_path / "run"), *PAPER_FLAGS])  # no such dataset
+    assert res.returncode == 0 and res.stderr == "" and time.time() - start < 60, res.stderr[-2000:]
+    assert not os.path.exists(tmp_path / "run")  # nothing loaded, nothing trained
+    keys, comments = parse_launch(res.stdout)
+    assert keys["data.train_files"] == "data/math_train.parquet" and any("7500 rows assumed" in c for c in comments)
+    bad = tmp_path / "bad.parquet"
+    bad.write_text("not parquet")
+    res = run_cli(["--print-verl-command", "--dataset", str(bad)])
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
+    assert "bad.parquet" in res.stderr
+
+
+# The differences from the official scripts that are not the experiment: paths and names, logging, resuming.
+NOT_THE_EXPERIMENT = {"actor_rollout_ref.model.path", "trainer.project_name", "trainer.experiment_name",
+                      "trainer.default_local_dir", "trainer.validation_data_dir", "trainer.logger", "trainer.resume_mode"}
+# The differences that are the experiment: each must be explained by a `# key=...` comment of the printed command.
+EXPLAINED = {"trainer.total_training_steps",  # explicit step count; the official scripts reach 348 by total_epochs=6
+             "trainer.test_freq_late",  # ours: one cadence; official: every 25 steps after step 100
+             "trainer.max_actor_ckpt_to_keep",  # our --save-total-limit 2; official: keep all
+             "data.seed"}  # our --seed 0; official: unset (verl's default 1)
+
+
+def official_overrides(script_text):
+    """The overrides an official run_code script passes to main_ppo, with the shell's own expansion: bash runs the
+    script with python3 replaced by a function that prints its arguments."""
+    fake_python = 'python3() { printf "%s\\0" "$@"; }; WORKING_DIR=/work MODEL_PATH=/models/Qwen3-4B; source "$0"'
+    with tempfile_script(script_text) as path:
+        res = subprocess.run(["bash", "-c", fake_python, path], capture_output=True, text=True, timeout=60,
+                             env={"PATH": os.environ["PATH"], "HOME": "/tmp"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    words = res.stdout.split("\0")[:-1]
+    assert words[:2] == ["-m", "verl.trainer.main_ppo"]
+    return words[2:]
+
+
+class tempfile_script:
+    def __init__(self, text):
+        import tempfile
+        self.file = tempfile.NamedTemporaryFile("w", suffix=".sh", delete=False)
+        self.file.write(text)
+        self.file.close()
+
+    def __enter__(self):
+        return self.file.name
+
+    def __exit__(self, *exc):
+        os.unlink(self.file.name)
+
+
+def ablation_variant(n):
+    """DSRL_abla_qwen3-4b.sh with variant n (1 NSR-pretrain ... 4 PSR-RL) uncommented and the others commented out."""
+    lines, current = [], None
+    for line in open(os.path.join(OFFICIAL_CONFIG, "DSRL_abla_qwen3-4b.sh")).read().splitlines():
+        if (m := re.match(r"# --- Variant (\d):", line)):
+            current = int(m.group(1))
+        elif not line.strip():
+            current = None
+        elif current is not None:
+            line = line.removeprefix("# ") if current == n else "# " + line.removeprefix("# ")
+        lines.append(line)
+    text = "\n".join(lines) + "\n"
+    assert text.count("\nvariant_name=") == 1
+    return text
+
+
+def composed(overrides):
+    """Hydra's composition of main_ppo's config (the fork's ppo_trainer.yaml) with these overrides, flattened."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+    with initialize_config_dir(config_dir=os.path.abspath(os.path.join(OFFICIAL_CONFIG, "config")), version_base=None):
+        cfg = OmegaConf.to_container(compose(config_name="ppo_trainer", overrides=list(overrides)))
+
+    def flat(d, prefix=""):
+        for k, v in d.items():
+            yield from flat(v, f"{prefix}{k}.") if isinstance(v, dict) else [(prefix + k, v)]
+    out = dict(flat(cfg))
+    for key in ("data.train_files", "data.val_files"):  # the same files in another folder
+        out[key] = [os.path.basename(p) for p in out[key]] if isinstance(out[key], list) else os.path.basename(out[key])
+    return out
+
+
+OFFICIAL_RUNS = {"dsrl": ("DSRL_qwen3-4b.sh", []), "grpo": ("Baseline_qwen3-4b.sh", ["--clip-high", "0.28",
+                                                                                    "--eval-before-train"]),
+                 "nsr-prerl": (1, []), "psr-prerl": (2, []), "nsr-rl": (3, []), "psr-rl": (4, [])}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", list(OFFICIAL_RUNS))
+def test_printed_launch_composes_to_the_official_run(mode):
+    """The paper's flags (and the baseline's clip 0.28 and step-0 validation for grpo), composed by Hydra over the
+    fork's config: no unknown key, and every difference from the official script is a path or name, the logger, the
+    resume mode, or printed as a `#` comment. hydra-core is a test-only dependency (.ci/run installs it; users who
+    clone have no ../shared and skip this test); the trainer never imports it."""
+    if not os.path.isdir(OFFICIAL_CONFIG):
+        pytest.skip("../shared/verl_official (the fork's config and launch scripts) is only in the developers' checkout")
+    pytest.importorskip("hydra", reason="hydra-core composes the fork's config: pip install hydra-core")
+    script, extra = OFFICIAL_RUNS[mode]
+    text = ablation_variant(script) if isinstance(script, int) else open(os.path.join(OFFICIAL_CONFIG, script)).read()
+    official = composed(official_overrides(text))
+    import scale
+    launch = scale.verl_command(dsrl.parse_args(["--mode", mode, *PAPER_FLAGS, *extra])[0])
+    ours = composed(f"{k}={v}" for k, v in parse_launch(launch)[0].items())
+    differ = {k for k in official.keys() | ours.keys() if official.get(k, "absent") != ours.get(k, "absent")}
+    assert differ - NOT_THE_EXPERIMENT == EXPLAINED, {k: (official.get(k), ours.get(k)) for k in differ}
+    for key in EXPLAINED:
+        assert any(c.startswith(f"# {'+' * (key == 'data.seed')}{key}=") for c in launch.splitlines()), key
+    assert (ours["trainer.total_training_steps"], ours["trainer.total_epochs"]) == (348, official["trainer.total_epochs"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", list(dsrl.MODES))
+def test_every_mode_composes_and_would_start(mode):
+    """Our default flags plus the paper's response length: what verl checks at startup holds in every mode."""
+    if not os.path.isdir(OFFICIAL_CONFIG):
+        pytest.skip("../shared/verl_official (the fork's config and launch scripts) is only in the developers' checkout")
+    pytest.importorskip("hydra", reason="hydra-core composes the fork's config: pip install hydra-core")
+    keys, _ = printed_launch("--mode", mode, "--max-new-tokens", 8192, "--steps", 123)
+    cfg = composed(f"{k}={v}" for k, v in keys.items())  # raises on an unknown key
+    assert cfg["data.val_files"] == ["aime_2024_20times.parquet", "aime_2025_20times.parquet", "amc2023_20times.parquet"]
+    assert cfg[R + "max_num_batched_tokens"] >= cfg["data.max_prompt_length"] + cfg["data.max_response_length"]
+    assert cfg[A + "ppo_max_token_len_per_gpu"] >= cfg["data.max_prompt_length"] + cfg["data.max_response_length"]
+    per_epoch = 7500 // cfg["data.train_batch_size"]
+    assert cfg["trainer.total_training_steps"] == 123 <= per_epoch * cfg["trainer.total_epochs"]
+    disable = cfg["algorithm.pretrain_loss_disable_step"]
+    if cfg["algorithm.pretrain_only"]:  # never reached: reaching it with pretrain_only on crashes verl's actor
+        assert disable > 123
+    assert (disable is None) == (dsrl.MODES[mode][0] == "y|x")
+
+
 def test_readme_verl_table_is_the_code_mapping():
+    import scale
     readme = open(os.path.join(HERE, "README.md")).read()
-    for name, keys in dsrl.VERL_KEYS.items():
+    for name, keys in scale.VERL_KEYS.items():
         row = f"| `--{name.replace('_', '-')}` | " + ", ".join(f"`{k}`" for k in keys) + " |"
         assert row in readme, row
 
