@@ -1934,7 +1934,7 @@ OFFICIAL_CONFIG = os.path.join(HERE, "..", "shared", "verl_official")  # the for
 PAPER_FLAGS = ["--model", "Qwen/Qwen3-4B", "--dataset", "data/math_train.parquet", "--prompts-per-step", "128",
                "--max-new-tokens", "8192", "--eval-every", "5", "--no-eval-before-train", "--eval-benchmarks",
                "data/aime_2024_20times.parquet,data/aime_2025_20times.parquet,data/amc2023_20times.parquet"]
-A, R = "actor_rollout_ref.actor.", "actor_rollout_ref.rollout."
+ACT, ROLL = "actor_rollout_ref.actor.", "actor_rollout_ref.rollout."
 
 
 def printed_launch(*flags):
@@ -1960,16 +1960,16 @@ def test_print_verl_command_maps_every_flag_at_non_default_values():
         512, "--warmup-steps", 9, "--clip-high", 0.28, "--top-p", 0.95, "--weight-decay", 0.05, "--seed", 7,
         "--steps", 350, "--eval-every", 10, "--eval-k", 8, "--eval-benchmarks", "aime24,math500",
         "--save-total-limit", 0, "--temperature", 0.7, "--output-dir", "/no/such/run7")
-    expected = {A + "optim.lr": "2e-06", R + "n": "4", "data.train_batch_size": "128", A + "ppo_mini_batch_size": "128",
+    expected = {ACT + "optim.lr": "2e-06", ROLL + "n": "4", "data.train_batch_size": "128", ACT + "ppo_mini_batch_size": "128",
                 "data.max_response_length": "2048", "data.max_prompt_length": "512",
-                R + "max_num_batched_tokens": "2560",  # prompt + response: vLLM's chunked prefill refuses less
-                "algorithm.pretrain_loss_disable_step": "10", A + "clip_ratio_high": "0.28", A + "clip_ratio_low": "0.2",
-                R + "top_p": "0.95", R + "val_kwargs.top_p": "0.95", A + "optim.weight_decay": "0.05",
-                "+data.seed": "7", R + "temperature": "0.7", R + "val_kwargs.temperature": "0.7",
+                ROLL + "max_num_batched_tokens": "2560",  # prompt + response: vLLM's chunked prefill refuses less
+                "algorithm.pretrain_loss_disable_step": "10", ACT + "clip_ratio_high": "0.28", ACT + "clip_ratio_low": "0.2",
+                ROLL + "top_p": "0.95", ROLL + "val_kwargs.top_p": "0.95", ACT + "optim.weight_decay": "0.05",
+                "+data.seed": "7", ROLL + "temperature": "0.7", ROLL + "val_kwargs.temperature": "0.7",
                 # 7,500 MATH rows // 128 = 58 full batches per epoch (verl drops the partial one): 350 steps need 7
                 "trainer.total_training_steps": "350", "trainer.total_epochs": "7",
                 "trainer.test_freq": "10", "trainer.test_freq_early": "10", "trainer.test_freq_late": "10",
-                "trainer.val_before_train": "True", R + "val_kwargs.n": "8", R + "val_kwargs.do_sample": "True",
+                "trainer.val_before_train": "True", ROLL + "val_kwargs.n": "8", ROLL + "val_kwargs.do_sample": "True",
                 "data.val_files": "[data/aime_2024_20times.parquet,math500]", "trainer.max_actor_ckpt_to_keep": "null",
                 "data.train_files": "data/math_train.parquet", "trainer.default_local_dir": "/no/such/run7",
                 "trainer.experiment_name": "run7"}
@@ -1991,7 +1991,7 @@ def test_print_verl_command_maps_every_flag_at_non_default_values():
 def test_print_verl_command_for_every_mode(mode, switches, disable_step):
     """The six modes as the official scripts set them (DSRL_abla_qwen3-4b.sh's four variants, the baseline)."""
     keys, _ = printed_launch("--mode", mode, "--steps", 1000, "--eval-every", 5)
-    names = [A + "negative_pretrain", A + "positive_pretrain", A + "negative_rl", A + "positive_rl",
+    names = [ACT + "negative_pretrain", ACT + "positive_pretrain", ACT + "negative_rl", ACT + "positive_rl",
              "algorithm.pretrain_only_warmup", "algorithm.pretrain_only"]
     assert tuple(keys[n] for n in names) == switches
     # P(y)-only: 99999 as the official ablation (verl crashes on reaching it with pretrain_only on); P(y|x): unset
@@ -2133,8 +2133,8 @@ def test_every_mode_composes_and_would_start(mode):
     keys, _ = printed_launch("--mode", mode, "--max-new-tokens", 8192, "--steps", 123)
     cfg = composed(f"{k}={v}" for k, v in keys.items())  # raises on an unknown key
     assert cfg["data.val_files"] == ["aime_2024_20times.parquet", "aime_2025_20times.parquet", "amc2023_20times.parquet"]
-    assert cfg[R + "max_num_batched_tokens"] >= cfg["data.max_prompt_length"] + cfg["data.max_response_length"]
-    assert cfg[A + "ppo_max_token_len_per_gpu"] >= cfg["data.max_prompt_length"] + cfg["data.max_response_length"]
+    assert cfg[ROLL + "max_num_batched_tokens"] >= cfg["data.max_prompt_length"] + cfg["data.max_response_length"]
+    assert cfg[ACT + "ppo_max_token_len_per_gpu"] >= cfg["data.max_prompt_length"] + cfg["data.max_response_length"]
     per_epoch = 7500 // cfg["data.train_batch_size"]
     assert cfg["trainer.total_training_steps"] == 123 <= per_epoch * cfg["trainer.total_epochs"]
     disable = cfg["algorithm.pretrain_loss_disable_step"]
