@@ -89,7 +89,8 @@ def train_rows(a: Args):
         with open(a.dataset, encoding="utf-8") as fh:
             return sum(1 for line in fh if line.strip()), a.dataset
     except Exception as e:
-        raise UsageError(f"cannot read dataset file {a.dataset}: {type(e).__name__} (is it a valid parquet/jsonl file?)")
+        raise UsageError(f"cannot read dataset file {a.dataset}: {type(e).__name__} "
+                         "(is it a valid parquet/jsonl file?)")
 
 
 def val_files(a: Args) -> list:
@@ -146,24 +147,26 @@ def verl_comments(a: Args, rows, assumed: bool, values: dict) -> list:
     """Where the printed run differs from the official scripts or from ours: one `#` line each, with the reason."""
     notes = [f"# --{f.name.replace('_', '-')} {getattr(a, f.name)!s:.40}".rstrip() + f": no official counterpart; {why}"
              for f in fields(Args) if (why := NOT_IN_VERL.get(f.name))]
-    per_epoch = rows // a.prompts_per_step
+    per_epoch = rows // a.prompts_per_step  # verl drops the last partial batch
+    guess = " assumed: MATH train; count them where the file is" if assumed else ""
     notes.append(f"# trainer.total_training_steps={a.steps}: verl stops there; total_epochs="
                  f"{values['trainer.total_epochs']} only has to reach it ({per_epoch} steps of {a.prompts_per_step} "
-                 f"prompts per epoch, {rows} rows{' assumed: MATH train; count them where the file is' if assumed else ''}"
+                 f"prompts per epoch, {rows} rows{guess}"
                  "). The official scripts give total_epochs=6 alone: 348 steps on MATH at 128 prompts")
     if values["trainer.test_freq"] > 0:
         notes.append(f"# trainer.test_freq_late={a.eval_every}: ours evaluates every {a.eval_every} steps throughout; "
                      "the official scripts switch to every 25 after step 100 (test_freq_late=25)")
     if values[ROLLOUT + "val_kwargs.n"] == 1:
         notes.append(f"# {ROLLOUT}val_kwargs.n=1: the *_20times files repeat each problem 20 times, so each is "
-                     f"sampled 20 times (Avg@20); our --eval-k {a.eval_k} samples each distinct problem {a.eval_k} times")
+                     f"sampled 20 times (Avg@20); our --eval-k {a.eval_k} samples each distinct problem "
+                     f"{a.eval_k} times")
     if MODES[a.mode][0] == "y|x":
         notes.append(f"# --warmup-steps {a.warmup_steps}: unused by {a.mode}; algorithm.pretrain_loss_disable_step "
                      "unset as in the official scripts (no P(y) loss)")
     notes.append(f"# +data.seed={a.seed}: verl's data-order seed (unset in the official scripts: 1); verl's order "
                  "differs from ours for the same seed")
-    notes.append(f"# trainer.max_actor_ckpt_to_keep={values['trainer.max_actor_ckpt_to_keep']}: from --save-total-limit "
-                 "(the official scripts keep all: null)")
+    keep = values["trainer.max_actor_ckpt_to_keep"]
+    notes.append(f"# trainer.max_actor_ckpt_to_keep={keep}: from --save-total-limit (the official scripts: null, all)")
     notes.append("# trainer.logger, trainer.resume_mode: the official scripts log to wandb too and never resume; "
                  "add wandb to the logger list if you use it")
     if not all(f.endswith(".parquet") and os.path.isfile(f) for f in [values["data.train_files"]] + val_files(a)):
