@@ -20,7 +20,9 @@ from dsrl import DEFAULT_DATASET, MODES, Args, UsageError
 # ---- Beyond one GPU: the official multi-GPU launch (verl) --------------------------------------------------
 # The official launch scripts (run_code/DSRL_qwen3-4b.sh, DSRL_abla_qwen3-4b.sh, Baseline_qwen3-4b.sh) call
 # `python3 -m verl.trainer.main_ppo` with Hydra overrides over the fork's verl/trainer/config/ppo_trainer.yaml.
-# Keys are full paths (Hydra rejects others); a key the yaml lacks needs a leading "+".
+# Keys are full paths (Hydra rejects others); a key the yaml lacks needs a leading "+". Behaviour checked in the
+# fork's source: ray_trainer.py (_create_dataloader: drop_last, total_training_steps over total_epochs; fit: the
+# P(y) switch, test_freq_early/late/threshold), dp_actor.py (update_policy), main_ppo.py (data.get("seed", 1)).
 ACTOR, ROLLOUT, REF = "actor_rollout_ref.actor.", "actor_rollout_ref.rollout.", "actor_rollout_ref.ref."
 # ours -> official key(s). README's table "From one GPU to the official launch" is this mapping.
 VERL_KEYS = {"model": ["actor_rollout_ref.model.path"], "dataset": ["data.train_files"],
