@@ -2253,3 +2253,43 @@ def test_qwen3_both_spaces_train_and_eval_runs_on_the_checkpoint(qwen3_run, tmp_
     assert len(rows) == 4 and all(r["response"] in ("\\boxed{%s}" % d for d in "0123456789") for r in rows)
     m = json.load(open(out / "accuracy.json"))["results"]
     assert list(m.values())[0]["avg@4"] == pytest.approx(sum(r["reward"] for r in rows) / 4)
+
+
+@pytest.mark.slow
+def test_gpu_check_tiny_mode_writes_every_section(tmp_path):
+    """bench/gpu_check.sh --tiny runs the GPU check's code path on CPU: JSON and Markdown with every section."""
+    from transformers import Qwen3ForCausalLM
+    env = {**os.environ, "PYTHON": sys.executable, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    res = subprocess.run(["bash", os.path.join(HERE, "bench", "gpu_check.sh"), "--tiny", "--out-dir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=900, env=env, cwd=HERE)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu-cpu-tiny.json").read_text())
+    s = report["sections"]
+    assert list(s) == ["info", "phases", "decode", "deterministic-off", "deterministic-on", "trl", "headline"]
+    assert all(s[name]["status"] == "ok" for name in s if name != "trl"), {k: v["status"] for k, v in s.items()}
+    assert s["trl"]["status"] == "ok" or s["trl"]["status"].startswith("not run: TRL is not installed")
+    # decode floor from the tiny model's own sizes: fp32 weights, K and V of 2 layers x 2 KV heads x 16 dims per token
+    tok = make_tokenizer()
+    n_params = sum(p.numel() for p in Qwen3ForCausalLM(tiny_config(len(tok), tok)).parameters())
+    d = s["decode"]
+    assert (d["weight_bytes"], d["kv_bytes_per_token"]) == (4 * n_params, 2 * 2 * 2 * 16 * 4)
+    floor = 1000 * (d["weight_bytes"] + d["batch"] * d["mean_kv_len"] * d["kv_bytes_per_token"]) / (d["bandwidth_gbs"] * 1e9)
+    for kv in ("dynamic", "static"):
+        row = d["kv_cache"][kv]
+        assert row["floor_ms"] == pytest.approx(floor) and row["ms_per_step"] == pytest.approx(1000 * row["gen_s"] / 8)
+    assert d["kv_cache"]["compile"]["status"].startswith("not run in --tiny")
+    p = s["phases"]
+    assert list(p["phases"]) == ["sampling", "loss", "optimizer"] and p["n_used"] > 0  # the hash reward mixes groups
+    assert all(row["s"] > 0 and row["peak_mb"] > 0 for row in p["phases"].values())
+    assert (s["deterministic-off"]["deterministic"], s["deterministic-on"]["deterministic"]) == (False, True)
+    h = s["headline"]
+    assert h["exit_code"] == 0 and h["steps_done"] >= 2 and [r["step"] for r in h["steps"]] == list(range(1, h["steps_done"] + 1))
+    assert all(r["space"] == "P(y)" for r in h["steps"])  # the default mode: DSRL, warm-up in P(y)
+    md = (tmp_path / "gpu-cpu-tiny.md").read_text()
+    for title in ("Decode ms per step", "One GRPO step", "`--deterministic` off and on", "Step time against TRL",
+                  "The headline command"):
+        assert title in md, title
+    if p["plan"] is None:  # without scale.py the report says so
+        assert "plan: not available" in md
+    else:
+        assert {"training_state", "sampling_copy", "kv_cache", "activations", "peak", "gen_batch_size"} <= set(p["plan"])
