@@ -14,8 +14,9 @@ is recorded as such and the check goes on; the whole stays under --budget-s, 450
                  bandwidth; the first call of each mode is a warm-up (static/compile compile there) and is not timed
   deterministic  the same step as `phases` with --deterministic off and on, at 256 new tokens
   trl            bench/step_vs_trl.py at the default sizes, when TRL is installed (see bench/README.md, Setup)
-  headline       python dsrl.py --model <random Qwen3-0.6B> with the default flags, --max-new-tokens 1024, 10 steps;
-                 stopped (SIGTERM: the step ends, a checkpoint is written) when its budget runs out
+  headline       python dsrl.py --model <random Qwen3-0.6B> with the default flags (--max-new-tokens 1024), stopped
+                 after 10 steps as a user stops it (SIGTERM: the step ends, a checkpoint is written), or earlier
+                 when its budget runs out (the report says so)
 Reward: random weights never write a boxed answer, so every reward would be 0, every advantage 0, and the loss pass
 would never run. Every section scores responses with a 0/1 hash of (position, text) instead (as step_vs_trl
 --reward hash), so groups are mixed and the loss runs as in a real run.
@@ -40,9 +41,9 @@ sys.path[:0] = [REPO, HERE]
 import step_vs_trl as svt  # noqa: E402  (build_model, load_examples, sync: the benchmark's own helpers)
 
 TOTAL_BUDGET_S = 450  # 7.5 minutes: under 8 with the model build and the report
-# section -> (seconds it may take at most, weight 0 = whatever is left for the headline)
-BUDGETS = {"info": 40, "phases": 110, "decode": 100, "deterministic-off": 45, "deterministic-on": 45, "trl": 150,
-           "headline": 0}
+# seconds a section may take at most; the headline gets what is left, at least HEADLINE_MIN_S
+BUDGETS = {"info": 40, "phases": 110, "decode": 90, "deterministic-off": 45, "deterministic-on": 45, "trl": 150}
+HEADLINE_MIN_S = 150
 SIZES = {  # dsrl's defaults on GPU; seconds-long on CPU
     "gpu": dict(prompts=16, group=8, new_tokens=1024, micro=8, warmup_tokens=16, decode_tokens=128, det_tokens=256,
                 headline_steps=10, kv_caches=["dynamic", "static", "compile"]),
@@ -230,7 +231,8 @@ def section_decode(o):
     kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * item
     n_seq, T = len(prompts) * s["group"], s["decode_tokens"]
     mean_len = sum(map(len, prompts)) / len(prompts) + T / 2  # the KV cache read per step, averaged over the decode
-    floor_ms = 1000 * (weight_bytes + n_seq * mean_len * kv_per_token) / (info.get("bandwidth_gbs", 0) * 1e9 or float("nan"))
+    bandwidth = info.get("bandwidth_gbs") or float("nan")  # nan if the info section failed
+    floor_ms = 1000 * (weight_bytes + n_seq * mean_len * kv_per_token) / (bandwidth * 1e9)
     rows = {kv: {"status": "not run: the section's time budget ran out"} for kv in s["kv_caches"]}
     rows.update({kv: {"status": "not run in --tiny: compiling takes minutes on a CPU"}
                  for kv in SIZES["gpu"]["kv_caches"] if kv not in rows})
@@ -274,22 +276,32 @@ def section_trl(o):
 
 def section_headline(o):
     """`python dsrl.py --model <random Qwen3-0.6B>` with the default flags (348 steps, warm-up 19: a bare --steps 10
-    is refused), run through dsrl.py's own main() and stopped after --steps-planned steps the way a user stops it:
+    is refused), run through dsrl.py's own main() and stopped after SIZES' headline_steps (10) as a user stops it:
     SIGTERM, the step in flight ends, a checkpoint is written. SIGTERM comes earlier if the budget runs out.
     Reward: the hash (see the docstring)."""
     import dsrl
     s = SIZES[o.size]
     out_dir = os.path.join(o.work_dir, "headline")
     argv = ["--model", o.model_dir, "--dataset", os.path.join(o.model_dir, "rows.jsonl"), "--output-dir", out_dir,
-            "--max-new-tokens", str(s["new_tokens"]), "--device", o.device]
+            "--max-new-tokens", str(s["new_tokens"])]
     if o.size == "tiny":
-        argv += ["--prompts-per-step", str(s["prompts"]), "--group-size", str(s["group"])]
+        argv += ["--prompts-per-step", str(s["prompts"]), "--group-size", str(s["group"]), "--device", o.device]
     dsrl.score = hash_score
-    stop_at = o.deadline - o.step_estimate_s - 30  # the step in flight ends, then the checkpoint is written
-    threading.Thread(target=stop_after, args=(os.path.join(out_dir, "metrics.jsonl"), s["headline_steps"] - 1, stop_at),
-                     daemon=True).start()
+    metrics_row = dsrl.metrics_row
+
+    def stop_after_planned_steps(step, *rest):  # SIGTERM in the step's own logging: the loop stops after this step
+        if step >= s["headline_steps"]:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return metrics_row(step, *rest)
+
+    dsrl.metrics_row = stop_after_planned_steps
+    budget = o.deadline - time.time() - o.step_estimate_s - 45  # the step in flight ends, the checkpoint is written
+    timer = threading.Timer(max(0.0, budget), os.kill, (os.getpid(), signal.SIGTERM))
+    timer.daemon = True
+    timer.start()
     t0 = time.perf_counter()
     code = dsrl.main(argv)
+    timer.cancel()
     with open(os.path.join(out_dir, "metrics.jsonl")) as fh:
         rows = [json.loads(line) for line in fh]
     return {"command": "python dsrl.py " + " ".join(argv), "exit_code": code, "wall_s": time.perf_counter() - t0,
@@ -297,19 +309,6 @@ def section_headline(o):
             "stopped_by_budget": len(rows) < s["headline_steps"], "peak_mb": peak_mb(dsrl.resolve_device(o.device)),
             "steps": [{k: r[k] for k in ("step", "space", "n_used", "gen_tokens", "time_gen_s", "time_step_s")}
                       for r in rows]}
-
-
-def stop_after(metrics_path, n_lines, stop_at):
-    """SIGTERM to this process once metrics_path has n_lines lines (the next step is the last) or at stop_at."""
-    while time.time() < stop_at:
-        try:
-            with open(metrics_path) as fh:
-                if sum(1 for _ in fh) >= n_lines:
-                    break
-        except OSError:
-            pass
-        time.sleep(0.1)
-    os.kill(os.getpid(), signal.SIGTERM)
 
 
 SECTIONS = {"info": section_info, "phases": section_phases, "decode": section_decode,
@@ -378,30 +377,19 @@ def drive(o):
     t_start = time.time()
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as work:
         o.work_dir, o.model_dir = work, o.model_dir or os.path.join(work, "model")
+        info = run_section(o, "info", BUDGETS["info"])  # first: a machine without a GPU stops before the build
+        if not o.tiny and info.get("device", "cpu") == "cpu":
+            print(f"error: {info.get('error') or 'no CUDA device found'}; the CPU version of this check is: "
+                  "bash bench/gpu_check.sh --tiny", file=sys.stderr)
+            return 2
         if not os.path.exists(os.path.join(o.model_dir, "config.json")):
             build(o)
         report = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                   "command": "bash bench/gpu_check.sh" + (" --tiny" if o.tiny else ""), "sizes": SIZES[o.size],
-                  "budget_s": o.budget_s, "build_s": time.time() - t_start, "sections": {}}
-        sections = report["sections"]
-        scale = o.budget_s / TOTAL_BUDGET_S
-        for name in ("info", "phases", "decode", "deterministic-off", "deterministic-on", "trl"):
-            left = o.budget_s - (time.time() - t_start) - 60 * scale  # keep at least a minute for the headline
-            if left < 10 * scale:
-                sections[name] = {"status": "not run: the check's time budget ran out"}
-                continue
-            info = json.dumps({k: sections["info"].get(k) for k in ("bandwidth_gbs",)}) if name == "decode" else None
-            sections[name] = run_section(o, name, min(BUDGETS[name] * scale, left), ["--info", info] if info else [])
-            print(f"[gpu_check] {name}: {sections[name]['status']} ({time.time() - t_start:.0f} s)", file=sys.stderr)
-            if name == "info" and not o.tiny and sections[name].get("device", "cpu") == "cpu":
-                why = sections[name].get("error") or "no CUDA device found"
-                print(f"error: {why}; the CPU version of this check is: bash bench/gpu_check.sh --tiny", file=sys.stderr)
-                return 2
-        phase_step = sections["phases"].get("step_s") or 60.0 * scale
-        left = o.budget_s - (time.time() - t_start)
-        sections["headline"] = run_section(o, "headline", left, ["--step-estimate-s", f"{phase_step:.1f}"])
+                  "budget_s": o.budget_s, "build_s": time.time() - t_start, "sections": {"info": info}}
+        run_sections(o, report["sections"], t_start)
         report["total_s"] = time.time() - t_start
-    name = "cpu-tiny" if o.tiny else re.sub(r"[^a-z0-9]+", "-", sections["info"].get("device", "gpu").lower()).strip("-")
+    name = "cpu-tiny" if o.tiny else re.sub(r"[^a-z0-9]+", "-", info["device"].lower()).strip("-")
     os.makedirs(o.out_dir, exist_ok=True)
     with open(os.path.join(o.out_dir, f"gpu-{name}.json"), "w") as fh:
         json.dump(report, fh, indent=2)
@@ -411,6 +399,22 @@ def drive(o):
     print(table)
     print(f"wrote {o.out_dir}/gpu-{name}.json and .md in {report['total_s']:.0f} s", file=sys.stderr)
     return 0
+
+
+def run_sections(o, sections, t_start):
+    """Each section within its budget and what the whole check has left, keeping HEADLINE_MIN_S for the headline."""
+    factor = o.budget_s / TOTAL_BUDGET_S
+    for name in [n for n in BUDGETS if n != "info"]:
+        left = o.budget_s - (time.time() - t_start) - HEADLINE_MIN_S * factor
+        if left < 10 * factor:
+            sections[name] = {"status": "not run: the check's time budget ran out"}
+            continue
+        extra = ["--info", json.dumps({"bandwidth_gbs": sections["info"].get("bandwidth_gbs")})] if name == "decode" else []
+        sections[name] = run_section(o, name, min(BUDGETS[name] * factor, left), extra)
+        print(f"[gpu_check] {name}: {sections[name]['status']} ({time.time() - t_start:.0f} s)", file=sys.stderr)
+    step_s = sections["phases"].get("step_s") or 60.0 * factor  # the headline stops in time to finish its step
+    sections["headline"] = run_section(o, "headline", o.budget_s - (time.time() - t_start),
+                                       ["--step-estimate-s", f"{step_s:.1f}"])
 
 
 # ---- the report -----------------------------------------------------------------------------------------------
@@ -426,7 +430,7 @@ def md_decode(sec):
     title = "Decode ms per step, against the bandwidth floor"
     if sec["status"] != "ok":
         return not_ok(title, sec)
-    lines = [f"**{title}** ({sec['batch']} sequences, {sec['new_tokens']} new tokens forced, bf16 sampler; floor = "
+    lines = [f"**{title}** ({sec['batch']} sequences, {sec['new_tokens']} new tokens forced, {sec['dtype']} sampler; floor = "
              f"({sec['weight_bytes'] / 1e9:.2f} GB weights + KV cache at {sec['mean_kv_len']:.0f} tokens) / "
              f"{fmt(sec['bandwidth_gbs'], '.0f')} GB/s; prefill included in ms/step"
              f"{'; ' + sec['partial'] if sec.get('partial') else ''})", "",
