@@ -59,11 +59,9 @@ TEST_TEMPLATES = ["Output {d}", "Your answer is {d}"]  # held-out phrasings, sam
 ANSWER = "\\boxed{{{d}}}"  # the response is ANSWER + <|im_end|>
 JUNK = "\\boxed{{}}"  # the junk variant's other answer: an empty box, wrong for every prompt
 
-# The dsrl.py flags of the CPU tier (all but --model, --dataset, --mode, --output-dir); numbers in course/RESULTS.md.
+# The dsrl.py flags of the CPU tier (all but --model, --dataset, --mode, --output-dir).
 # 120 steps of 16 prompts x 8 samples: 14-18 s on 2 cores (OMP_NUM_THREADS=1 if other work holds a core).
-# lr 2e-4, not 1e-3: AdamW's step does not shrink with --prerl-coef, and at lr 1e-3 the P(y) NSR steps (nsr-prerl,
-# the dsrl warm-up) push down the tokens that every wrong answer shares ("\\boxed{", "<|im_end|>"): nsr-prerl ends
-# with no box at all (reward 0) and dsrl loses its stop token for good. GRPO needs no more (+0.57 in 120 steps).
+# lr 2e-4 rather than 1e-3: what the larger step does to the P(y) modes is a question of the course.
 TRAIN_FLAGS = ("--steps 120 --prompts-per-step 16 --group-size 8 --max-new-tokens 12 --lr 2e-4 --warmup-steps 5 "
                "--device cpu --micro-batch-size 64 --save-every 1000 --save-total-limit 1")
 
@@ -148,15 +146,17 @@ def response_ids(tokenizer, digit, template=ANSWER):
 
 
 def supervised_warmup(model, tokenizer, rows, steps=200, batch=32, lr=3e-3, p_right=0.3, seed=0, until=None,
-                      check_every=50, log=None, p_junk=0.0):
+                      check_every=50, log=None, p_junk=0.0, p_alone=0.0):
     """Teacher-forced fine-tune on chat prompt + "\\boxed{d}<|im_end|>", loss on the response tokens only.
     With probability p_right d is the gold digit, else a uniformly random digit (it may hit the gold too: the
     target accuracy is p_right + (1 - p_right) / 10). With probability p_junk the answer is JUNK (an empty box,
-    wrong for every prompt) instead of ANSWER. until(model) -> bool, checked every check_every steps,
+    wrong for every prompt) instead of ANSWER. With probability p_alone
+    a sequence is the answer alone after <|im_start|> (the P(y) input of dsrl.py) instead of prompt + answer: like
+    a pre-trained LM, the model then has a P(y) that is the marginal of its answers. until(model) -> bool, checked every check_every steps,
     stops early. Returns the number of steps run (the model is trained in place)."""
     rng = random.Random(seed)
     prompts = [(chat_prompt(tokenizer, r["problem"]), r["answer"]) for r in rows]
-    pad = tokenizer.pad_token_id
+    pad, start = tokenizer.pad_token_id, tokenizer.convert_tokens_to_ids("<|im_start|>")
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     step = 0
     while step < steps:
@@ -166,8 +166,9 @@ def supervised_warmup(model, tokenizer, rows, steps=200, batch=32, lr=3e-3, p_ri
             p, gold = rng.choice(prompts)
             d = gold if rng.random() < p_right else str(rng.randrange(10))
             y = response_ids(tokenizer, d, JUNK if p_junk and rng.random() < p_junk else ANSWER)
-            seqs.append(p + y)
-            labels.append([-100] * len(p) + y)
+            x = [start] if p_alone and rng.random() < p_alone else p
+            seqs.append(x + y)
+            labels.append([-100] * len(x) + y)
         ids, lab, mask = _pad(seqs, pad), _pad(labels, -100), _pad([[1] * len(s) for s in seqs], 0)
         loss = model(input_ids=ids, attention_mask=mask, labels=lab).loss
         opt.zero_grad(set_to_none=True)
@@ -205,6 +206,16 @@ def answer_distribution(model, tokenizer, rows):
     return {"p_right": mean(right), "p_format": mean(fmt), "p_junk": mean(junk)}
 
 
+@torch.no_grad()
+def marginal_distribution(model, tokenizer):
+    """The same in P(y), the answer alone after <|im_start|> (dsrl.logprob_y's input): {"p_format": P(\\boxed{<any
+    digit>}<|im_end|>), "p_junk": P(JUNK<|im_end|>)}."""
+    model.eval()
+    start = [tokenizer.convert_tokens_to_ids("<|im_start|>")]
+    return {"p_format": _answer_probs(model, tokenizer, start, ANSWER).sum().item(),
+            "p_junk": _answer_probs(model, tokenizer, start, JUNK).sum().item()}
+
+
 def _answer_probs(model, tokenizer, prompt, template):
     """P(template(d) <|im_end|> | prompt) for d = 0..9, as a (10,) tensor (one entry if template has no {d})."""
     ys = [response_ids(tokenizer, d, template) for d in (range(10) if "{d}" in template else [0])]  # one length
@@ -221,13 +232,14 @@ def write_jsonl(rows, path):
 
 
 def build_task(out_dir, seed=0, n_train=512, max_skill_steps=600, mix_steps=200, p_right=0.3, flags=TRAIN_FLAGS,
-               log=None, p_junk=0.0):
+               log=None, p_junk=0.0, p_alone=0.0):
     """Build the whole task in out_dir; deterministic for a given seed (the fine-tune runs on one thread).
     The fine-tune has two stages: (1) right answers only, until the model copies (teacher-forced P(right) >= 0.9
     on the train problems, checked every 50 steps, at most max_skill_steps); (2) mix_steps on the mix of
     p_right right and 1 - p_right random answers, which brings P(right) down to about p_right + (1 - p_right) / 10.
     p_junk > 0 (the junk variant): in stage 2 a share p_junk of the answers is an empty box, so the start model
-    gives that answer, wrong for every prompt, in about p_junk of its samples.
+    gives that answer, wrong for every prompt, in about p_junk of its samples. p_alone > 0: in stage 2 that share
+    of the sequences is the answer alone after <|im_start|>, so that P(y) is the marginal of the answers.
     Returns {"model", "train", "test", "flags"} paths and "start": the start model's P(right) / P(format)."""
     os.makedirs(out_dir, exist_ok=True)
     threads = torch.get_num_threads()
@@ -243,13 +255,14 @@ def build_task(out_dir, seed=0, n_train=512, max_skill_steps=600, mix_steps=200,
             print(f"warning: the model did not learn to copy in {skill} steps (seed {seed}); RL will have little to "
                   "reinforce: raise max_skill_steps", file=sys.stderr)
         supervised_warmup(model, tok, train_rows, steps=mix_steps, p_right=p_right, seed=seed + 1, log=log,
-                          p_junk=p_junk)
+                          p_junk=p_junk, p_alone=p_alone)
         model_dir = os.path.join(out_dir, "model")
         model.save_pretrained(model_dir)
         tok.save_pretrained(model_dir)
         start = {"train": answer_distribution(model, tok, all_rows(TRAIN_TEMPLATES)),
                  "test": answer_distribution(model, tok, all_rows(TEST_TEMPLATES)),
-                 "skill_steps": skill, "mix_steps": mix_steps, "p_junk": p_junk}
+                 "marginal": marginal_distribution(model, tok),
+                 "skill_steps": skill, "mix_steps": mix_steps, "p_junk": p_junk, "p_alone": p_alone}
     finally:
         torch.set_num_threads(threads)
     paths = {"model": model_dir,
@@ -272,13 +285,16 @@ def main(argv=None):
     p.add_argument("--p-right", type=float, default=0.3, help="share of right answers in the warm-up data")
     p.add_argument("--junk", type=float, default=0.0, metavar="SHARE",
                    help="the junk variant: this share of the mix answers with an empty box (wrong for every prompt)")
+    p.add_argument("--answers-alone", type=float, default=0.0, metavar="SHARE",
+                   help="this share of the mix's sequences is the answer alone after <|im_start|> (trains P(y))")
     p.add_argument("--flags", default=TRAIN_FLAGS, help="the dsrl.py flags written to OUT/train_flags.txt")
     a = p.parse_args(argv)
-    if not 0.0 <= a.junk < 1.0:
-        p.error(f"--junk {a.junk}: give a share in [0, 1), e.g. --junk 0.5")
+    for flag, share in (("--junk", a.junk), ("--answers-alone", a.answers_alone)):
+        if not 0.0 <= share < 1.0:
+            p.error(f"{flag} {share}: give a share in [0, 1), e.g. {flag} 0.5")
     t0 = time.time()
     out = build_task(a.out_dir, a.seed, max_skill_steps=a.max_skill_steps, mix_steps=a.mix_steps, p_right=a.p_right,
-                     log=print, p_junk=a.junk, flags=a.flags)
+                     log=print, p_junk=a.junk, p_alone=a.answers_alone, flags=a.flags)
     s = out["start"]
     print(f"start model ({s['skill_steps']} + {s['mix_steps']} fine-tune steps): P(right) train "
           f"{s['train']['p_right']:.2f} test {s['test']['p_right']:.2f}, P(format) train {s['train']['p_format']:.2f}, "
