@@ -4,7 +4,7 @@
 
 RUNS_DIR/seedS/{start,grpo,nsr-prerl,dsrl,psr-prerl}: per run and seed, the reward curve (mean reward_mean of the
 first 5 and last 5 steps, and of the first 20 steps in P(y|x): GRPO's steps 1-20, DSRL's 20 steps after its
-warm-up), pass@1/pass@8 of eval.py accuracy on the held-out phrasings, the junk's probability by teacher forcing
+warm-up), the share of junk among the sampled answers (steps 1-5, 16-20, last 5), pass@1/pass@8 of eval.py accuracy on the held-out phrasings, the junk's probability by teacher forcing
 (P(junk|x) averaged over the test prompts, and P(junk) with the prompt removed, tiny_task.py) and the gradient
 alignment (eval.py align: mean cosine of grad log P(y|x) and grad log P(y) over the rollouts). Then the mean
 over seeds.
@@ -20,7 +20,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import tiny_task  # noqa: E402
 
 RUNS = ["start", "grpo", "nsr-prerl", "dsrl", "psr-prerl"]
-COLUMNS = ["first5", "last5", "first20_rl", "pass@1", "pass@8", "P(junk|x)", "P(junk)", "P(right|x)", "align_cos"]
+COLUMNS = ["first5", "last5", "first20_rl", "junk1-5", "junk16-20", "junk_last5", "pass@1", "pass@8", "P(junk|x)",
+           "P(junk)", "P(right|x)", "align_cos"]
+JUNK_TEXT = tiny_task.JUNK.format(d="")  # the junk answer as the samples hold it
 
 
 def read_json(path):
@@ -37,8 +39,25 @@ def reward_curve(run_dir):
     with open(path) as fh:
         m = [json.loads(line) for line in fh if line.strip()]
     r = [x["reward_mean"] for x in m]
-    rl = [x["reward_mean"] for x in m if x["space"] != "y"][:20]  # the first 20 steps in P(y|x)
-    return {"first5": sum(r[:5]) / 5, "last5": sum(r[-5:]) / 5, "first20_rl": sum(rl) / len(rl) if rl else None}
+    rl = [x["reward_mean"] for x in m if x["space"] == "P(y|x)"][:20]  # the first 20 steps in P(y|x)
+    out = {"first5": sum(r[:5]) / 5, "last5": sum(r[-5:]) / 5, "first20_rl": sum(rl) / len(rl) if rl else None}
+    return {**out, **junk_shares(os.path.join(run_dir, "samples.jsonl"), len(m))}
+
+
+def junk_shares(path, steps):
+    """Share of the sampled answers that are the junk answer, in steps 1-5, 16-20 and the last 5."""
+    if not os.path.exists(path):
+        return {}
+    windows = {"junk1-5": range(1, 6), "junk16-20": range(16, 21), "junk_last5": range(steps - 4, steps + 1)}
+    counts = {k: [0, 0] for k in windows}
+    with open(path) as fh:
+        for line in fh:
+            sample = json.loads(line)
+            for key, steps_in in windows.items():
+                if sample["step"] in steps_in:
+                    counts[key][0] += sample["response"].strip() == JUNK_TEXT
+                    counts[key][1] += 1
+    return {k: junk / total for k, (junk, total) in counts.items() if total}
 
 
 def junk_probabilities(model_dir, test_rows):
