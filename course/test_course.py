@@ -222,3 +222,15 @@ def test_junk_variant_start_model_answers_junk_in_both_spaces(tmp_path):
     res = subprocess.run([sys.executable, os.path.join(HERE, "tiny_task.py"), tmp_path / "bad", "--junk", "1.5"],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "--junk 1.5: give a share in [0, 1)" in res.stderr, res.stderr
+
+
+@pytest.mark.slow
+def test_grader_without_fork_runs_fresh_processes(tmp_path, monkeypatch, capsys):
+    """The path of macOS and Windows: each exercise in a fresh `python -m pytest`."""
+    monkeypatch.setattr(grade, "FORK", False)
+    bug = reference("dsrl.py").replace("def sample_mask(", "def sample_mask_unused(", 1) + \
+        "\n\ndef sample_mask(adv, samples):\n    return {'neg': adv < 0, 'pos': adv >= 0, 'all': adv == adv}[samples]\n"
+    results = grade.grade(os.path.join(ROOT, "dsrl.py"), only=[1, 2])
+    assert [m for *_, m in results] == [None, None], capsys.readouterr().out
+    results = grade.grade(str(student(tmp_path / "s", bug)), only=[2])  # PSR as A >= 0
+    assert results[0][2] is not None and capsys.readouterr().out.strip().endswith("score=0/1")
