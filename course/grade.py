@@ -13,7 +13,8 @@ How: the student's dsrl.py, the eval.py beside it and grader.py are copied into 
 import that folder (DSRL_UNDER_TEST), so nothing of the reference is imported in their place. Without an
 eval.py beside dsrl.py, the eval.py exercise is not graded (FAIL, with the reason). Each exercise runs in its
 own pytest process (forked from the grader after it imported torch and transformers, on Linux), one thread
-each, with a time limit (an endless loop is that exercise's FAIL); two run at a time by default (--jobs). Exit code 0 only when every chosen exercise passes; 2 for a usage problem.
+each, with a time limit (an endless loop is that exercise's FAIL); two run at a time by default (--jobs).
+Exit code 0 only when every chosen exercise passes; 2 for a usage problem.
 """
 import argparse
 import importlib.util
@@ -65,7 +66,8 @@ def stage(dsrl_path: str, folder: str) -> dict:
     else:
         shutil.copy(os.path.join(student, "eval.py"), os.path.join(folder, "eval.py"))
     grader = os.path.join(student, "grader.py")  # the answer checker; not an exercise, the project's will do
-    shutil.copy(grader if os.path.isfile(grader) else os.path.join(ROOT, "grader.py"), os.path.join(folder, "grader.py"))
+    grader = grader if os.path.isfile(grader) else os.path.join(ROOT, "grader.py")
+    shutil.copy(grader, os.path.join(folder, "grader.py"))
     return {"dsrl": os.path.join(folder, "dsrl.py"), "missing_eval": missing_eval}
 
 
@@ -103,7 +105,8 @@ def preload():
 
 def pytest_args(n: int, report: str) -> list:
     # no gc.collect() after each test (unraisableexception): with torch loaded it costs about 0.4 s a time
-    return ["-q", "-p", "no:cacheprovider", "-p", "no:unraisableexception", f"--junitxml={report}", *[f"{TESTS}::{name}" for name in SPEC_TESTS[n]]]
+    return ["-q", "-p", "no:cacheprovider", "-p", "no:unraisableexception", f"--junitxml={report}",
+            *[f"{TESTS}::{name}" for name in SPEC_TESTS[n]]]
 
 
 def launch(n: int, dsrl_path: str, folder: str) -> dict:
@@ -113,8 +116,8 @@ def launch(n: int, dsrl_path: str, folder: str) -> dict:
     env = {**PINNED, "DSRL_UNDER_TEST": dsrl_path, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}
     if not FORK:
         with open(log, "w") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "pytest", *pytest_args(n, report)], env={**os.environ, **env},
-                                    cwd=folder, stdout=out, stderr=subprocess.STDOUT, text=True)
+            proc = subprocess.Popen([sys.executable, "-m", "pytest", *pytest_args(n, report)],
+                                    env={**os.environ, **env}, cwd=folder, stdout=out, stderr=subprocess.STDOUT)
         return {"report": report, "log": log, "poll": proc.poll, "kill": lambda: (proc.kill(), proc.wait())}
     sys.stdout.flush()
     sys.stderr.flush()

@@ -4,10 +4,10 @@
 
 RUNS_DIR/seedS/{start,grpo,nsr-prerl,dsrl,psr-prerl}: per run and seed, the reward curve (mean reward_mean of the
 first 5 and last 5 steps, and of the first 20 steps in P(y|x): GRPO's steps 1-20, DSRL's 20 steps after its
-warm-up), the share of junk among the sampled answers (steps 1-5, 16-20, last 5), pass@1/pass@8 of eval.py accuracy on the held-out phrasings, the junk's probability by teacher forcing
-(P(junk|x) averaged over the test prompts, and P(junk) with the prompt removed, tiny_task.py) and the gradient
-alignment (eval.py align: mean cosine of grad log P(y|x) and grad log P(y) over the rollouts). Then the mean
-over seeds.
+warm-up), the share of junk among the sampled answers (steps 1-5, 16-20, last 5), pass@1/pass@8 of eval.py
+accuracy on the held-out phrasings, the junk's probability by teacher forcing (P(junk|x) averaged over the test
+prompts, and P(junk) with the prompt removed, tiny_task.py) and the gradient alignment (eval.py align: mean
+cosine of grad log P(y|x) and grad log P(y) over the rollouts). Then the mean over seeds.
 """
 import glob
 import json

@@ -83,7 +83,7 @@ def main(argv=None):
         print("error: OUT_DIR is the reference project itself; choose another folder", file=sys.stderr)
         return 2
     make_copy(argv[0])
-    print(f"wrote the student copy to {argv[0]}: {len(EXERCISES)} exercises, the sheet course/ASSIGNMENT.md; grade it with "
+    print(f"wrote the student copy to {argv[0]}: {len(EXERCISES)} exercises, sheet course/ASSIGNMENT.md; grade it with "
           f"python {os.path.join(argv[0], 'course', 'grade.py')} {os.path.join(argv[0], 'dsrl.py')}")
     return 0
 

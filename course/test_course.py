@@ -73,7 +73,8 @@ def test_student_copy_holds_no_instructor_material(tmp_path):
     # every sentence-long line of the guide that the sheet does not share (the outcomes, the explanations)
     prose = re.sub(r"```.*?```", "", guide, flags=re.S)  # commands are shared with the README; prose is not
     own_lines = {line.strip() for line in prose.splitlines() if len(line.strip()) >= 40
-                 and not line.lstrip().startswith(("python ", "bash ", "--", "#"))} - {line.strip() for line in sheet.splitlines()}
+                 and not line.lstrip().startswith(("python ", "bash ", "--", "#"))}
+    own_lines -= {line.strip() for line in sheet.splitlines()}
     numbers = set(re.findall(r"\b\d\.\d{3}\b", prose))  # the reference outcomes (0.966, +0.572, ...)
     assert len(own_lines) > 30 and len(numbers) >= 15  # the guide has outcomes to leak
     for path, text in files.items():
@@ -124,7 +125,8 @@ def test_grader_shows_a_syntax_error_and_fails_every_exercise(tmp_path, capsys):
 
 def test_grader_names_a_missing_pytest(tmp_path, monkeypatch, capsys):
     real = grade.importlib.util.find_spec
-    monkeypatch.setattr(grade.importlib.util, "find_spec", lambda name, *a: None if name == "pytest" else real(name, *a))
+    monkeypatch.setattr(grade.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "pytest" else real(name, *a))
     assert grade.main([os.path.join(ROOT, "dsrl.py")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "pytest is not installed" in err[0] and "pip install pytest" in err[0], err
@@ -164,7 +166,8 @@ def test_grader_json_and_a_wrong_solution(tmp_path):
 
 @pytest.mark.slow
 def test_grader_fails_an_endless_loop_after_the_time_limit(tmp_path):
-    loop = reference("dsrl.py") + "\n\ndef group_advantages(rewards, group_size, use_std):\n    while True:\n        pass\n"
+    loop = reference("dsrl.py") + "\n\ndef group_advantages(rewards, group_size, use_std):\n    while True:\n" \
+        "        pass\n"
     res = run_grade(student(tmp_path / "s", loop), "--only", 1, 2, "--timeout", 20, timeout=300)
     lines = res.stdout.strip().splitlines()
     assert lines[0].startswith("exercise 1 group_advantages: FAIL (timed out after 20 s"), res.stdout + res.stderr
@@ -178,13 +181,14 @@ def test_grader_shows_an_import_error_once(tmp_path):
     lines = res.stdout.strip().splitlines()
     assert res.stdout.count("No module named 'a_module_that_is_not_there'") >= 2, res.stdout  # the error, each line
     assert lines[0] == "error: the tests could not import your code:", res.stdout
-    assert lines[-3].startswith("exercise 1 group_advantages: FAIL (the tests could not run: ") and lines[-1] == "score=0/2"
+    assert lines[-3].startswith("exercise 1 group_advantages: FAIL (the tests could not run: ")
+    assert lines[-1] == "score=0/2"
 
 
 @pytest.mark.slow
 def test_grader_uses_the_students_eval_and_needs_it(tmp_path):
-    biased = reference("eval.py").replace("def pass_at_k(n: int, c: int, k: int) -> float:",
-                                          "def pass_at_k(n: int, c: int, k: int) -> float:\n    return 1 - (1 - c / n) ** k", 1)
+    head = "def pass_at_k(n: int, c: int, k: int) -> float:"
+    biased = reference("eval.py").replace(head, head + "\n    return 1 - (1 - c / n) ** k", 1)  # the biased estimator
     res = run_grade(student(tmp_path / "biased", eval_source=biased), "--only", 8)
     assert res.stdout.strip().splitlines()[-1] == "score=0/1" and "pass_at_k: FAIL (" in res.stdout, res.stdout
     res = run_grade(student(tmp_path / "bare", with_eval=False), "--only", 1, 8)

@@ -25,7 +25,12 @@ Rows are problem + answer, so dsrl.py and eval.py put dsrl.SYSTEM_PROMPT in fron
 Importable pieces (test_dsrl.py may build its tiny models with them):
     CHAT_TEMPLATE, SPECIALS, make_tokenizer(), tiny_config(tokenizer, **overrides), make_model(tokenizer, seed),
     task_rows(n, templates, seed), chat_prompt(tokenizer, problem), supervised_warmup(model, tokenizer, rows, ...),
-    answer_distribution(model, tokenizer, rows), build_task(out_dir, seed=0, ...) -> dict of paths, TRAIN_FLAGS.
+    answer_distribution(model, tokenizer, rows), marginal_distribution(model, tokenizer), JUNK,
+    build_task(out_dir, seed=0, ...) -> dict of paths, TRAIN_FLAGS.
+
+The junk variant (--junk SHARE --answers-alone SHARE, experiment d of the course): in the second stage a share
+of the answers is an empty box, wrong for every prompt, and a share of the sequences is the answer alone after
+<|im_start|>, so that the start model's P(y) is the marginal of its answers, as a pre-trained LM's is.
 Needs torch, transformers and tokenizers (a transformers dependency), and ../dsrl.py for the prompt; all seeded.
 """
 import argparse
@@ -150,10 +155,9 @@ def supervised_warmup(model, tokenizer, rows, steps=200, batch=32, lr=3e-3, p_ri
     """Teacher-forced fine-tune on chat prompt + "\\boxed{d}<|im_end|>", loss on the response tokens only.
     With probability p_right d is the gold digit, else a uniformly random digit (it may hit the gold too: the
     target accuracy is p_right + (1 - p_right) / 10). With probability p_junk the answer is JUNK (an empty box,
-    wrong for every prompt) instead of ANSWER. With probability p_alone
-    a sequence is the answer alone after <|im_start|> (the P(y) input of dsrl.py) instead of prompt + answer: like
-    a pre-trained LM, the model then has a P(y) that is the marginal of its answers. until(model) -> bool, checked every check_every steps,
-    stops early. Returns the number of steps run (the model is trained in place)."""
+    wrong for every prompt) instead of ANSWER. With probability p_alone a sequence is the answer alone after
+    <|im_start|> (the P(y) input of dsrl.py) instead of prompt + answer: like a pre-trained LM, the model then has
+    a P(y) that is the marginal of its answers. until(model) -> bool, checked every check_every steps, stops early. Returns the number of steps run (the model is trained in place)."""
     rng = random.Random(seed)
     prompts = [(chat_prompt(tokenizer, r["problem"]), r["answer"]) for r in rows]
     pad, start = tokenizer.pad_token_id, tokenizer.convert_tokens_to_ids("<|im_start|>")
