@@ -27,7 +27,7 @@ for seed in $SEEDS; do
   t0=$(date +%s)
   mkdir -p "$dir/start"
   [ -f "$dir/task/train_flags.txt" ] || python course/tiny_task.py "$dir/task" --seed "$seed" --junk 0.5 \
-    --answers-alone 0.25 > "$dir/task.log"
+    --answers-alone 0.25 > "$dir/task.log" 2>&1
   steps=$(sed -E 's/.*--steps ([0-9]+).*/\1/' "$dir/task/train_flags.txt")
   evaluate "$dir/task/model" "$dir/start" "$dir/task"
   for mode in $MODES; do
