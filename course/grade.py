@@ -131,6 +131,8 @@ def launch(n: int, dsrl_path: str, folder: str) -> dict:
             os.environ.update(env)
             os.chdir(folder)
             sys.dont_write_bytecode = False  # keep pytest's rewritten test_dsrl.py (about 1 s) for the next process
+            if "torch" in sys.modules:  # imported before the environment was pinned (a caller that imported torch)
+                sys.modules["torch"].set_num_threads(1)
             import pytest
             code = int(pytest.main(pytest_args(n, report)))
         finally:
