@@ -2,8 +2,11 @@
 
 The exercises are cut from the reference files at run time with `ast`, so they can never drift from them: each
 exercise function keeps its signature and docstring, and its body becomes `raise NotImplementedError(...)`.
-Everything else (grader.py, the tests, the course kit, the test data) is copied unchanged.
-Grade a copy with: python course/grade.py OUT_DIR/dsrl.py
+The copy holds what a student needs and nothing of the instructor's: the root README (the paper-to-code map),
+grader.py, test_dsrl.py, the test data, pytest.ini if there is one, and of course/ the student sheet
+(ASSIGNMENT.md), the grader and the experiment scripts (STUDENT_FILES). The instructor guide with the reference
+outcomes and explanations (course/INSTRUCTOR.md), the plots and the kit's own tests stay behind.
+Grade a copy with: python OUT_DIR/course/grade.py OUT_DIR/dsrl.py
 """
 import ast
 import os
@@ -22,7 +25,13 @@ EXERCISES = [
     (7, "dsrl.py", "phase_for_step", "the DSRL schedule: NSR-PreRL for steps 1..W, then GRPO (W = D - 1)"),
     (8, "eval.py", "pass_at_k", "the unbiased pass@k estimator from n samples with c right"),
 ]
-COPIED = ["grader.py", "test_dsrl.py", "requirements.txt", "testdata", "course"]
+# Copied unchanged (paths from the project root; a missing optional one is skipped). An allow-list, so that a new
+# instructor file cannot reach the students by accident.
+STUDENT_FILES = ["README.md", "grader.py", "test_dsrl.py", "requirements.txt", "testdata", "course/ASSIGNMENT.md",
+                 "course/grade.py", "course/make_exercises.py", "course/tiny_task.py", "course/run_experiments.sh",
+                 "course/summarize.py", "course/run_junk_experiment.sh", "course/junk_summary.py"]
+OPTIONAL = {"pytest.ini"}  # the root pytest configuration (markers), when the project has one
+INSTRUCTOR_ONLY = ["course/INSTRUCTOR.md", "course/test_course.py", "course/*.png"]  # never copied (test_course.py)
 
 
 def cut_bodies(source: str, cuts: dict) -> str:
@@ -52,8 +61,11 @@ def make_copy(out_dir: str) -> list:
         with open(os.path.join(out_dir, filename), "w", encoding="utf-8") as fh:
             fh.write(source)
         written.append(os.path.join(out_dir, filename))
-    for name in COPIED:
+    for name in STUDENT_FILES + sorted(OPTIONAL):
         src, dst = os.path.join(ROOT, name), os.path.join(out_dir, name)
+        if name in OPTIONAL and not os.path.exists(src):
+            continue
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
         if os.path.isdir(src):
             shutil.copytree(src, dst, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__", "plots"))
         else:
@@ -71,7 +83,7 @@ def main(argv=None):
         print("error: OUT_DIR is the reference project itself; choose another folder", file=sys.stderr)
         return 2
     make_copy(argv[0])
-    print(f"wrote the student copy to {argv[0]}: {len(EXERCISES)} exercises; grade it with "
+    print(f"wrote the student copy to {argv[0]}: {len(EXERCISES)} exercises, sheet course/ASSIGNMENT.md; grade it with "
           f"python {os.path.join(argv[0], 'course', 'grade.py')} {os.path.join(argv[0], 'dsrl.py')}")
     return 0
 

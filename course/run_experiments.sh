@@ -4,7 +4,7 @@
 # Builds the task if TASK_DIR has none, trains 7 runs of dsrl.py, evaluates every final checkpoint with
 # eval.py accuracy, draws the GRPO-vs-DSRL curves and prints the tables (course/summarize.py).
 # Runs on ONE thread by default: the model is so small that a second thread buys little, and on a busy machine
-# (another process on one of 2 cores) torch's default 2 threads made a run 10-20x slower (course/README.md).
+# (another process on one of 2 cores) torch's default 2 threads made a run 10-20x slower.
 # THREADS=default keeps torch's default, THREADS=N sets N.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -25,7 +25,12 @@ Rows are problem + answer, so dsrl.py and eval.py put dsrl.SYSTEM_PROMPT in fron
 Importable pieces (test_dsrl.py may build its tiny models with them):
     CHAT_TEMPLATE, SPECIALS, make_tokenizer(), tiny_config(tokenizer, **overrides), make_model(tokenizer, seed),
     task_rows(n, templates, seed), chat_prompt(tokenizer, problem), supervised_warmup(model, tokenizer, rows, ...),
-    answer_distribution(model, tokenizer, rows), build_task(out_dir, seed=0, ...) -> dict of paths, TRAIN_FLAGS.
+    answer_distribution(model, tokenizer, rows), marginal_distribution(model, tokenizer), JUNK,
+    build_task(out_dir, seed=0, ...) -> dict of paths, TRAIN_FLAGS.
+
+The junk variant (--junk SHARE --answers-alone SHARE, experiment d of the course): in the second stage a share
+of the answers is an empty box, wrong for every prompt, and a share of the sequences is the answer alone after
+<|im_start|>, so that the start model's P(y) is the marginal of its answers, as a pre-trained LM's is.
 Needs torch, transformers and tokenizers (a transformers dependency), and ../dsrl.py for the prompt; all seeded.
 """
 import argparse
@@ -57,12 +62,11 @@ CHAT_TEMPLATE = (
 TRAIN_TEMPLATES = ["Say {d}", "Please say {d}", "Reply with {d}", "Write {d}"]
 TEST_TEMPLATES = ["Output {d}", "Your answer is {d}"]  # held-out phrasings, same ending as the train ones
 ANSWER = "\\boxed{{{d}}}"  # the response is ANSWER + <|im_end|>
+JUNK = "\\boxed{{}}"  # the junk variant's other answer: an empty box, wrong for every prompt
 
-# The dsrl.py flags of the CPU tier (all but --model, --dataset, --mode, --output-dir); numbers in course/RESULTS.md.
+# The dsrl.py flags of the CPU tier (all but --model, --dataset, --mode, --output-dir).
 # 120 steps of 16 prompts x 8 samples: 14-18 s on 2 cores (OMP_NUM_THREADS=1 if other work holds a core).
-# lr 2e-4, not 1e-3: AdamW's step does not shrink with --prerl-coef, and at lr 1e-3 the P(y) NSR steps (nsr-prerl,
-# the dsrl warm-up) push down the tokens that every wrong answer shares ("\\boxed{", "<|im_end|>"): nsr-prerl ends
-# with no box at all (reward 0) and dsrl loses its stop token for good. GRPO needs no more (+0.57 in 120 steps).
+# lr 2e-4 rather than 1e-3: what the larger step does to the P(y) modes is a question of the course.
 TRAIN_FLAGS = ("--steps 120 --prompts-per-step 16 --group-size 8 --max-new-tokens 12 --lr 2e-4 --warmup-steps 5 "
                "--device cpu --micro-batch-size 64 --save-every 1000 --save-total-limit 1")
 
@@ -142,19 +146,21 @@ def chat_prompt(tokenizer, problem):
     return dsrl.build_prompt(tokenizer, dsrl.row_to_example({"problem": problem, "answer": "0"})["messages"], 10**6)
 
 
-def response_ids(tokenizer, digit):
-    return tokenizer(ANSWER.format(d=digit) + "<|im_end|>", add_special_tokens=False)["input_ids"]
+def response_ids(tokenizer, digit, template=ANSWER):
+    return tokenizer(template.format(d=digit) + "<|im_end|>", add_special_tokens=False)["input_ids"]
 
 
 def supervised_warmup(model, tokenizer, rows, steps=200, batch=32, lr=3e-3, p_right=0.3, seed=0, until=None,
-                      check_every=50, log=None):
+                      check_every=50, log=None, p_junk=0.0, p_alone=0.0):
     """Teacher-forced fine-tune on chat prompt + "\\boxed{d}<|im_end|>", loss on the response tokens only.
     With probability p_right d is the gold digit, else a uniformly random digit (it may hit the gold too: the
-    target accuracy is p_right + (1 - p_right) / 10). until(model) -> bool, checked every check_every steps,
-    stops early. Returns the number of steps run (the model is trained in place)."""
+    target accuracy is p_right + (1 - p_right) / 10). With probability p_junk the answer is JUNK (an empty box,
+    wrong for every prompt) instead of ANSWER. With probability p_alone a sequence is the answer alone after
+    <|im_start|> (the P(y) input of dsrl.py) instead of prompt + answer: like a pre-trained LM, the model then has
+    a P(y) that is the marginal of its answers. until(model) -> bool, checked every check_every steps, stops early. Returns the number of steps run (the model is trained in place)."""
     rng = random.Random(seed)
     prompts = [(chat_prompt(tokenizer, r["problem"]), r["answer"]) for r in rows]
-    pad = tokenizer.pad_token_id
+    pad, start = tokenizer.pad_token_id, tokenizer.convert_tokens_to_ids("<|im_start|>")
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     step = 0
     while step < steps:
@@ -163,9 +169,10 @@ def supervised_warmup(model, tokenizer, rows, steps=200, batch=32, lr=3e-3, p_ri
         for _ in range(batch):
             p, gold = rng.choice(prompts)
             d = gold if rng.random() < p_right else str(rng.randrange(10))
-            y = response_ids(tokenizer, d)
-            seqs.append(p + y)
-            labels.append([-100] * len(p) + y)
+            y = response_ids(tokenizer, d, JUNK if p_junk and rng.random() < p_junk else ANSWER)
+            x = [start] if p_alone and rng.random() < p_alone else p
+            seqs.append(x + y)
+            labels.append([-100] * len(x) + y)
         ids, lab, mask = _pad(seqs, pad), _pad(labels, -100), _pad([[1] * len(s) for s in seqs], 0)
         loss = model(input_ids=ids, attention_mask=mask, labels=lab).loss
         opt.zero_grad(set_to_none=True)
@@ -189,19 +196,36 @@ def _pad(seqs, value):
 
 @torch.no_grad()
 def answer_distribution(model, tokenizer, rows):
-    """Mean probability of the gold answer and of the exact format, by teacher forcing (no sampling):
-    {"p_right": mean P(\\boxed{gold}<|im_end|> | x), "p_format": mean P(\\boxed{<any digit>}<|im_end|> | x)}."""
+    """Mean probabilities by teacher forcing (no sampling): {"p_right": P(\\boxed{gold}<|im_end|> | x),
+    "p_format": P(\\boxed{<any digit>}<|im_end|> | x), "p_junk": P(JUNK<|im_end|> | x), the empty box}."""
     model.eval()
-    right, fmt = [], []
-    ys = [response_ids(tokenizer, d) for d in range(10)]  # all of one length
+    right, fmt, junk = [], [], []
     for r in rows:
         p = chat_prompt(tokenizer, r["problem"])
-        ids = torch.tensor([p + y for y in ys])  # (10, L)
-        logp = model(input_ids=ids).logits[:, len(p) - 1:-1].float().log_softmax(-1)
-        probs = logp.gather(2, torch.tensor(ys)[:, :, None]).sum((1, 2)).exp()  # (10,)
-        right.append(probs[int(r["answer"])].item())
-        fmt.append(probs.sum().item())
-    return {"p_right": sum(right) / len(right), "p_format": sum(fmt) / len(fmt)}
+        boxed, bare = _answer_probs(model, tokenizer, p, ANSWER), _answer_probs(model, tokenizer, p, JUNK)
+        right.append(boxed[int(r["answer"])].item())
+        fmt.append(boxed.sum().item())
+        junk.append(bare.sum().item())
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    return {"p_right": mean(right), "p_format": mean(fmt), "p_junk": mean(junk)}
+
+
+@torch.no_grad()
+def marginal_distribution(model, tokenizer):
+    """The same in P(y), the answer alone after <|im_start|> (dsrl.logprob_y's input): {"p_format": P(\\boxed{<any
+    digit>}<|im_end|>), "p_junk": P(JUNK<|im_end|>)}."""
+    model.eval()
+    start = [tokenizer.convert_tokens_to_ids("<|im_start|>")]
+    return {"p_format": _answer_probs(model, tokenizer, start, ANSWER).sum().item(),
+            "p_junk": _answer_probs(model, tokenizer, start, JUNK).sum().item()}
+
+
+def _answer_probs(model, tokenizer, prompt, template):
+    """P(template(d) <|im_end|> | prompt) for d = 0..9, as a (10,) tensor (one entry if template has no {d})."""
+    ys = [response_ids(tokenizer, d, template) for d in (range(10) if "{d}" in template else [0])]  # one length
+    ids = torch.tensor([prompt + y for y in ys])  # (10, L)
+    logp = model(input_ids=ids).logits[:, len(prompt) - 1:-1].float().log_softmax(-1)
+    return logp.gather(2, torch.tensor(ys)[:, :, None]).sum((1, 2)).exp()
 
 
 def write_jsonl(rows, path):
@@ -212,11 +236,14 @@ def write_jsonl(rows, path):
 
 
 def build_task(out_dir, seed=0, n_train=512, max_skill_steps=600, mix_steps=200, p_right=0.3, flags=TRAIN_FLAGS,
-               log=None):
+               log=None, p_junk=0.0, p_alone=0.0):
     """Build the whole task in out_dir; deterministic for a given seed (the fine-tune runs on one thread).
     The fine-tune has two stages: (1) right answers only, until the model copies (teacher-forced P(right) >= 0.9
     on the train problems, checked every 50 steps, at most max_skill_steps); (2) mix_steps on the mix of
     p_right right and 1 - p_right random answers, which brings P(right) down to about p_right + (1 - p_right) / 10.
+    p_junk > 0 (the junk variant): in stage 2 a share p_junk of the answers is an empty box, so the start model
+    gives that answer, wrong for every prompt, in about p_junk of its samples. p_alone > 0: in stage 2 that share
+    of the sequences is the answer alone after <|im_start|>, so that P(y) is the marginal of the answers.
     Returns {"model", "train", "test", "flags"} paths and "start": the start model's P(right) / P(format)."""
     os.makedirs(out_dir, exist_ok=True)
     threads = torch.get_num_threads()
@@ -231,13 +258,15 @@ def build_task(out_dir, seed=0, n_train=512, max_skill_steps=600, mix_steps=200,
         if skill >= max_skill_steps and not copies(model):
             print(f"warning: the model did not learn to copy in {skill} steps (seed {seed}); RL will have little to "
                   "reinforce: raise max_skill_steps", file=sys.stderr)
-        supervised_warmup(model, tok, train_rows, steps=mix_steps, p_right=p_right, seed=seed + 1, log=log)
+        supervised_warmup(model, tok, train_rows, steps=mix_steps, p_right=p_right, seed=seed + 1, log=log,
+                          p_junk=p_junk, p_alone=p_alone)
         model_dir = os.path.join(out_dir, "model")
         model.save_pretrained(model_dir)
         tok.save_pretrained(model_dir)
         start = {"train": answer_distribution(model, tok, all_rows(TRAIN_TEMPLATES)),
                  "test": answer_distribution(model, tok, all_rows(TEST_TEMPLATES)),
-                 "skill_steps": skill, "mix_steps": mix_steps}
+                 "marginal": marginal_distribution(model, tok),
+                 "skill_steps": skill, "mix_steps": mix_steps, "p_junk": p_junk, "p_alone": p_alone}
     finally:
         torch.set_num_threads(threads)
     paths = {"model": model_dir,
@@ -258,13 +287,22 @@ def main(argv=None):
     p.add_argument("--max-skill-steps", type=int, default=600, help="at most this many steps on right answers only")
     p.add_argument("--mix-steps", type=int, default=200, help="then fine-tune steps on the right/random mix")
     p.add_argument("--p-right", type=float, default=0.3, help="share of right answers in the warm-up data")
+    p.add_argument("--junk", type=float, default=0.0, metavar="SHARE",
+                   help="the junk variant: this share of the mix answers with an empty box (wrong for every prompt)")
+    p.add_argument("--answers-alone", type=float, default=0.0, metavar="SHARE",
+                   help="this share of the mix's sequences is the answer alone after <|im_start|> (trains P(y))")
+    p.add_argument("--flags", default=TRAIN_FLAGS, help="the dsrl.py flags written to OUT/train_flags.txt")
     a = p.parse_args(argv)
+    for flag, share in (("--junk", a.junk), ("--answers-alone", a.answers_alone)):
+        if not 0.0 <= share < 1.0:
+            p.error(f"{flag} {share}: give a share in [0, 1), e.g. {flag} 0.5")
     t0 = time.time()
     out = build_task(a.out_dir, a.seed, max_skill_steps=a.max_skill_steps, mix_steps=a.mix_steps, p_right=a.p_right,
-                     log=print)
+                     log=print, p_junk=a.junk, p_alone=a.answers_alone, flags=a.flags)
     s = out["start"]
     print(f"start model ({s['skill_steps']} + {s['mix_steps']} fine-tune steps): P(right) train "
-          f"{s['train']['p_right']:.2f} test {s['test']['p_right']:.2f}, P(format) train {s['train']['p_format']:.2f}")
+          f"{s['train']['p_right']:.2f} test {s['test']['p_right']:.2f}, P(format) train {s['train']['p_format']:.2f}, "
+          f"P(empty box) train {s['train']['p_junk']:.2f}")
     print(f"built {a.out_dir} in {time.time() - t0:.0f}s; train with:\n  python dsrl.py --model {out['model']} "
           f"--dataset {out['train']} $(cat {out['flags']}) --mode grpo --output-dir runs/tiny_grpo")
 
