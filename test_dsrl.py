@@ -496,216 +496,8 @@ def test_one_step_moves_parameters_and_nan_skips(tiny):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 8. The reward: dev-file agreement, official superset, categories, adversarial inputs, time bound
+# 8. The reward as the trainer wires it (the checker itself: test_grader.py)
 # ----------------------------------------------------------------------------------------------------
-
-CASES = read_jsonl(os.path.join(HERE, "testdata", "answer_cases_dev.jsonl"))  # copy of ../shared/data's file
-
-
-def box(s):
-    return 'Some reasoning.\n\nThe final answer is $\\boxed{%s}$.' % s
-
-
-# ---------------------------------------------------------------- dev-file agreement
-def test_dev_agreement():
-    agree = 0
-    for c in CASES:
-        r = math_reward(c['response'], c['gold'])
-        assert isinstance(r, float) and r in (0.0, 1.0)
-        agree += (r == 1.0) == c['equal']
-    assert agree / len(CASES) >= 0.95
-
-
-def test_official_accept_implies_ours():
-    for c in CASES:
-        if official_reward(c['response'], c['gold']) == 1.0:
-            assert math_reward(c['response'], c['gold']) == 1.0, c['id']
-    for c in CASES:  # and the gold itself, boxed, is always right
-        if c['gold'] and official_reward(box(c['gold']), c['gold']) == 1.0:
-            assert math_reward(box(c['gold']), c['gold']) == 1.0
-
-
-# ---------------------------------------------------------------- per-category units
-CATEGORY_CASES = {
-    'integer': [('42', '42', 1), ('42.0', '42', 1), ('-7', '7', 0), ('1,386', '1386', 1),
-                ('1\\,386', '1386', 1), ('1{,}000{,}000', '1000000', 1), ('10^{6}', '1000000', 1),
-                ('900,000', '9,000,000', 0), ('\\frac{1}{29,322,216}', '\\frac{1}{29322216}', 1)],
-    'fraction': [('\\dfrac{3}{4}', '\\frac34', 1), ('3/4', '\\frac{3}{4}', 1), ('0.75', '\\frac34', 1),
-                 ('\\frac{6}{8}', '\\frac34', 1), ('\\frac{3}{5}', '\\frac34', 0),
-                 ('-\\frac{1}{2}', '\\frac{-1}{2}', 1), ('0.33', '\\frac13', 0),
-                 ('\\frac94', '2\\frac{1}{4}', 1), ('3\\over 4', '\\frac34', 1)],
-    'decimal': [('3.50', '3.5', 1), ('.5', '0.5', 1), ('3.49', '3.5', 0), ('1000.0', '1000', 1),
-                ('3 \\times 10^{5}', '300000', 1), ('9.92\\times10^{-3}', '0.000992', 0)],
-    'units/text': [('5\\text{ cm}^2', '5', 1), ('5 \\text{meters}', '5', 1), ('\\text{5 apples}', '5', 1),
-                   ('\\$5.00', '5', 1), ('6\\text{ cm}', '5', 0), ('\\text{Sunday}', 'Sunday', 1),
-                   ('\\text{Sunday}', '{Monday}', 0), ('125 miles', '125normal{miles}', 1),
-                   ('LQXS', 'LQSX', 0), ('\\emptyset', '{empty}', 1)],
-    'degrees': [('30^\\circ', '30', 1), ('30^{\\circ}', '30', 1), ('30\\text{ degrees}', '30', 1),
-                ('60^\\circ', '30', 0)],
-    'sqrt': [('2\\sqrt{2}', '\\sqrt8', 1), ('\\sqrt{8}', '2\\sqrt2', 1), ('1.414', '\\sqrt2', 0),
-             ('\\frac{\\sqrt{2}}{2}', '\\frac{1}{\\sqrt2}', 1), ('\\sqrt[3]{8}', '2', 1),
-             ('2^{1/2}', '\\sqrt2', 1), ('1.4142135623730951', '\\sqrt2', 0), ('\\sqrt3', '\\sqrt{3}', 1)],
-    'pi': [('\\pi \\cdot 2', '2\\pi', 1), ('6.28', '2\\pi', 0), ('\\frac{\\pi}{3}', '\\frac13\\pi', 1),
-           ('90^\\circ', '\\frac{\\pi}{2}', 0)],
-    'expression': [('x^2+2x+1', '(x+1)^2', 1), ('2x+1', '1+2x', 1), ('x^2-1', '(x-1)(x+1)', 1),
-                   ('x^2+1', '(x+1)^2', 0), ('\\frac{1}{x}', 'x^{-1}', 1),
-                   ('\\sin^2 x + \\cos^2 x', '1', 1), ('\\frac{2}{\\cos x}', '2\\secx', 1),
-                   ('2\\alpha', '\\alpha \\cdot 2', 1), ('2b', '2B', 0), ('3+4i', '4i+3', 1),
-                   ('3-4i', '3+4i', 0), ('2^{99}', '2^{100}-2', 0)],
-    'interval': [('[1, 2)', '[1,2)', 1), ('(1,2)', '[1,2]', 0), ('(-\\infty, 3]', '(-\\infty,3]', 1),
-                 ('(-\\infty,3)', '(-\\infty,3]', 0), ('[2,3]\\cup[0,1]', '[0,1]\\cup[2,3]', 1),
-                 ('\\left[0, \\frac12\\right)', '[0,0.5)', 1)],
-    'tuple': [('(1, 2)', '(1,2)', 1), ('(2,1)', '(1,2)', 0), ('(\\frac12, 3)', '(0.5,3)', 1),
-              ('(1,2);(3,4)', '(1,2);(3,4)', 1), ('{1,3}', '(3,1)', 0)],
-    'set': [('\\{1,2\\}', '\\{2,1\\}', 1), ('1,2', '2,1', 1), ('1, 2, 3', '1,2', 0),
-            ('\\{1,2\\}', '\\{1,3\\}', 0), ('\\pm 3', '3,-3', 1), ('3', '\\pm3', 0),
-            ('A, B, E', '{A,B,E}', 1)],
-    'matrix': [('\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}', '\\begin{pmatrix}1&2\\3&4\\end{pmatrix}', 1),
-               ('\\begin{bmatrix}1&2\\\\3&4\\end{bmatrix}', '\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}', 1),
-               ('\\begin{pmatrix}1\\\\2\\end{pmatrix}', '\\begin{pmatrix}2\\\\1\\end{pmatrix}', 0),
-               ('(1,2,3)', '\\begin{pmatrix}1\\\\2\\\\3\\end{pmatrix}', 1)],
-    'equation': [('x=5', '5', 1), ('y = 2x+3', '2x+3', 1), ('x+y=1', 'y+x=1', 1),
-                 ('2x+2y=2', 'x+y=1', 1), ('x+y=2', 'x+y=1', 0), ('x = 5', 'x=6', 0),
-                 ('x \\geq 2', 'x\\ge2', 1), ('2 \\le x', 'x \\ge 2', 1), ('x>2', 'x\\ge2', 0)],
-    'percent': [('50\\%', '50', 1), ('50%', '50', 1), ('50\\%', '0.5', 1), ('0.5', '50\\%', 1),
-                ('5\\%', '50', 0), ('1.25\\%', '12.5', 0)],
-    'mc': [('C', '(C)', 1), ('\\text{(C)}', 'C', 1), ('(C)', 'C', 1), ('\\textbf{(C)}', 'C', 1),
-           ('D', 'C', 0), ('\\text{(D)}', '{(E)},', 0), ('(C) 12', 'C', 1)],
-    'hedge': [('42 \\text{or} 43', '42', 0), ('42 \\; \\text{or} \\; 43', '42', 0), ('42, 43', '42', 0), ('42 or 43', '42', 0),
-              ('\\text{maybe } 42', '42', 0), ('', '42', 0), ('5', '', 0)],
-    'approx': [('\\approx 3.14', '3.14', 1), ('\\frac23', '\\frac{2}{3}\\approx0.67', 1),
-               ('0.56', '0.56=56', 1)],
-    'base': [('1011_2', '1011_2', 1), ('11', '1011_2', 0)],
-}
-
-
-@pytest.mark.parametrize('cat', sorted(CATEGORY_CASES))
-def test_category(cat):
-    for ans, gold, want in CATEGORY_CASES[cat]:
-        got = math_reward(box(ans), gold)
-        assert got == float(want), (cat, ans, gold, want)
-
-
-def test_no_box_outcome():
-    assert reward_outcome('I think it is 5.', '5') == (0.0, 'no_box')
-    assert reward_outcome('The answer is \\boxed{\\frac{3}{4}', '\\frac34') == (0.0, 'no_box')
-
-
-def test_nested_and_last_box():
-    assert last_boxed('a \\boxed{3} b \\boxed{\\frac{1}{2}} c') == '\\frac{1}{2}'
-    assert math_reward('\\boxed{\\boxed{5}}', '5') == 1.0
-    assert math_reward('First \\boxed{3}, wait, actually \\boxed{5}.', '5') == 1.0
-    assert math_reward('First \\boxed{5}, wait, actually \\boxed{3}.', '5') == 0.0
-    assert last_boxed('\\boxed 7$') == '7' and last_boxed('nothing') is None
-
-
-def test_fbox():
-    assert last_boxed('so \\fbox{12}') == '12'
-    assert math_reward('so \\fbox{12}.', '12') == 1.0
-
-
-def test_strip_string_official_rules():
-    assert strip_string('\\dfrac12') == '\\frac{1}{2}'
-    assert strip_string('3/4') == '\\frac{3}{4}'
-    assert strip_string('\\left( 3 \\right)') == '(3)'
-    assert strip_string('90^\\circ') == '90'
-    assert strip_string('\\$5') == '5' and strip_string('50\\%') == '50'
-    assert strip_string('5\\text{ cm}') == '5'
-    assert strip_string('.5') == '\\frac{1}{2}' and strip_string('0.5') == '\\frac{1}{2}'
-    assert strip_string('x = 3') == '3' and strip_string('\\sqrt2') == '\\sqrt{2}'
-    assert official_reward(box('\\tfrac{1}{2}'), '0.5') == 1.0
-    assert official_reward(box('2x'), 'x2') == 0.0
-
-
-# ---------------------------------------------------------------- adversarial and time bound
-ADVERSARIAL = [
-    (box('9^9^9^9'), '1'), (box('9^{9^{9^{9}}}'), '1'), (box('10^{10^{10^{10}}}-1'), '0'),
-    (box('9' * 50000), '9'), (box('x' * 100000), 'x'), ('a' * 100000, '1'),
-    ('\\boxed{' + '{' * 200 + '1' + '}' * 200 + '}', '2'), (box('(' * 200 + '1' + ')' * 200), '2'),
-    ('\\boxed{' * 300 + '7' + '}' * 300, '8'), ('\\boxed{' * 300 + '7', '7'),
-    ('}}}}{{{ \\boxed{{{{3}} and \\left( \\right', '3'), (box('\x00' * 500), '0'),
-    (box("__import__('os').system('ls')"), '0'), (box("__import__('time').sleep(30)"), '0'),
-    (box('42, 43'), '42'), (box('42 \\text{or } 43'), '42'), (box('\\frac{1}{0}'), '\\infty'),
-    (box('(10^{100})!'), '1'), (box('\\sin(10^{1000})'), '0'), (box('x^{x^{x^{x^{x}}}}'), 'x'),
-    (box('+'.join(['x'] * 3000)), '1'), (box('2^{-99999999}'), '0'),
-    (box('\\begin{pmatrix}' + '\\\\'.join(['&'.join(['1'] * 60)] * 60) + '\\end{pmatrix}'), '1'),
-    (box('\\sqrt{' * 100 + '2' + '}' * 100), '2'), (None, '1'), (box('1'), None),
-    (box('42 or 43'), '42'), (box('42 \\text{ or } 43'), '42'), (box('maybe 42'), '42'),
-]
-
-
-@pytest.mark.parametrize('i', range(len(ADVERSARIAL)))
-def test_adversarial_zero_and_fast(i):
-    resp, gold = ADVERSARIAL[i]
-    t = time.perf_counter()
-    r = math_reward(resp, gold)
-    assert time.perf_counter() - t < 1.0
-    assert r == 0.0 and isinstance(r, float)
-
-
-def test_time_bound_from_worker_thread():
-    """The deadline is cooperative (no signals), so it also works off the main thread."""
-    results = []
-
-    def work():
-        old = grader.TIME_BUDGET_S
-        grader.TIME_BUDGET_S = 0.0  # force the deadline to expire on the first check
-        try:
-            results.append(reward_outcome(box('(x+1)^2'), 'x^2+2x+1'))
-        finally:
-            grader.TIME_BUDGET_S = old
-        t = time.perf_counter()
-        for resp, gold in ADVERSARIAL:
-            results.append(reward_outcome(resp, gold))
-        results.append(time.perf_counter() - t)
-
-    th = threading.Thread(target=work)
-    th.start()
-    th.join(30)
-    assert not th.is_alive()
-    assert results[0] == (0.0, 'timeout')
-    assert all(r[0] == 0.0 for r in results[1:-1])
-    assert results[-1] < len(ADVERSARIAL) * 1.0
-    assert reward_outcome(box('(x+1)^2'), 'x^2+2x+1') == (1.0, 'right')
-
-
-def test_never_raises_on_junk():
-    for resp in ['\\boxed{\\frac}', '\\boxed{\\sqrt}', '\\boxed{^}', '\\boxed{\\begin{pmatrix}}',
-                 '\\boxed{\\left(}', '\\boxed{1/}', '\\boxed{\\text{}}', '\\boxed{x/y}', 12, b'x']:
-        r = reward_outcome(resp, '1')
-        assert isinstance(r[0], float) and r[1] in ('right', 'wrong', 'no_box', 'unparseable', 'timeout')
-
-
-def test_thread_safety_matches_serial():
-    serial = [math_reward(c['response'], c['gold']) for c in CASES]
-    out = {}
-
-    def work(k):
-        out[k] = [math_reward(c['response'], c['gold']) for c in CASES]
-
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert all(out[k] == serial for k in range(6))
-
-
-def test_hedges_are_wrong_even_where_the_official_scorer_accepts_them():
-    hedge = "So it is $\\boxed{42 \\text{ or } 43}$."
-    assert official_reward(hedge, "42") == 1.0  # the official rule cuts "\text{ or } 43" away as units
-    assert reward_outcome(hedge, "42") == (0.0, "wrong")
-    assert math_reward("$\\boxed{\\text{A or B}}$", "\\text{A or B}") == 1.0  # unless the gold says so itself
-    assert math_reward("$\\boxed{x=2 \\text{ or } x=3}$", "2,3") == 1.0  # "or" joining ALL the roots is a list
-
-
-def test_multiple_choice_letters():
-    assert math_reward("$\\boxed{\\textbf{(E)}\\ 7}$", "\\textbf{(E)}") == 1.0  # letter then value, spaces gone
-    assert math_reward("\\boxed{C}", "(C)") == 1.0 and math_reward("\\boxed{(B)}", "B") == 1.0
-    assert math_reward("\\boxed{D}", "C") == 0.0
-    assert math_reward("\\boxed{(A)+(B)}", "(A)") == 0.0 and math_reward("\\boxed{(A), (B)}", "A") == 0.0
-
-
 def test_score_counts_outcomes_separately():
     texts = ["\\boxed{1}", "\\boxed{2}", "no box here", "\\boxed{" + "{" * 300 + "}", "\\boxed{\\frac{2}{4}}"]
     rewards, counts = dsrl.score(texts, ["1", "1", "1", "1", "0.5"])
@@ -715,258 +507,6 @@ def test_score_counts_outcomes_separately():
     official, _ = dsrl.score(texts, ["1", "1", "1", "1", "0.5"], kind="official")
     assert official == [1.0, 0.0, 0.0, 0.0, 0.0]  # the official string scorer: \frac{2}{4} != 0.5 as strings
 
-
-# ---------------------------------------------------------------- grader.py: the checker on its own
-GRADER_PY = os.path.join(HERE, 'grader.py')
-DEV_CASES = read_jsonl(os.path.join(HERE, 'testdata', 'answer_cases_dev.jsonl'))
-# (reward, outcome) of every dev case, frozen from dsrl.reward_outcome before the checker moved here
-DEV_OUTCOMES = {row['id']: (row['reward'], row['outcome'])
-                for row in read_jsonl(os.path.join(HERE, 'testdata', 'answer_outcomes_dev.jsonl'))}
-
-
-def reward(response, gold):
-    """What training computes (dsrl.reward), checked equal to its spelled-out composition."""
-    composed = grader.grade(last_boxed(response), gold, official_equal=official_reward(response, gold) == 1.0)
-    assert dsrl.reward(response, gold) == composed
-    return composed
-
-
-def run_grader(*args):
-    return subprocess.run([sys.executable, GRADER_PY, *args], capture_output=True, text=True, timeout=60)
-
-
-def test_dev_cases_keep_their_frozen_outcomes():
-    assert set(DEV_OUTCOMES) == {c['id'] for c in DEV_CASES}
-    for c in DEV_CASES:
-        assert reward(c['response'], c['gold']) == DEV_OUTCOMES[c['id']], c['id']
-
-
-def test_command_line_box_agrees_with_dsrl_last_boxed():
-    texts = [c['response'] for c in DEV_CASES] + [
-        'a \\boxed{3} b \\boxed{\\frac{1}{2}} c', '\\boxed{\\boxed{5}}', '\\boxed 7$', 'so \\fbox{12}.',
-        'The answer is \\boxed{\\frac{3}{4}', '\\boxed{1} and \\boxed{', '\\boxed {2}', '\\boxedx{2}', 'nothing',
-        '\\boxed', '\\boxed 3 \\boxed{2}', '\\boxed{' * 300 + '7' + '}' * 300, None, 12]
-    for text in texts:
-        assert grader._last_box(text) == last_boxed(text), text
-
-
-def test_grade_outcomes_and_never_raises():
-    assert grader.OUTCOMES == ('right', 'wrong', 'no_box', 'unparseable', 'timeout')
-    assert grader.grade('\\frac{2}{4}', '0.5') == (1.0, 'right')
-    assert grader.grade('3', '4') == (0.0, 'wrong')
-    assert grader.grade(None, '4') == (0.0, 'no_box')
-    assert grader.grade(None, '4', official_equal=True) == (1.0, 'right')  # the official verdict comes first
-    assert grader.grade('42 \\text{ or } 43', '42', official_equal=True) == (0.0, 'wrong')  # except for a hedge
-    assert grader.grade('1' * 2000, '1') == (0.0, 'unparseable')
-    for answer, gold in [('\\frac', '1'), ('1', None), (5, '5'), ('\\frac{1}{0}', '1'), ('9^{9^{9^9}}', '1')]:
-        r, outcome = grader.grade(answer, gold)
-        assert r == 0.0 and outcome in grader.OUTCOMES
-
-
-def test_deadline_gives_timeout_in_a_worker_thread(monkeypatch):
-    monkeypatch.setattr(grader, 'TIME_BUDGET_S', 0.0)  # the deadline expires at the first check
-    results = []
-    worker = threading.Thread(target=lambda: results.append(grader.grade('(x+1)^2', 'x^2+2x+1')))
-    worker.start()
-    worker.join(30)
-    assert results == [(0.0, 'timeout')]
-    monkeypatch.setattr(grader, 'TIME_BUDGET_S', 0.5)
-    assert grader.grade('(x+1)^2', 'x^2+2x+1') == (1.0, 'right')
-
-
-def test_cli_right_wrong_and_no_box():
-    right = run_grader('so $\\boxed{\\frac{2}{4}}$.', '0.5')
-    assert right.returncode == 0 and right.stderr == ''
-    lines = right.stdout.splitlines()
-    assert lines[0] == 'answer: \\frac{2}{4}' and lines[1] == 'gold: 0.5'
-    assert lines[2] == 'cleaned answer: \\frac{2}{4}' and lines[3] == 'cleaned gold: 0.5'
-    assert lines[4:] == ['verdict: equal', 'outcome: right']
-    wrong = run_grader('x = 3', '4')  # no box: the whole text is the answer
-    assert wrong.returncode == 0
-    assert 'answer: x = 3' in wrong.stdout and wrong.stdout.endswith('verdict: not equal\noutcome: wrong\n')
-    cut = run_grader('The answer is \\boxed{\\frac{3}{4}', '\\frac34')
-    assert cut.returncode == 0 and cut.stdout.endswith('verdict: not equal\noutcome: no_box\n')
-
-
-def test_cli_bad_usage_exits_2_without_traceback():
-    for args in [(), ('only one',), ('a', 'b', 'c')]:
-        res = run_grader(*args)
-        assert res.returncode == 2 and res.stdout == ''
-        assert len(res.stderr.strip().splitlines()) == 1 and 'usage' in res.stderr
-        assert 'Traceback' not in res.stderr
-    helped = run_grader('--help')
-    assert helped.returncode == 0 and 'dsrl.official_reward' in helped.stdout
-
-
-def test_grader_does_not_import_dsrl():
-    tree = ast.parse(open(GRADER_PY).read())
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            assert all(alias.name.split('.')[0] != 'dsrl' for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            assert (node.module or '').split('.')[0] != 'dsrl'
-
-
-def test_grader_functions_are_short():
-    tree = ast.parse(open(GRADER_PY).read())
-    long = [(node.name, node.end_lineno - node.lineno + 1) for node in ast.walk(tree)
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 40]
-    assert long == []
-
-
-def test_one_public_function_besides_main():
-    public = {name for name, value in vars(grader).items()
-              if callable(value) and not name.startswith('_') and getattr(value, '__module__', None) == 'grader'}
-    assert public == {'grade', 'main'}
-
-
-NEW_CASES = read_jsonl(os.path.join(HERE, 'testdata', 'answer_cases_new.jsonl'))
-DEV_CASES = read_jsonl(os.path.join(HERE, 'testdata', 'answer_cases_dev.jsonl'))
-DEV_OUTCOMES = {r['id']: (r['reward'], r['outcome']) for r in read_jsonl(os.path.join(HERE, 'testdata', 'answer_outcomes_dev.jsonl'))}
-
-
-# ---------------------------------------------------------------- new labelled cases: the reward's former misses
-def test_new_cases_file_covers_each_kind_with_right_and_wrong_cases():
-    assert [c['id'] for c in NEW_CASES] == ['n%04d' % (k + 1) for k in range(len(NEW_CASES))]
-    for kind in ('empty_gold', 'left_right_dot', 'array_matrix', 'digit_groups', 'inequality_union', 'all_reals'):
-        cases = [c for c in NEW_CASES if c['category'] == kind]
-        assert len(cases) >= 8 and {c['equal'] for c in cases} == {True, False}, kind
-        assert all(set(c) == {'id', 'response', 'gold', 'equal', 'category'} for c in cases)
-
-
-def test_new_cases_agreement_no_timeouts_no_crashes():
-    agree, slowest = 0, 0.0
-    for c in NEW_CASES:
-        t = time.perf_counter()
-        r, outcome = dsrl.reward(c['response'], c['gold'])
-        slowest = max(slowest, time.perf_counter() - t)
-        assert outcome in grader.OUTCOMES and outcome not in ('timeout', 'unparseable'), c['id']
-        agree += (r == 1.0) == c['equal']
-    assert agree / len(NEW_CASES) >= 0.95
-    assert slowest < 1.0
-
-
-def test_dev_and_new_agreement_together():
-    cases = DEV_CASES + NEW_CASES
-    agree = sum((dsrl.math_reward(c['response'], c['gold']) == 1.0) == c['equal'] for c in cases)
-    assert agree / len(cases) >= 0.95
-
-
-def test_dev_outcomes_still_frozen():
-    assert set(DEV_OUTCOMES) == {c['id'] for c in DEV_CASES}
-    for c in DEV_CASES:
-        assert dsrl.reward(c['response'], c['gold']) == DEV_OUTCOMES[c['id']], c['id']
-
-
-# ---------------------------------------------------------------- rule 1: an empty gold is never matched
-def test_empty_gold_is_never_matched():
-    for answer in (None, '', '  ', '5', '\\emptyset'):
-        for official in (False, True):
-            assert grader.grade(answer, '', official_equal=official)[0] == 0.0, (answer, official)
-    assert grader.grade(None, '') == (0.0, 'no_box')
-    assert grader.grade('', '') == (0.0, 'wrong') and grader.grade('  ', '') == (0.0, 'wrong')
-    assert grader.grade('', ' $ $ \\, ', official_equal=True) == (0.0, 'wrong')  # blank in any spelling
-    assert dsrl.official_reward(box(''), '') == 1.0  # the official string scorer matches '' with ''
-    assert dsrl.reward(box(''), '') == (0.0, 'wrong')  # ... but the reward does not
-    assert dsrl.reward(box('5'), '') == (0.0, 'wrong')
-    assert dsrl.reward(box('\\emptyset'), '\\emptyset') == (1.0, 'right')  # the empty SET is an answer
-
-
-# ---------------------------------------------------------------- rule 2: \left. ... \right. (invisible delimiters)
-def test_invisible_left_right_delimiters_are_dropped():
-    assert dsrl.reward(box('\\left. \\frac{3}{4} \\right.'), '\\frac34') == (1.0, 'right')
-    assert dsrl.math_reward(box('\\left. 2\\sqrt{3} \\right.'), '\\sqrt{12}') == 1.0
-    assert dsrl.math_reward(box('\\left. \\frac{1}{2} \\right|'), '0.5') == 1.0  # evaluation bar
-    assert dsrl.math_reward(box('\\left| \\frac{1}{2} \\right.'), '0.5') == 1.0
-    assert grader.grade('\\left\\{ 1, 2 \\right.', '\\{1,2\\}') == (1.0, 'right')  # (boxed, dsrl.last_boxed
-    # counts "\\{" as a brace, finds the box unbalanced and gives no_box: so this form is checked on the grader alone)
-    assert dsrl.math_reward(box('\\left. (1,2] \\right.'), '[1,2]') == 0.0
-    assert dsrl.math_reward(box('\\left. 7 \\right.'), '8') == 0.0
-    assert dsrl.math_reward(box('\\left| -3 \\right|'), '3') == 1.0  # a visible pair is kept: |-3|
-    assert dsrl.math_reward(box('\\left| -3 \\right|'), '-3') == 0.0
-
-
-# ---------------------------------------------------------------- rule 3: array matrices in brackets
-def test_array_matrix_in_brackets_equals_pmatrix():
-    pmatrix = '\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}'
-    for answer in ('\\left[\\begin{array}{cc} 1 & 2 \\\\ 3 & 4 \\end{array}\\right]',
-                   '\\left(\\begin{array}{cc} 1 & 2 \\\\ 3 & 4 \\end{array}\\right)',
-                   '\\left[\\begin{array} 1 & 2 \\\\ 3 & 4 \\end{array}\\right]',  # no column spec
-                   '\\left[\\begin{array}{c|c} 1 & 2 \\\\ \\hline 3 & 4 \\end{array}\\right]',
-                   '\\left[ \\begin{matrix} 1 & 2 \\\\ 3 & 4 \\end{matrix} \\right]',
-                   '\\begin{bmatrix} 1 & 2 \\\\ 3 & 4 \\end{bmatrix}'):
-        assert dsrl.reward(box(answer), pmatrix) == (1.0, 'right'), answer
-    assert dsrl.math_reward(box('\\left[\\begin{array}{cc} 1 & 2 \\\\ 3 & 4 \\end{array}\\right]'),
-                            '\\begin{pmatrix}1&2\\3&4\\end{pmatrix}') == 1.0  # a normalised MATH gold
-    assert dsrl.math_reward(box('\\left[\\begin{array}{cc} 1 & 2 \\\\ 3 & 5 \\end{array}\\right]'), pmatrix) == 0.0
-    assert dsrl.math_reward(box('\\left|\\begin{array}{cc} 1 & 2 \\\\ 3 & 4 \\end{array}\\right|'), pmatrix) == 0.0
-    # shapes must agree: the same four entries as 1x4 or 2x2 are different matrices
-    assert dsrl.math_reward(box('\\begin{pmatrix} 1 & 2 & 3 & 4 \\end{pmatrix}'), pmatrix) == 0.0
-    assert dsrl.math_reward(box('\\begin{pmatrix} 1 & 2 \\end{pmatrix}'),
-                            '\\begin{pmatrix}1\\\\2\\end{pmatrix}') == 1.0  # vectors: row = column
-
-
-# ---------------------------------------------------------------- rule 4: digit groups
-def test_digit_groups_are_one_number():
-    for answer in ('1,\\!234,\\!567', '1\\,234\\,567', '1{,}234{,}567', '1,\\! 234,\\! 567', '1 234 567',
-                   '1\\ 234\\ 567', '1,234,567'):
-        assert dsrl.reward(box(answer), '1234567') == (1.0, 'right'), answer
-    assert dsrl.math_reward(box('1{,}234'), '1234') == 1.0
-    assert dsrl.math_reward(box('(1,\\!234, 5)'), '(1234, 5)') == 1.0  # also inside a tuple
-    assert dsrl.math_reward(box('1 234'), '234') == 0.0  # a space between groups is no product
-    assert dsrl.math_reward(box('1,\\!234,\\!576'), '1234567') == 0.0
-    assert dsrl.math_reward(box('1,\\! 23'), '123') == 0.0  # not a group of three
-    assert dsrl.math_reward(box('1,\\!000'), '1') == 0.0
-
-
-# ---------------------------------------------------------------- rule 5: "or" between inequalities is a union
-def test_inequalities_joined_by_or_are_a_union():
-    union = '(-\\infty,2]\\cup(5,\\infty)'
-    for answer in ('x \\le 2 \\text{ or } x > 5', 'x \\leq 2 or x > 5', 'x > 5 \\text{ or } x \\le 2',
-                   'x \\le 2 \\quad\\text{or}\\quad x > 5', 'x \\le 2 \\cup x > 5', '2 \\ge x \\text{ or } 5 < x'):
-        assert dsrl.reward(box(answer), union) == (1.0, 'right'), answer
-    assert dsrl.math_reward(box(union), 'x \\le 2 \\text{ or } x > 5') == 1.0  # the gold may be the inequalities
-    assert dsrl.math_reward(box('x \\le 2 \\text{ or } x \\ge 5'), union) == 0.0  # endpoint
-    assert dsrl.math_reward(box('x \\le 2 \\text{ or } y > 5'), union) == 0.0  # two variables
-    assert dsrl.math_reward(box('x < 1 \\text{ or } x = 3'), '(-\\infty,1)\\cup\\{3\\}') == 1.0
-    assert dsrl.math_reward(box('x \\le 2,\\ \\text{or}\\ x > 5'), union) == 1.0  # comma before "or"
-    assert dsrl.math_reward(box('x \\le 2 \\textrm{or} x > 5'), union) == 1.0
-    assert dsrl.math_reward(box('1, 2, \\text{or } 3'), '1, 2, 3') == 1.0  # Oxford comma in a list of roots
-    # "or" between numbers (or equations alone) stays a hedge: wrong against one value and against the union
-    assert dsrl.reward(box('2 \\text{ or } 5'), '2') == (0.0, 'wrong')
-    assert dsrl.math_reward(box('2 \\text{ or } 5'), union) == 0.0
-    assert dsrl.math_reward(box('x = 2 \\text{ or } x = 5'), '2') == 0.0
-    assert dsrl.math_reward(box('x = 2 \\text{ or } x = 5'), '2, 5') == 1.0
-
-
-# ---------------------------------------------------------------- rule 6: all real numbers
-def test_all_reals():
-    everything = '(-\\infty,\\infty)'
-    for answer in ('\\mathbb{R}', '\\mathbb R', '\\R', '\\text{all real numbers}', '\\text{All real numbers}',
-                   'x \\in \\mathbb{R}', '\\text{all real } x', '(-\\infty, +\\infty)', '-\\infty < x < \\infty'):
-        assert dsrl.reward(box(answer), everything) == (1.0, 'right'), answer
-    assert dsrl.math_reward(box(everything), '\\mathbb{R}') == 1.0
-    for answer in ('\\mathbb{R}^+', '\\mathbb{R}^2', '\\mathbb{Z}', '[0,\\infty)', '\\mathbb{R} \\setminus \\{0\\}',
-                   '\\text{all real numbers except } 2'):
-        assert dsrl.math_reward(box(answer), everything) == 0.0, answer
-
-
-# ---------------------------------------------------------------- the new rules stay fast on hostile input
-HOSTILE = [
-    '1' + ' ' * 990 + '234', '1 ' * 495, '1,\\!' * 240, '123 ' * 249, '\\left.' * 160,
-    '\\left(' * 160 + '\\right.' * 100, '\\right|' * 140, 'x<1 \\text{ or } ' * 60 + 'x>2', 'x<1 or ' * 140,
-    '\\mathbb' + ' ' * 900 + 'R', 'all' + ' ' * 900 + 'real', '[' * 400 + '\\begin{array}' + ']' * 400,
-    '(\\begin{array}' * 70 + ')' * 70, '1{,} ' * 190 + '123', '\\left[\\begin{array}{' + 'c' * 900 + '}',
-]
-
-
-@pytest.mark.parametrize('i', range(len(HOSTILE)))
-def test_hostile_inputs_for_the_new_rules_are_fast(i):
-    for gold in ('7', '(-\\infty,\\infty)', '\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}'):
-        t = time.perf_counter()
-        r, outcome = dsrl.reward(box(HOSTILE[i]), gold)
-        assert time.perf_counter() - t < 1.0
-        assert outcome in grader.OUTCOMES and (r == 0.0 or gold != '7')  # "\\mathbb   R" is all reals
 
 
 # ---------------------------------------------------------------- maj@k by equivalence (eval.py)
@@ -1158,6 +698,313 @@ def test_loop_loss_is_the_token_mean_over_the_phase_samples(dsrl_run):
         assert [s["used_in_loss"] for s in rows] == [s in kept for s in rows]
         zero_and_negative += m["phase"] == "warmup" and any(s["advantage"] == 0 for s in rows) and kept != []
     assert zero_and_negative >= 1  # a warm-up step with A = 0 and A < 0 samples: the NSR mask is really tested
+
+
+# ----------------------------------------------------------------------------------------------------
+# The loop's wiring at NON-default flags: every flag the loop passes on must show in the logs or the weights
+# ----------------------------------------------------------------------------------------------------
+def reference_logprobs(model, context, response, temperature=1.0):
+    """log pi(y_t | context, y_<t) of one unpadded row from the model's own full-vocabulary logits: the test's
+    one reference forward (the code under test never builds these logits)."""
+    logits = model(input_ids=torch.tensor([list(context) + list(response)])).logits[0, len(context) - 1:-1]
+    return (logits / temperature).log_softmax(-1).gather(-1, torch.tensor(response)[:, None]).squeeze(-1)  # (T,)
+
+
+def last_box_content(text):
+    """The tiny model writes "\\boxed{1}": the content of its last box, by a regex (independent of dsrl)."""
+    found = re.findall(r"\\boxed\{([^{}]*)\}", text)
+    return found[-1] if found else None
+
+
+def expected_order(n_examples, seed, step, batch):
+    """Dataset indices of step `step`, from the documented rule: a torch.randperm per epoch seeded with
+    seed * 100_003 + epoch, read in order (independent of dsrl.batch_indices)."""
+    order = []
+    for epoch in range(0, (step * batch) // n_examples + 1):
+        order += torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+    return order[(step - 1) * batch:step * batch]
+
+
+def train_in_process(args, spy=None):
+    return in_process(dsrl.train, args, spy=spy)
+
+
+def in_process(function, argument, spy=None):
+    """dsrl.train(args) or dsrl.main(argv) in this process (no interpreter start-up); restores the signal handlers
+    train installs. `spy`: a list that receives the keyword arguments of every `generate` call (the library boundary)."""
+    import signal
+    from transformers import GenerationMixin
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    real_generate = GenerationMixin.generate
+
+    def spying_generate(self, *a, **kw):
+        spy.append({k: (tuple(v.shape) if torch.is_tensor(v) else v) for k, v in kw.items()})
+        return real_generate(self, *a, **kw)
+    if spy is not None:
+        GenerationMixin.generate = spying_generate
+    try:
+        return function(argument)
+    finally:
+        GenerationMixin.generate = real_generate
+        for s, h in handlers.items():
+            signal.signal(s, h)
+        dsrl.STOP_REQUEST["signal"] = None
+
+
+def wiring_rows():
+    """Golds "1"/"2", and "1.0"/"2.0" for odd rows: the official string scorer rejects \\boxed{1} for "1.0", the
+    math scorer accepts it, so the logged rewards show which scorer the loop used."""
+    rows = problem_rows(12, seed=11)
+    for i, r in enumerate(rows):
+        r["reward_model"]["ground_truth"] += ".0" if i % 2 else ""
+    return rows
+
+
+WIRING_FLAGS = dict(mode="nsr-prerl", steps=1, prompts_per_step=4, group_size=4, max_new_tokens=10, max_prompt_tokens=110,
+                    temperature=0.7, top_p=0.9, prerl_coef=0.05, weight_decay=0.1, grad_clip=1e-3, lr=1e-2,
+                    gen_batch_size=8, micro_batch_size=3, logprob_chunk=5, reward="official", seed=7, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def wiring_run(tiny_model_dir, tmp_path_factory):
+    """One NSR-PreRL step at non-default values of every flag the loop passes on; generate calls recorded."""
+    tmp = tmp_path_factory.mktemp("flags")
+    data = write_parquet(wiring_rows(), str(tmp / "rows.parquet"))
+    args = dsrl.Args(model=tiny_model_dir, dataset=data, output_dir=str(tmp / "run"), **WIRING_FLAGS)
+    calls = []
+    assert train_in_process(args, spy=calls) == 0
+    return args, wiring_rows(), read_jsonl(tmp / "run" / "samples.jsonl"), read_jsonl(tmp / "run" / "metrics.jsonl")[0], calls
+
+
+@pytest.mark.slow
+def test_loop_samples_are_generate_at_the_given_flags(wiring_run, tiny):
+    """Catches: temperature, top_p, --gen-batch-size or --max-prompt-tokens dropped on the way to the sampler; the data
+    order shifted. The logged samples are those of `generate` called directly, at temperature 0.7 and top-p 0.9,
+    on the prompts of the documented data order, two groups per call, after torch.manual_seed(--seed)."""
+    args, rows, samples, _, calls = wiring_run
+    model, tok = tiny
+    assert [(c["temperature"], c["top_p"], c["input_ids"][0]) for c in calls] == [(0.7, 0.9, 8)] * 2, (
+        f"generate got {[(c['temperature'], c['top_p'], c['input_ids']) for c in calls]}: expected two calls of 2 "
+        "prompts x 4 samples (--gen-batch-size 8) at temperature 0.7, top-p 0.9")
+    idx = expected_order(len(rows), args.seed, 1, args.prompts_per_step)
+    assert [s["prompt_index"] for s in samples] == [i for i in idx for _ in range(4)], "data order or pairing is off"
+    stops = [tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id]
+    torch.manual_seed(args.seed)
+    want = []
+    for pair in (idx[:2], idx[2:]):
+        prompts = [dsrl.build_prompt(tok, rows[i]["prompt"], 10 ** 6)[-110:] for i in pair]
+        width = max(map(len, prompts))
+        ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts]).repeat_interleave(4, 0)
+        out = model.generate(input_ids=ids, attention_mask=(torch.arange(width) >= width - torch.tensor(
+            [len(p) for p in prompts]).repeat_interleave(4)[:, None]).long(), do_sample=True, temperature=0.7, top_p=0.9,
+            top_k=0, max_new_tokens=10, eos_token_id=stops, pad_token_id=tok.pad_token_id)[:, width:].tolist()
+        want += [row[:next((k + 1 for k, t in enumerate(row) if t in stops), len(row))] for row in out]
+    assert [s["response"] for s in samples] == tok.batch_decode(want, skip_special_tokens=True), (
+        "the sampler's draws differ from generate at the run's temperature / top-p / prompts / batch split")
+    assert [s["response_tokens"] for s in samples] == [len(y) for y in want]
+
+
+@pytest.mark.slow
+def test_loop_scores_each_sample_against_its_own_rows_gold_with_the_chosen_scorer(wiring_run):
+    """Catches: golds paired with another prompt, --reward official not passed on (the math scorer accepts \\boxed{1}
+    for the gold "1.0", the official string scorer does not)."""
+    _, rows, samples, metrics, _ = wiring_run
+    for s in samples:
+        gold = rows[s["prompt_index"]]["reward_model"]["ground_truth"]
+        assert s["gold"] == gold, f"sample of row {s['prompt_index']} logged gold {s['gold']!r}, the row says {gold!r}"
+        assert s["reward"] == float(last_box_content(s["response"]) == gold), (s["response"], gold, s["reward"])
+    assert any(g.endswith(".0") and last_box_content(s["response"]) == g[0] for s in samples for g in [s["gold"]]), (
+        "no sample tells the two scorers apart: change the seed")
+    assert metrics["reward_right"] == sum(s["reward"] for s in samples)
+
+
+@pytest.mark.slow
+def test_loop_gradient_is_prerl_coef_times_the_p_y_loss_at_the_run_temperature(wiring_run, tiny):
+    """Catches: --prerl-coef not passed to phase_for_step (0.01 instead of 0.05), temperature 1.0 in the P(y) loss.
+    The logged grad_norm (before clipping) is that of 0.05 x token-mean(-A log pi(y_t | <|im_start|>, y_<t) / 0.7)
+    over the A < 0 samples, recomputed from the model's own logits."""
+    _, _, samples, metrics, _ = wiring_run
+    model, tok = tiny
+    grad = independent_nsr_gradient(model, tok, samples, coef=0.05, temperature=0.7)
+    norm = torch.sqrt(sum((g * g).sum() for g in grad.values())).item()
+    assert metrics["n_neg"] > 0 and metrics["grad_norm"] == pytest.approx(norm, rel=1e-4), (
+        f"logged grad_norm {metrics['grad_norm']:.6g}, independent {norm:.6g}: the P(y) loss must be scaled by "
+        "--prerl-coef and use the sampling temperature")
+
+
+def independent_nsr_gradient(model, tok, samples, coef, temperature):
+    """Gradient of coef x sum_{A<0} -A sum_t log pi(y_t | <|im_start|>, y_<t) / (tokens of the A < 0 samples), A = r - group mean."""
+    start, im_end = tok.convert_tokens_to_ids("<|im_start|>"), tok.convert_tokens_to_ids("<|im_end|>")
+    model.zero_grad(set_to_none=True)
+    rewards = [s["reward"] for s in samples]
+    adv = [r - statistics.mean(rewards[i - i % 4:i - i % 4 + 4]) for i, r in enumerate(rewards)]
+    ys = [tok(s["response"], add_special_tokens=False)["input_ids"] for s in samples]
+    ys = [y + [im_end] * (s["response_tokens"] - len(y)) for y, s in zip(ys, samples)]  # the stop token is not logged
+    kept = [i for i in range(len(samples)) if adv[i] < 0]
+    n_tokens = sum(len(ys[i]) for i in kept)
+    loss = sum(-adv[i] * reference_logprobs(model, [start], ys[i], temperature).sum() for i in kept)
+    (coef * loss / n_tokens).backward()
+    grad = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    return grad
+
+
+@pytest.mark.slow
+def test_loop_update_is_adamw_with_weight_decay_and_the_gradient_clip(wiring_run, tiny):
+    """Catches: --weight-decay or --grad-clip not passed to AdamW / the clip. After one step from AdamW's zero state,
+    each weight moves by -lr * wd * p - lr * g' / (|g'| + 1e-8), g' = g * min(1, clip / |g|): with clip 1e-3 the
+    clipped g' is comparable to AdamW's eps, so the clip shows in the update size."""
+    args, _, samples, metrics, _ = wiring_run
+    from safetensors.torch import load_file
+    model, tok = tiny
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    grad = independent_nsr_gradient(model, tok, samples, coef=0.05, temperature=0.7)
+    after = load_file(os.path.join(args.output_dir, "checkpoint-1", "model.safetensors"))
+    scale = min(1.0, args.grad_clip / (metrics["grad_norm"] + 1e-6))
+    worst = unclipped_worst = 0.0
+    for name, p in before.items():
+        decayed = p * (1 - args.lr * args.weight_decay)
+        want = decayed - args.lr * (scale * grad[name]) / ((scale * grad[name]).abs() + 1e-8)
+        worst = max(worst, (after[name] - want).abs().max().item())
+        unclipped_worst = max(unclipped_worst, (after[name] - (decayed - args.lr * grad[name] / (grad[name].abs() + 1e-8))).abs().max().item())
+    assert worst < 1e-3 * args.lr, f"update differs from AdamW(wd 0.1) on the clipped gradient by {worst:.3g}"
+    assert unclipped_worst > 0.1 * args.lr, "the clip is not visible in this update: make --grad-clip smaller"
+    unused = [i for i in range(len(tok)) if (grad["model.embed_tokens.weight"][i] == 0).all()]
+    rows = before["model.embed_tokens.weight"][unused]
+    assert len(unused) > 10 and torch.allclose(after["model.embed_tokens.weight"][unused], rows * (1 - args.lr * args.weight_decay), atol=1e-9), (
+        "embedding rows with zero gradient must shrink by exactly 1 - lr * weight_decay (weight decay 0.1)")
+
+
+@pytest.mark.slow
+def test_bf16_sampler_follows_the_weights_and_resume_by_path_writes_into_that_run(tiny_model_dir, tiny_data, tmp_path,
+                                                                                  monkeypatch):
+    """Catches: the bf16 sampler copy never re-synced after an update (it would sample step 2 from the initial
+    weights), --kv-cache not passed to generate, and `--resume PATH` writing into the default output dir.
+    Step 2 of an uninterrupted bf16 run must draw exactly what a run resumed from checkpoint-1 draws (that one builds
+    its bf16 copy from the saved weights), and the resumed run writes beside its checkpoint."""
+    from safetensors.torch import load_file
+    monkeypatch.chdir(tmp_path)  # a resume that ignores PATH would write ./runs/dsrl here
+    flags = dict(model=tiny_model_dir, dataset=tiny_data, mode="dsrl", warmup_steps=1, prompts_per_step=4, group_size=4,
+                 max_new_tokens=10, lr=1e-2, dtype="bfloat16", kv_cache="static", device="cpu", seed=3, save_every=1)
+    calls = []
+    assert train_in_process(dsrl.Args(output_dir=str(tmp_path / "a"), steps=2, **flags), spy=calls) == 0
+    assert calls and all(c.get("cache_implementation") == "static" for c in calls), "--kv-cache static not passed on"
+    assert train_in_process(dsrl.Args(output_dir=str(tmp_path / "b"), steps=1, **flags)) == 0
+    start = load_file(os.path.join(tiny_model_dir, "model.safetensors"))
+    step1 = load_file(tmp_path / "b" / "checkpoint-1" / "model.safetensors")
+    assert not torch.equal(start["lm_head.weight"].bfloat16(), step1["lm_head.weight"].bfloat16()), "step 1 moved nothing"
+    assert in_process(dsrl.main, ["--resume", str(tmp_path / "b" / "checkpoint-1"), "--steps", "2"]) == 0
+    assert not os.path.exists(tmp_path / "runs"), "--resume PATH must write into PATH's run dir, not --output-dir's default"
+    a, b = (read_jsonl(tmp_path / d / "samples.jsonl") for d in ("a", "b"))
+    assert [s["step"] for s in b] == [1] * 16 + [2] * 16
+    assert [s["response"] for s in a] == [s["response"] for s in b], (
+        "step 2 of the bf16 run drew other samples than the run resumed from checkpoint-1: the bf16 sampler copy "
+        "must be re-synced with the fp32 weights after every update")
+    wa, wb = (load_file(tmp_path / d / "checkpoint-2" / "model.safetensors") for d in ("a", "b"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["resolved_dtype"] == "torch.bfloat16"
+
+
+@pytest.mark.slow
+def test_second_interrupt_exits_130_with_a_resume_hint(tiny_model_dir, tiny_data, tmp_path, monkeypatch, capsys):
+    """Catches: a wrong exit code or message on the second Ctrl-C (the first asks for a clean stop, the second
+    stops at once: main returns 130 and names --resume)."""
+    import signal
+
+    def interrupted_twice(*a, **k):
+        os.kill(os.getpid(), signal.SIGINT)  # train's handler: finish the step, then stop
+        os.kill(os.getpid(), signal.SIGINT)  # the second one raises KeyboardInterrupt
+        raise AssertionError("the second SIGINT did not stop the run")
+    monkeypatch.setattr(dsrl, "rollout", interrupted_twice)
+    code = in_process(dsrl.main, ["--model", tiny_model_dir, "--dataset", tiny_data, "--output-dir", str(tmp_path / "run"),
+                                  "--steps", "2", "--warmup-steps", "1", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 130 and "SIGINT" in err and "--resume" in err.strip().splitlines()[-1], (code, err[-500:])
+
+
+def fake_sampler(tok, texts_per_problem, seen):
+    """A stand-in for dsrl.sample_responses that returns hand-written responses (prompt-major) and records how it
+    was called: which responses a problem gets is then known exactly."""
+    def sample(model, tokenizer, prompt_ids, group_size, max_new_tokens, temperature=1.0, top_p=1.0, batch_size=0,
+               min_new_tokens=0, dtype=torch.float32, kv_cache="dynamic", share_prompt=True):
+        seen.append(dict(prompts=len(prompt_ids), k=group_size, max_new_tokens=max_new_tokens, temperature=temperature,
+                         top_p=top_p, batch_size=batch_size, dtype=dtype))
+        texts = [t for texts in texts_per_problem[:len(prompt_ids)] for t in texts]
+        return [tok(t, add_special_tokens=False)["input_ids"] for t in texts], [False] * len(texts)
+    return sample
+
+
+EVAL_TEXTS = [  # problem 0 (gold 3): three different texts box 3 (maj right), one boxes 5 first
+    ["\\boxed{5}", "a \\boxed{3}", "b \\boxed{3}", "c \\boxed{3}"],
+    ["\\boxed{4}", "no box", "so \\boxed{4}.", "\\boxed{2}"],     # problem 1 (gold 4): 2 right, maj right
+    ["\\boxed{7}", "\\boxed{7}", "\\boxed{8}", "\\boxed{1}"],     # problem 2 (gold 8): 1 right, maj wrong
+]
+
+
+def test_evaluate_accuracy_pairs_each_sample_with_its_own_problem_and_votes_on_answers(tmp_path, monkeypatch):
+    """Catches: each sample scored against the next problem's gold, maj@k voting on the raw response text (three
+    different texts box the same 3), and the sampling flags not passed on. Hand values: avg@4 = (3+2+1)/12,
+    pass@1 = avg@4, pass@2 = mean of 1 - C(4-c,2)/C(4,2) = (1 - 0 + 1 - 1/6 + 1 - 3/6)/3, maj@4 = 2/3."""
+    tok = make_tokenizer()
+    path = tmp_path / "bench.jsonl"
+    path.write_text("".join(json.dumps({"problem": f"Problem {i}?", "answer": g}) + "\n" for i, g in enumerate("348")))
+    seen = []
+    monkeypatch.setattr(dsrl, "sample_responses", fake_sampler(tok, EVAL_TEXTS, seen))
+    res = evaluator.evaluate_accuracy(None, tok, [str(path)], k=4, max_new_tokens=9, temperature=0.7, top_p=0.9,
+                                      dtype=torch.bfloat16, gen_batch_size=8, reward="math",
+                                      samples_path=str(tmp_path / "s.jsonl"))["bench"]
+    assert seen == [dict(prompts=3, k=4, max_new_tokens=9, temperature=0.7, top_p=0.9, batch_size=8, dtype=torch.bfloat16)]
+    rows = read_jsonl(tmp_path / "s.jsonl")
+    assert [(r["problem_index"], r["gold"]) for r in rows] == [(p, g) for p, g in enumerate("348") for _ in range(4)]
+    assert [r["reward"] for r in rows] == [0, 1, 1, 1, 1, 0, 1, 0, 0, 0, 1, 0]
+    assert res["avg@4"] == pytest.approx(6 / 12) and res["pass@1"] == pytest.approx(6 / 12)
+    assert res["pass@2"] == pytest.approx((1 + 5 / 6 + 1 / 2) / 3) and res["pass@4"] == 1.0
+    assert res["maj@4"] == pytest.approx(2 / 3), "maj@k votes on the extracted answers, not on the response texts"
+
+
+def test_trainer_eval_passes_its_flags_to_the_evaluator(tmp_path, monkeypatch):
+    """Catches: --eval-k, --max-new-tokens, --temperature, --top-p, --gen-batch-size or --reward dropped between the
+    trainer's --eval-every and the evaluator. --reward official: \\boxed{1} is wrong for the gold "1.0"."""
+    tok = make_tokenizer()
+    path = tmp_path / "ev.jsonl"
+    path.write_text(json.dumps({"problem": "1?", "answer": "1.0"}) + "\n")
+    seen = []
+    monkeypatch.setattr(dsrl, "sample_responses", fake_sampler(tok, [["\\boxed{1}"] * 3], seen))
+    args = dsrl.Args(eval_benchmarks=str(path), eval_k=3, max_new_tokens=9, temperature=0.7, top_p=0.9,
+                     gen_batch_size=6, reward="official")
+    m = evaluator.metrics_for_training(None, tok, args, torch.bfloat16)
+    assert seen == [dict(prompts=1, k=3, max_new_tokens=9, temperature=0.7, top_p=0.9, batch_size=6, dtype=torch.bfloat16)]
+    assert m["eval/ev/avg@3"] == 0.0 and m["eval/ev/outcome_wrong"] == 3, "--reward official must reach the evaluator"
+
+
+def test_alignment_summary_statistics_by_hand():
+    """Catches a wrong mean, median or negative fraction in eval.py align's summary."""
+    per_rollout = [{"inner": x, "cosine": c} for x, c in [(1.0, 0.1), (-2.0, -0.4), (3.0, 0.3), (-4.0, -0.2), (6.0, 0.5)]]
+    lx = [torch.log(torch.tensor([0.5, 0.25])), torch.log(torch.tensor([0.5]))]
+    ly = [torch.log(torch.tensor([0.25, 0.25])), torch.log(torch.tensor([0.125]))]
+    s = evaluator.alignment_summary(per_rollout, lx, ly)
+    assert (s["rollouts"], s["inner_mean"], s["inner_median"], s["negative_frac"]) == (5, pytest.approx(0.8), 1.0, 0.4)
+    assert (s["cosine_mean"], s["cosine_median"]) == (pytest.approx(0.06), pytest.approx(0.1))
+    assert s["tokens"] == 3 and s["absdiff_all"] == pytest.approx((math.log(2) + 0 + math.log(4)) / 3)
+
+
+@pytest.mark.slow
+def test_kv_cache_compile_samples_like_the_dynamic_cache(tiny):
+    """--kv-cache compile (static cache + torch.compile, also on CPU) is passed to generate and draws valid samples."""
+    model, tok = tiny
+    prompts = [dsrl.build_prompt(tok, r["prompt"], 512) for r in problem_rows(2)]
+    seen = []
+    from transformers import GenerationMixin
+    real = GenerationMixin.generate
+    monkeypatch_generate = lambda self, *a, **kw: seen.append(kw) or real(self, *a, **kw)
+    GenerationMixin.generate = monkeypatch_generate
+    try:
+        torch.manual_seed(0)
+        responses, truncated = dsrl.sample_responses(model, tok, prompts, 2, 6, kv_cache="compile")
+    finally:
+        GenerationMixin.generate = real
+    assert seen[0]["cache_implementation"] == "static" and seen[0]["compile_config"] is not None
+    assert len(responses) == 4 and all(1 <= len(r) <= 6 for r in responses)
 
 
 def test_build_prompt_renders_the_chat_template_exactly():
@@ -1915,9 +1762,9 @@ def test_readme_install_and_test_lines_are_what_ci_runs():
 
 
 def test_dsrl_reads_in_the_papers_order_and_stays_short():
-    """The shape promised to readers: at most 900 lines, short functions, sections in the paper's order."""
+    """The shape promised to readers: at most 930 lines, short functions, sections in the paper's order."""
     source = open(os.path.join(HERE, "dsrl.py")).read()
-    assert len(source.splitlines()) <= 970  # the method in ~900 lines, then the translation to the official launch
+    assert len(source.splitlines()) <= 930, "dsrl.py holds the method in at most 930 lines: move other code out"
     tree = ast.parse(source)
     sizes = {n.name: n.end_lineno - n.lineno + 1 for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
     assert sizes.pop("train") <= 100 and max(sizes.values()) <= 40, sorted(sizes.items(), key=lambda kv: -kv[1])[:3]
@@ -2027,19 +1874,3 @@ def test_bf16_path_generation_copy_and_autocast(tiny_model_dir, tiny_data, tmp_p
     metrics = read_jsonl(out / "metrics.jsonl")
     assert [m["skipped"] for m in metrics] == [0, 0] and all(math.isfinite(m["grad_norm"]) for m in metrics)
     assert json.loads((out / "config.json").read_text())["resolved_dtype"] == "torch.bfloat16"
-
-
-def test_approximations_and_repeating_decimals():
-    assert math_reward("\\boxed{x \\approx 2.45}", "2.45") == 1.0
-    assert math_reward("\\boxed{\\sqrt{6} \\approx 2.45}", "\\sqrt{6}") == 1.0
-    assert math_reward("\\boxed{x \\approx 2.45}", "\\sqrt{6}") == 0.0  # a rounded value is not the exact one
-    assert math_reward("\\boxed{0.1\\overline{6}}", "\\frac16") == 1.0
-    assert math_reward("\\boxed{1.\\overline{6}}", "\\frac{5}{3}") == 1.0
-    assert math_reward("\\boxed{0.\\overline{3}}", "0.33") == 0.0
-    assert reward_outcome("\\boxed{" + "9" * 6000 + ".\\overline{3}}", "1")[0] == 0.0  # huge: no crash
-
-
-def test_vectors_and_explicit_base_ten():
-    assert math_reward("\\boxed{\\langle 1,2\\rangle}", "(1,2)") == 1.0
-    assert math_reward("\\boxed{\\langle 1,2\\rangle}", "(2,1)") == 0.0
-    assert math_reward("\\boxed{5_{10}}", "5") == 1.0
