@@ -360,6 +360,229 @@ def test_missing_start_token_is_a_clear_error():
         dsrl.token_id(tok, "<|im_start|>")
 
 
+
+# ---- Plain-Python oracles for the spec tests (no torch, not the code under test) -----------------------------
+def oracle_advantages(rewards, group_size, use_std):
+    out = []
+    for g in range(0, len(rewards), group_size):
+        group = rewards[g:g + group_size]
+        mean = sum(group) / len(group)
+        std = math.sqrt(sum((r - mean) ** 2 for r in group) / (len(group) - 1))  # unbiased
+        out += [(r - mean) / (std + 1e-6) if use_std else r - mean for r in group]
+    return out
+
+
+def oracle_clip_loss(ratio, adv, clip_low, clip_high, clip_dual):
+    clipped = min(max(ratio, 1 - clip_low), 1 + clip_high)
+    loss = max(-adv * ratio, -adv * clipped)
+    return min(loss, -adv * clip_dual) if adv < 0 else loss
+
+
+def oracle_pass_at_k(n, c, k):
+    """The share of the k-subsets of n samples (c of them right) that hold a right one, by enumeration."""
+    subsets = list(__import__("itertools").combinations(range(n), k))
+    return sum(any(i < c for i in s) for s in subsets) / len(subsets)
+
+
+def test_group_advantages_with_unequal_group_counts():
+    """6 groups of 4 and 2 groups of 3: a reshape with the group size as the FIRST dimension mixes groups."""
+    rewards = [1, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 0, 1, 0, 1, 1]
+    for use_std in (False, True):
+        got = dsrl.group_advantages(rewards, 4, use_std).tolist()
+        assert got == pytest.approx(oracle_advantages(rewards, 4, use_std), abs=1e-5), (
+            f"6 groups of 4 (use_std={use_std}): got {[round(a, 3) for a in got[:8]]}..., expected "
+            f"{[round(a, 3) for a in oracle_advantages(rewards, 4, use_std)[:8]]}...: group i is rewards[i*G:(i+1)*G], "
+            "reshape to (number of groups, G), i.e. view(-1, group_size)")
+        got = dsrl.group_advantages([1, 0, 0, 1, 1, 0], 3, use_std).tolist()
+        assert got == pytest.approx(oracle_advantages([1, 0, 0, 1, 1, 0], 3, use_std), abs=1e-5), (
+            f"2 groups of 3 (use_std={use_std}): got {got}: each group is G consecutive samples")
+
+
+def test_group_advantages_random_shapes_against_a_plain_python_oracle():
+    rng = random.Random(0)
+    for _ in range(60):
+        group_size, groups, use_std = rng.randint(2, 7), rng.randint(1, 9), rng.random() < 0.5
+        rewards = [rng.choice([0.0, 1.0, rng.random()]) for _ in range(group_size * groups)]
+        got = dsrl.group_advantages(rewards, group_size, use_std)
+        want = oracle_advantages(rewards, group_size, use_std)
+        assert tuple(got.shape) == (len(rewards),), f"group_advantages must return shape (N,), got {tuple(got.shape)}"
+        assert got.tolist() == pytest.approx(want, abs=1e-4), (
+            f"G={group_size}, {groups} groups, use_std={use_std}: A differs from r - group mean "
+            f"{'/ (unbiased std + 1e-6)' if use_std else ''}")
+
+
+def test_sample_masks_random_advantages_against_a_plain_python_oracle():
+    rng = random.Random(1)
+    for _ in range(40):
+        adv = [rng.choice([0.0, 0.5, -0.5, rng.uniform(-2, 2)]) for _ in range(rng.randint(1, 20))]
+        for samples, rule in (("neg", lambda a: a < 0), ("pos", lambda a: a > 0), ("all", lambda a: True)):
+            got = dsrl.sample_mask(torch.tensor(adv), samples)
+            assert got.dtype == torch.bool and got.tolist() == [rule(a) for a in adv], (
+                f"sample_mask(..., {samples!r}) on {adv}: NSR keeps A < 0, PSR A > 0 (strictly), all keeps every sample")
+
+
+def test_ppo_clip_with_ratios_below_and_above_one_and_asymmetric_clip():
+    """clip_low = 0.1, clip_high = 0.3: the clip range is [0.9, 1.3]. A ratio below 1 with A < 0 shows the lower
+    clamp; a ratio above 1 with A > 0 shows the upper one; swapping the two epsilons changes both."""
+    ratios = torch.tensor([0.5, 0.95, 1.2, 2.0, 50.0])
+    old = torch.zeros(2, 5)
+    logp = ratios.log().expand(2, 5).clone().requires_grad_(True)
+    adv = torch.tensor([[1.0], [-1.0]])
+    loss = dsrl.ppo_clip_loss(logp, old, adv, 0.1, 0.3, 10.0)
+    want = [[-0.5, -0.95, -1.2, -1.3, -1.3], [0.9, 0.95, 1.2, 2.0, 10.0]]
+    assert loss.tolist()[0] == pytest.approx(want[0]), (
+        f"A = +1, ratios {ratios.tolist()}, clip_low 0.1, clip_high 0.3: loss {loss[0].tolist()}, expected {want[0]}: "
+        "max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high)); the upper bound is 1 + clip_high")
+    assert loss.tolist()[1] == pytest.approx(want[1]), (
+        f"A = -1: loss {loss[1].tolist()}, expected {want[1]}: the lower bound 1 - clip_low = 0.9 applies at ratio 0.5, "
+        "and the dual clip caps the loss at -A * clip_dual = 10")
+    loss.sum().backward()
+    slope = (logp.grad / ratios).tolist()  # d loss / d ratio
+    assert slope == [pytest.approx([-1, -1, -1, 0, 0]), pytest.approx([0, 1, 1, 1, 0])], (
+        f"d loss / d ratio = {slope}: expected -A where the ratio is unclipped and 0 where a clip is active "
+        "(the clipped terms must not carry a gradient)")
+
+
+def test_ppo_clip_random_ratios_against_a_plain_python_oracle():
+    rng = random.Random(2)
+    for _ in range(30):
+        n, t = rng.randint(1, 4), rng.randint(1, 6)
+        clip_low, clip_high, clip_dual = rng.uniform(0.05, 0.5), rng.uniform(0.05, 0.5), rng.uniform(1.5, 5)
+        ratio = [[math.exp(rng.uniform(-1.5, 1.5)) for _ in range(t)] for _ in range(n)]
+        adv = [rng.choice([-1.0, 1.0, 0.0, rng.uniform(-2, 2)]) for _ in range(n)]
+        got = dsrl.ppo_clip_loss(torch.tensor(ratio, dtype=torch.float64).log(), torch.zeros(n, t, dtype=torch.float64),
+                                 torch.tensor(adv, dtype=torch.float64)[:, None], clip_low, clip_high, clip_dual)
+        want = [[oracle_clip_loss(r, a, clip_low, clip_high, clip_dual) for r in row] for row, a in zip(ratio, adv)]
+        assert got.tolist() == [pytest.approx(w, abs=1e-9) for w in want], (
+            f"clip_low {clip_low:.2f}, clip_high {clip_high:.2f}, clip_dual {clip_dual:.2f}, A {adv}: per-token loss "
+            "differs from max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high)), capped at -A * clip_dual for A < 0")
+
+
+def test_token_mean_random_masks_against_a_plain_python_oracle():
+    rng = random.Random(3)
+    for _ in range(30):
+        n, t = rng.randint(1, 5), rng.randint(1, 7)
+        per_token = [[rng.uniform(-3, 3) for _ in range(t)] for _ in range(n)]
+        mask = [[rng.random() < 0.6 for _ in range(t)] for _ in range(n)]
+        n_tokens = sum(map(sum, mask)) + rng.randint(0, 5)  # the step may hold more tokens than this micro-batch
+        got = dsrl.token_mean_loss(torch.tensor(per_token), torch.tensor(mask), n_tokens).item()
+        want = sum(x for row, m in zip(per_token, mask) for x, keep in zip(row, m) if keep) / max(n_tokens, 1)
+        assert got == pytest.approx(want, abs=1e-5), (
+            f"token_mean_loss = {got:.5f}, expected {want:.5f}: the sum over kept tokens divided by the step's n_tokens")
+
+
+def test_pass_at_k_random_against_subset_enumeration():
+    """pass@k is the share of the k-subsets of the n samples that contain a right one (Chen et al. 2021)."""
+    rng = random.Random(4)
+    for _ in range(40):
+        n = rng.randint(1, 9)
+        c, k = rng.randint(0, n), rng.randint(1, n)
+        assert evaluator.pass_at_k(n, c, k) == pytest.approx(oracle_pass_at_k(n, c, k), abs=1e-9), (
+            f"pass@{k} with {c} right of {n} = {evaluator.pass_at_k(n, c, k):.4f}, expected {oracle_pass_at_k(n, c, k):.4f}: "
+            "unbiased 1 - C(n-c, k) / C(n, k), not 1 - (1 - c/n)^k")
+
+
+# ---- Exercises 3 and 4 against a formulation that is not the solution: decoding one token at a time ----------
+def decoded_logprobs(model, context, response, temperature=1.0):
+    """log pi(y_t | context, y_<t) by feeding the tokens one at a time through the model's KV cache, as generation
+    does: the positions come from the cache, so a wrong prompt/response offset in the code under test shows."""
+    out = model(input_ids=torch.tensor([list(context)]), use_cache=True)
+    logps = []
+    for token in response:
+        logps.append((out.logits[0, -1] / temperature).log_softmax(-1)[token])
+        out = model(input_ids=torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True)
+    return torch.stack(logps)
+
+
+def test_logprob_y_given_x_continues_positions_after_the_prompt(tiny):
+    """Left-padded prompts of different lengths: the response's first position is the prompt's real length. A
+    response that restarts at 0, or counts the padding, gives other log-probs than decoding token by token."""
+    model, tok = tiny
+    prompts, responses = _rollouts(tok)
+    with torch.no_grad():
+        logp, mask = dsrl.logprob_y_given_x(model, prompts, responses, dsrl.pad_id(tok), temperature=0.8, chunk=4)
+        for i in range(3):
+            want = decoded_logprobs(model, prompts[i], responses[i], 0.8)
+            assert torch.allclose(logp[i, :len(responses[i])], want, atol=1e-4), (
+                f"row {i} (prompt of {len(prompts[i])} tokens, left-padded to {max(map(len, prompts))}): log P(y|x) "
+                "differs from token-by-token decoding: positions count real prompt tokens only (from the attention "
+                "mask), and the response continues right after them")
+
+
+@pytest.mark.parametrize("space", ["y|x", "y"])
+def test_logprob_gradients_equal_token_by_token_decoding(tiny, space):
+    """The gradient of sum_i w_i sum_t log pi(y_t | ., y_<t) equals that of the token-by-token reference: the
+    log-probs must stay in the autograd graph (not computed under no_grad or detached)."""
+    model, tok = tiny
+    prompts, responses = _rollouts(tok)
+    start = dsrl.token_id(tok, dsrl.START_TOKEN)
+    weights = torch.tensor([1.0, -2.0, 0.5])
+    model.zero_grad(set_to_none=True)
+    if space == "y":
+        logp, mask = dsrl.logprob_y(model, start, responses, dsrl.pad_id(tok), temperature=0.8, chunk=3)
+    else:
+        logp, mask = dsrl.logprob_y_given_x(model, prompts, responses, dsrl.pad_id(tok), temperature=0.8, chunk=3)
+    assert logp.requires_grad, f"log P({space}) carries no gradient: do not compute it under torch.no_grad() or detach it"
+    ((logp * mask).sum(1) * weights).sum().backward()
+    ours = _grads(model)
+    model.zero_grad(set_to_none=True)
+    contexts = [[start]] * 3 if space == "y" else prompts
+    sum(w * decoded_logprobs(model, c, y, 0.8).sum() for w, c, y in zip(weights, contexts, responses)).backward()
+    for name, g in _grads(model).items():
+        assert torch.allclose(ours[name], g, rtol=1e-4, atol=1e-4), (
+            f"gradient of log P({space}) w.r.t. {name} differs from the token-by-token reference")
+
+
+class LargestTensor(__import__("torch.utils._python_dispatch", fromlist=["TorchDispatchMode"]).TorchDispatchMode):
+    """Records the element count of the largest tensor any operation creates (forward and backward)."""
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else [out]):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def big_vocabulary_model(vocab=32_768):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    torch.manual_seed(0)
+    return Qwen3ForCausalLM(Qwen3Config(vocab_size=vocab, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=1, head_dim=4,
+                                        tie_word_embeddings=False))
+
+
+@pytest.mark.parametrize("space", ["y|x", "y"])
+def test_logprobs_memory_stays_flat_in_vocabulary_times_length(space):
+    """Qwen3's vocabulary is 151,936: a (N, T, vocab) tensor is ~40 GB per 64 x 1,024 micro-batch. Forward and
+    backward, no tensor may be larger than a few chunks x vocab; and in P(y|x) each distinct prompt runs once."""
+    V, chunk, T = 32_768, 16, 120
+    model = big_vocabulary_model(V)
+    prompts = [list(range(3, 63)), list(range(5, 45))]
+    prompt_ids, responses = [prompts[i // 3] for i in range(6)], [list(range(7 + i, 7 + i + T - 9 * i)) for i in range(6)]
+    embedded = []
+    hook = model.model.embed_tokens.register_forward_hook(lambda mod, inp, out: embedded.append(inp[0].numel()))
+    with LargestTensor() as probe:
+        if space == "y":
+            logp, mask = dsrl.logprob_y(model, 1, responses, 0, chunk=chunk)
+        else:
+            logp, mask = dsrl.logprob_y_given_x(model, prompt_ids, responses, 0, chunk=chunk)
+        (logp * mask).sum().backward()
+    hook.remove()
+    assert probe.largest <= 4 * chunk * V, (
+        f"log P({space}) created a tensor of {probe.largest:,} elements, {probe.largest / (chunk * V):.0f} x chunk x vocab: "
+        f"compute the vocabulary projection `chunk` ({chunk}) tokens at a time (token_logprobs), never the full "
+        "(N, T, vocab) logits or log_softmax")
+    if space == "y|x":
+        most = 2 * 60 + 6 * max(map(len, responses))  # each distinct prompt once (padded to 60), then the responses
+        assert sum(embedded) <= most, (
+            f"{sum(embedded)} token positions went through the model for 2 distinct prompts x 3 samples; at most {most}: "
+            "with share_prompt the samples of one prompt share one forward of it")
+
+
 # ----------------------------------------------------------------------------------------------------
 # 4 and 6. Token-mean, micro-batching, masked samples, one step moves the weights
 # ----------------------------------------------------------------------------------------------------
