@@ -975,28 +975,31 @@ def in_process(function, argument, spy=None):
 
 
 def wiring_rows():
-    """Golds "1"/"2", and "1.0"/"2.0" for odd rows: the official string scorer rejects \\boxed{1} for "1.0", the
-    math scorer accepts it, so the logged rewards show which scorer the loop used."""
+    """Golds "1"/"2", and "1.0"/"2.0" for every fourth row: the official string scorer rejects \\boxed{1} for "1.0",
+    the math scorer accepts it, so the logged rewards show which scorer the loop used."""
     rows = problem_rows(12, seed=11)
     for i, r in enumerate(rows):
-        r["reward_model"]["ground_truth"] += ".0" if i % 2 else ""
+        r["reward_model"]["ground_truth"] += ".0" if i % 4 == 3 else ""
     return rows
 
 
-WIRING_FLAGS = dict(mode="nsr-prerl", steps=1, prompts_per_step=4, group_size=4, max_new_tokens=10, max_prompt_tokens=110,
-                    temperature=0.7, top_p=0.9, prerl_coef=0.05, weight_decay=0.1, grad_clip=1e-3, lr=1e-2,
+WIRING_FLAGS = dict(mode="dsrl", warmup_steps=1, steps=2, save_every=1, prompts_per_step=4, group_size=4, max_new_tokens=10, max_prompt_tokens=110,
+                    temperature=0.7, top_p=0.9, prerl_coef=0.05, weight_decay=0.1, grad_clip=1e-3, lr=1e-3,
                     gen_batch_size=8, micro_batch_size=3, logprob_chunk=5, reward="official", seed=7, device="cpu")
 
 
 @pytest.fixture(scope="module")
 def wiring_run(tiny_model_dir, tmp_path_factory):
-    """One NSR-PreRL step at non-default values of every flag the loop passes on; generate calls recorded."""
+    """One NSR-PreRL step, then one GRPO step, at non-default values of every flag the loop passes on; generate
+    calls recorded. -> (args, rows, samples of step 1, metrics of step 1, generate calls, samples and metrics by step)"""
     tmp = tmp_path_factory.mktemp("flags")
     data = write_parquet(wiring_rows(), str(tmp / "rows.parquet"))
     args = dsrl.Args(model=tiny_model_dir, dataset=data, output_dir=str(tmp / "run"), **WIRING_FLAGS)
     calls = []
     assert train_in_process(args, spy=calls) == 0
-    return args, wiring_rows(), read_jsonl(tmp / "run" / "samples.jsonl"), read_jsonl(tmp / "run" / "metrics.jsonl")[0], calls
+    samples, metrics = read_jsonl(tmp / "run" / "samples.jsonl"), read_jsonl(tmp / "run" / "metrics.jsonl")
+    by_step = {m["step"]: ([s for s in samples if s["step"] == m["step"]], m) for m in metrics}
+    return args, wiring_rows(), by_step[1][0], by_step[1][1], calls, by_step
 
 
 @pytest.mark.slow
@@ -1004,10 +1007,10 @@ def test_loop_samples_are_generate_at_the_given_flags(wiring_run, tiny):
     """Catches: temperature, top_p, --gen-batch-size or --max-prompt-tokens dropped on the way to the sampler; the data
     order shifted. The logged samples are those of `generate` called directly, at temperature 0.7 and top-p 0.9,
     on the prompts of the documented data order, two groups per call, after torch.manual_seed(--seed)."""
-    args, rows, samples, _, calls = wiring_run
+    args, rows, samples, _, calls, _ = wiring_run
     model, tok = tiny
-    assert [(c["temperature"], c["top_p"], c["input_ids"][0]) for c in calls] == [(0.7, 0.9, 8)] * 2, (
-        f"generate got {[(c['temperature'], c['top_p'], c['input_ids']) for c in calls]}: expected two calls of 2 "
+    assert [(c["temperature"], c["top_p"], c["input_ids"][0]) for c in calls] == [(0.7, 0.9, 8)] * 4, (
+        f"generate got {[(c['temperature'], c['top_p'], c['input_ids']) for c in calls]}: expected two calls per step of 2 "
         "prompts x 4 samples (--gen-batch-size 8) at temperature 0.7, top-p 0.9")
     idx = expected_order(len(rows), args.seed, 1, args.prompts_per_step)
     assert [s["prompt_index"] for s in samples] == [i for i in idx for _ in range(4)], "data order or pairing is off"
@@ -1031,7 +1034,7 @@ def test_loop_samples_are_generate_at_the_given_flags(wiring_run, tiny):
 def test_loop_scores_each_sample_against_its_own_rows_gold_with_the_chosen_scorer(wiring_run):
     """Catches: golds paired with another prompt, --reward official not passed on (the math scorer accepts \\boxed{1}
     for the gold "1.0", the official string scorer does not)."""
-    _, rows, samples, metrics, _ = wiring_run
+    _, rows, samples, metrics, _, _ = wiring_run
     for s in samples:
         gold = rows[s["prompt_index"]]["reward_model"]["ground_truth"]
         assert s["gold"] == gold, f"sample of row {s['prompt_index']} logged gold {s['gold']!r}, the row says {gold!r}"
@@ -1046,7 +1049,7 @@ def test_loop_gradient_is_prerl_coef_times_the_p_y_loss_at_the_run_temperature(w
     """Catches: --prerl-coef not passed to phase_for_step (0.01 instead of 0.05), temperature 1.0 in the P(y) loss.
     The logged grad_norm (before clipping) is that of 0.05 x token-mean(-A log pi(y_t | <|im_start|>, y_<t) / 0.7)
     over the A < 0 samples, recomputed from the model's own logits."""
-    _, _, samples, metrics, _ = wiring_run
+    _, _, samples, metrics, _, _ = wiring_run
     model, tok = tiny
     grad = independent_nsr_gradient(model, tok, samples, coef=0.05, temperature=0.7)
     norm = torch.sqrt(sum((g * g).sum() for g in grad.values())).item()
@@ -1072,12 +1075,40 @@ def independent_nsr_gradient(model, tok, samples, coef, temperature):
     return grad
 
 
+
+@pytest.mark.slow
+def test_loop_grpo_gradient_is_the_p_y_given_x_loss_at_the_run_temperature(wiring_run):
+    """Catches: temperature 1.0 in the P(y|x) loss, std not applied, the prompt of another sample. Step 2 (GRPO)
+    logs the grad_norm of token-mean(-A log pi(y_t | x, y_<t) / 0.7) over every sample, A = (r - mean) / (std + 1e-6),
+    recomputed here from checkpoint-1's weights and the model's own logits."""
+    from transformers import AutoModelForCausalLM
+    args, rows, _, _, _, by_step = wiring_run
+    samples, metrics = by_step[2]
+    model = AutoModelForCausalLM.from_pretrained(os.path.join(args.output_dir, "checkpoint-1"))
+    tok = make_tokenizer()
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    rewards = [s["reward"] for s in samples]
+    adv = []
+    for g in range(0, 16, 4):
+        mean, std = statistics.mean(rewards[g:g + 4]), statistics.stdev(rewards[g:g + 4])
+        adv += [(r - mean) / (std + 1e-6) for r in rewards[g:g + 4]]
+    ys = [tok(s["response"], add_special_tokens=False)["input_ids"] for s in samples]
+    ys = [y + [im_end] * (s["response_tokens"] - len(y)) for y, s in zip(ys, samples)]
+    prompts = [dsrl.build_prompt(tok, rows[s["prompt_index"]]["prompt"], 10 ** 6)[-110:] for s in samples]
+    loss = sum(-a * reference_logprobs(model, x, y, 0.7).sum() for a, x, y in zip(adv, prompts, ys) if a != 0)
+    (loss / sum(map(len, ys))).backward()
+    norm = math.sqrt(sum((p.grad ** 2).sum().item() for p in model.parameters() if p.grad is not None))
+    assert metrics["phase"] == "rl" and metrics["n_pos"] > 0, "step 2 must be a GRPO step with mixed groups: change the seed"
+    assert metrics["grad_norm"] == pytest.approx(norm, rel=1e-4), (
+        f"logged grad_norm {metrics['grad_norm']:.6g}, independent {norm:.6g}: the GRPO loss uses the sampling "
+        "temperature, std-normalised advantages and each sample's own prompt")
+
 @pytest.mark.slow
 def test_loop_update_is_adamw_with_weight_decay_and_the_gradient_clip(wiring_run, tiny):
     """Catches: --weight-decay or --grad-clip not passed to AdamW / the clip. After one step from AdamW's zero state,
     each weight moves by -lr * wd * p - lr * g' / (|g'| + 1e-8), g' = g * min(1, clip / |g|): with clip 1e-3 the
     clipped g' is comparable to AdamW's eps, so the clip shows in the update size."""
-    args, _, samples, metrics, _ = wiring_run
+    args, _, samples, metrics, _, _ = wiring_run
     from safetensors.torch import load_file
     model, tok = tiny
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -1211,23 +1242,20 @@ def test_alignment_summary_statistics_by_hand():
     assert s["tokens"] == 3 and s["absdiff_all"] == pytest.approx((math.log(2) + 0 + math.log(4)) / 3)
 
 
-@pytest.mark.slow
-def test_kv_cache_compile_samples_like_the_dynamic_cache(tiny):
-    """--kv-cache compile (static cache + torch.compile, also on CPU) is passed to generate and draws valid samples."""
+def test_kv_cache_compile_takes_generates_compiled_path_on_cpu(tiny, monkeypatch):
+    """Catches --kv-cache compile not reaching generate (or not on CPU): generate asks the model for its compiled
+    decode step. The compilation itself is replaced by the plain call here (inductor takes minutes on a busy CPU);
+    with --kv-cache static, CPU decoding stays uncompiled."""
     model, tok = tiny
     prompts = [dsrl.build_prompt(tok, r["prompt"], 512) for r in problem_rows(2)]
-    seen = []
-    from transformers import GenerationMixin
-    real = GenerationMixin.generate
-    monkeypatch_generate = lambda self, *a, **kw: seen.append(kw) or real(self, *a, **kw)
-    GenerationMixin.generate = monkeypatch_generate
-    try:
+    compiled = []
+    monkeypatch.setattr(model, "get_compiled_call", lambda config: compiled.append(config) or model.__call__)
+    for kv_cache in ("static", "compile"):
         torch.manual_seed(0)
-        responses, truncated = dsrl.sample_responses(model, tok, prompts, 2, 6, kv_cache="compile")
-    finally:
-        GenerationMixin.generate = real
-    assert seen[0]["cache_implementation"] == "static" and seen[0]["compile_config"] is not None
-    assert len(responses) == 4 and all(1 <= len(r) <= 6 for r in responses)
+        responses, _ = dsrl.sample_responses(model, tok, prompts, 2, 6, kv_cache=kv_cache)
+        assert len(responses) == 4 and all(1 <= len(r) <= 6 for r in responses)
+        assert bool(compiled) == (kv_cache == "compile"), (
+            f"--kv-cache {kv_cache}: generate {'did not use' if not compiled else 'used'} a compiled decode step on CPU")
 
 
 def test_build_prompt_renders_the_chat_template_exactly():
