@@ -29,11 +29,7 @@ sys.path.insert(0, CODE)
 import dsrl  # noqa: E402
 import grader  # noqa: E402
 import eval as evaluator  # noqa: E402  (our eval.py, not the builtin function)
-from dsrl import last_boxed, math_reward, official_reward, strip_string  # noqa: E402
 
-
-def reward_outcome(response, gold):
-    return dsrl.reward(response, gold, "math")
 
 SHARED_DATA = os.path.join(HERE, "..", "shared", "data")
 CHAT_TEMPLATE = (
@@ -131,12 +127,18 @@ def tiny(tiny_model_dir):
     return model, tok
 
 
-def run_cli(args, timeout=600, script="dsrl.py", threads=None):
+def cli(args, script="dsrl.py", threads=None):
+    """The command line and environment of one run of the file under test (DSRL_UNDER_TEST's dsrl.py or the
+    eval.py beside it), offline. -> (argv, env)"""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
-    return subprocess.run([sys.executable, os.path.join(CODE, script)] + [str(a) for a in args], capture_output=True,
-                          text=True, timeout=timeout, env=env, cwd=CODE)
+    return [sys.executable, os.path.join(CODE, script)] + [str(a) for a in args], env
+
+
+def run_cli(args, timeout=600, script="dsrl.py", threads=None):
+    argv, env = cli(args, script, threads)
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env, cwd=CODE)
 
 
 def read_jsonl(path):
@@ -263,6 +265,13 @@ def _rollouts(tok):
     return prompts, responses
 
 
+def reference_logprobs(model, context, response, temperature=1.0):
+    """log pi(y_t | context, y_<t) of one unpadded row from the model's own full-vocabulary logits: the tests' one
+    reference forward (the code under test never builds these logits)."""
+    logits = model(input_ids=torch.tensor([list(context) + list(response)])).logits[0, len(context) - 1:-1]
+    return (logits / temperature).log_softmax(-1).gather(-1, torch.tensor(response)[:, None]).squeeze(-1)  # (T,)
+
+
 def test_logprob_y_given_x_equals_models_own_cross_entropy(tiny):
     model, tok = tiny
     prompts, responses = _rollouts(tok)
@@ -280,38 +289,33 @@ def test_logprob_y_given_x_equals_models_own_cross_entropy(tiny):
     assert torch.allclose(logp[mask], ref[ym], atol=1e-5), (
         "log P(y|x) differs from the model's own cross-entropy on [prompt] + y (left-padded prompts need positions "
         "from the attention mask; the last prompt state predicts y_0)")
-    assert (logp[~mask] == 0).all(), "padding positions must be 0"
-    # and the same without padding at all, one row at a time (padding changes nothing)
-    for i in range(3):
-        single = torch.tensor([prompts[i] + responses[i]])
-        with torch.no_grad():
-            lg = model(input_ids=single).logits[0, len(prompts[i]) - 1:-1].log_softmax(-1)
-        one = lg.gather(-1, torch.tensor(responses[i])[:, None]).squeeze(-1)
-        assert torch.allclose(logp[i, :len(responses[i])], one, atol=1e-5)
+    assert (logp[~mask] == 0).all(), "padding positions of log P(y|x) must be 0"
 
 
-def test_shared_prompt_forward_equals_separate_forwards(tiny):
-    """Samples of one prompt share its forward (KV cache repeated): same log-probs and same gradients as one
-    independent forward per sample, and as the model's own cross-entropy."""
+@pytest.mark.parametrize("share", [True, False])
+def test_shared_prompt_forward_equals_separate_forwards(tiny, share):
+    """Samples of one prompt share its forward (KV cache repeated), or not (share_prompt=False): either way each
+    row's log-probs are those of the model on [prompt] + y alone, and the gradients those of that reference."""
     model, tok = tiny
     prompts, responses = _rollouts(tok)
     prompts = [prompts[0], prompts[1], prompts[0], prompts[2], prompts[1]]  # repeated, different lengths
     responses = [responses[0], responses[1], responses[2], responses[1], responses[0]]
-    pad = dsrl.pad_id(tok)
-    out = {}
-    for share in (True, False):
-        model.zero_grad(set_to_none=True)
-        logp, mask = dsrl.logprob_y_given_x(model, prompts, responses, pad, chunk=4, share_prompt=share)
-        (logp * torch.arange(1.0, 6.0)[:, None]).sum().backward()  # a different weight per sample
-        out[share] = logp.detach(), _grads(model)
-    assert torch.allclose(out[True][0], out[False][0], atol=1e-5)
-    for name, g in out[False][1].items():
-        assert torch.allclose(out[True][1][name], g, atol=1e-5), name
-    for i in range(5):  # one row at a time, no padding, the model's own logits
-        with torch.no_grad():
-            lg = model(input_ids=torch.tensor([prompts[i] + responses[i]])).logits[0, len(prompts[i]) - 1:-1]
-        ref = lg.log_softmax(-1).gather(-1, torch.tensor(responses[i])[:, None]).squeeze(-1)
-        assert torch.allclose(out[True][0][i, :len(responses[i])], ref, atol=1e-5)
+    weights = torch.arange(1.0, 6.0)  # a different weight per sample
+    model.zero_grad(set_to_none=True)
+    logp, mask = dsrl.logprob_y_given_x(model, prompts, responses, dsrl.pad_id(tok), chunk=4, share_prompt=share)
+    ((logp * mask).sum(1) * weights).sum().backward()
+    ours = _grads(model)
+    model.zero_grad(set_to_none=True)
+    refs = [reference_logprobs(model, x, y) for x, y in zip(prompts, responses)]
+    sum(w * r.sum() for w, r in zip(weights, refs)).backward()
+    for i, ref in enumerate(refs):
+        assert torch.allclose(logp[i, :len(responses[i])], ref, atol=1e-5), (
+            f"share_prompt={share}: row {i} differs from the model's own log-probs of [prompt] + y: samples of one "
+            "prompt must each see exactly that prompt")
+    for name, g in _grads(model).items():
+        assert torch.allclose(ours[name], g, rtol=1e-4, atol=1e-4), (
+            f"share_prompt={share}: the gradient w.r.t. {name} differs from the per-row reference: the shared prompt "
+            "forward must stay in the autograd graph (its KV cache feeds every sample)")
 
 
 def test_logprob_y_equals_hand_built_start_token_forward(tiny):
@@ -320,38 +324,27 @@ def test_logprob_y_equals_hand_built_start_token_forward(tiny):
     start = dsrl.token_id(tok, "<|im_start|>")
     assert start == tok.convert_tokens_to_ids("<|im_start|>")
     logp, mask = dsrl.logprob_y(model, start, responses, dsrl.pad_id(tok), temperature=1.0, chunk=3)
-    for i, y in enumerate(responses):
-        ids = torch.tensor([[start] + y])
-        with torch.no_grad():
-            lg = model(input_ids=ids, position_ids=torch.arange(len(y) + 1)[None]).logits[0, :-1].log_softmax(-1)
-        ref = lg.gather(-1, torch.tensor(y)[:, None]).squeeze(-1)
-        assert torch.allclose(logp[i, :len(y)], ref, atol=1e-5), (
-            "log P(y) differs from the forward of [<|im_start|>] + y at positions 0..|y|: the start token is "
-            "start_id (<|im_start|>), and its state predicts y_0")
-        assert int(mask[i].sum()) == len(y), "the mask marks the real response tokens"
-
-
-def test_temperature_divides_logits(tiny):
-    model, tok = tiny
-    _, responses = _rollouts(tok)
-    start = dsrl.token_id(tok, "<|im_start|>")
-    y = responses[0]
-    logp, _ = dsrl.logprob_y(model, start, [y], dsrl.pad_id(tok), temperature=0.5)
     with torch.no_grad():
-        lg = (model(input_ids=torch.tensor([[start] + y])).logits[0, :-1] / 0.5).log_softmax(-1)
-    assert torch.allclose(logp[0], lg.gather(-1, torch.tensor(y)[:, None]).squeeze(-1), atol=1e-5), (
-        "log P(y) at temperature 0.5 must use logits / 0.5, as the sampler did")
+        for i, y in enumerate(responses):
+            assert torch.allclose(logp[i, :len(y)], reference_logprobs(model, [start], y), atol=1e-5), (
+                "log P(y) differs from the forward of [<|im_start|>] + y at positions 0..|y|: the start token is "
+                "start_id (<|im_start|>), and its state predicts y_0")
+            assert int(mask[i].sum()) == len(y), "the mask marks the real response tokens"
 
 
-def test_temperature_divides_logits_given_x(tiny):
+@pytest.mark.parametrize("space", ["y", "y|x"])
+def test_temperature_divides_logits(tiny, space):
     model, tok = tiny
     prompts, responses = _rollouts(tok)
-    logp, _ = dsrl.logprob_y_given_x(model, prompts[:1], responses[:1], dsrl.pad_id(tok), temperature=0.5)
+    start = dsrl.token_id(tok, "<|im_start|>")
+    if space == "y":
+        logp, _ = dsrl.logprob_y(model, start, responses[:1], dsrl.pad_id(tok), temperature=0.5)
+    else:
+        logp, _ = dsrl.logprob_y_given_x(model, prompts[:1], responses[:1], dsrl.pad_id(tok), temperature=0.5)
     with torch.no_grad():
-        lg = model(input_ids=torch.tensor([prompts[0] + responses[0]])).logits[0, len(prompts[0]) - 1:-1] / 0.5
-    ref = lg.log_softmax(-1).gather(-1, torch.tensor(responses[0])[:, None]).squeeze(-1)
+        ref = reference_logprobs(model, [start] if space == "y" else prompts[0], responses[0], temperature=0.5)
     assert torch.allclose(logp[0, :len(responses[0])], ref, atol=1e-5), (
-        "log P(y|x) at temperature 0.5 must use logits / 0.5, as the sampler did")
+        f"log P({space}) at temperature 0.5 must use logits / 0.5, as the sampler did")
 
 
 def test_missing_start_token_is_a_clear_error():
@@ -741,7 +734,7 @@ def test_majority_groups_equivalent_answers():
     # the reward of the class is its representative's (the first member's)
     assert evaluator.majority_correct(['2/4', '0.5', '7'], [0.0, 1.0, 0.0]) == 0.0
     # from whole responses, through extracted_answer as evaluate_benchmark does
-    texts = [box(a) for a in ('0.50', '\\dfrac{2}{4}', '3', '1/2', '3')]
+    texts = ['so $\\boxed{%s}$.' % a for a in ('0.50', '\\dfrac{2}{4}', '3', '1/2', '3')]
     assert evaluator.majority_correct([evaluator.extracted_answer(t) for t in texts], [1.0, 1.0, 0.0, 1.0, 0.0]) == 1.0
 
 
@@ -799,13 +792,7 @@ def test_extracted_answer_never_raises():
     assert evaluator.extracted_answer('\\boxed{5\\text{ cm} \\text{ or } 6}') == '5\\text{ cm} \\text{ or } 6'
     assert evaluator.extracted_answer('so \\boxed{\\dfrac{1}{2}}') == evaluator.extracted_answer('\\boxed{\\frac{1} {2}}')
     assert evaluator.extracted_answer('no box') is None
-
-
-def test_accuracy_metrics_majority_by_equivalence():
-    rewards = [[1.0, 1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0, 0.0]]
-    answers = [['0.5', '\\frac{1}{2}', '3', '3', '1/2'], [None, '3', '4', '4', '3']]
-    m = evaluator.accuracy_metrics(rewards, answers, [[10] * 5] * 2, [[False] * 5] * 2, k=5)
-    assert m['maj@5'] == 0.5  # problem 0: the 1/2 class (3 votes) is right; problem 1: '3' (earliest of a tie) wrong
+    assert evaluator.gold_text(27.0) == "27" and evaluator.gold_text(2.5) == "2.5" and evaluator.gold_text(" 7 ") == "7"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -822,6 +809,7 @@ def cli_args(model, data, out, **kw):
 
 
 @pytest.mark.parametrize("mode", list(dsrl.MODES))
+@pytest.mark.slow
 def test_cli_runs_every_mode(tiny_model_dir, tiny_data, tmp_path, mode):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
@@ -848,8 +836,8 @@ def test_cli_runs_every_mode(tiny_model_dir, tiny_data, tmp_path, mode):
     samples = read_jsonl(out / "samples.jsonl")
     assert len(samples) == 3 * 16
     assert {"step", "prompt_index", "response", "gold", "reward", "advantage", "used_in_loss"} <= set(samples[0])
-    for s in samples:
-        assert s["reward"] == math_reward(s["response"], s["gold"])
+    for s in samples:  # the tiny golds are "1"/"2": right iff the last box holds exactly the gold
+        assert s["reward"] == float(last_box_content(s["response"]) == s["gold"]), s
     config = json.loads((out / "config.json").read_text())
     assert config["mode"] == mode and config["group_size"] == 4
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]  # --save-total-limit 2
@@ -863,6 +851,7 @@ def test_cli_runs_every_mode(tiny_model_dir, tiny_data, tmp_path, mode):
         assert [m["phase"] for m in metrics] == ["warmup", "warmup", "rl"]
 
 
+@pytest.mark.slow
 def test_cli_on_the_official_math_train_file(tiny_model_dir, tmp_path):
     """Extra check on ../shared/data/math_train.parquet (only present in the developers' checkout)."""
     path = os.path.join(SHARED_DATA, "math_train.parquet")
@@ -891,6 +880,7 @@ def dsrl_run(tiny_model_dir, tiny_data, tmp_path_factory):
     return read_jsonl(out / "metrics.jsonl"), samples, groups
 
 
+@pytest.mark.slow
 def test_loop_advantages_are_r_minus_mean_in_warmup_and_std_normalised_in_grpo(dsrl_run):
     """The loop wires the phase into the advantage: no std in P(y) (pretrain_norm_adv_by_std=False), std in GRPO."""
     metrics, samples, groups = dsrl_run
@@ -905,6 +895,7 @@ def test_loop_advantages_are_r_minus_mean_in_warmup_and_std_normalised_in_grpo(d
     assert mixed >= 4  # enough mixed groups for the std to matter
 
 
+@pytest.mark.slow
 def test_loop_loss_is_the_token_mean_over_the_phase_samples(dsrl_run):
     """Warm-up: 0.01 x token-mean of -A over the tokens of A < 0 samples ONLY (A = 0 samples are not NSR).
     GRPO: token-mean of -A over every sample's tokens, A = 0 included in the denominator."""
@@ -926,13 +917,6 @@ def test_loop_loss_is_the_token_mean_over_the_phase_samples(dsrl_run):
 # ----------------------------------------------------------------------------------------------------
 # The loop's wiring at NON-default flags: every flag the loop passes on must show in the logs or the weights
 # ----------------------------------------------------------------------------------------------------
-def reference_logprobs(model, context, response, temperature=1.0):
-    """log pi(y_t | context, y_<t) of one unpadded row from the model's own full-vocabulary logits: the test's
-    one reference forward (the code under test never builds these logits)."""
-    logits = model(input_ids=torch.tensor([list(context) + list(response)])).logits[0, len(context) - 1:-1]
-    return (logits / temperature).log_softmax(-1).gather(-1, torch.tensor(response)[:, None]).squeeze(-1)  # (T,)
-
-
 def last_box_content(text):
     """The tiny model writes "\\boxed{1}": the content of its last box, by a regex (independent of dsrl)."""
     found = re.findall(r"\\boxed\{([^{}]*)\}", text)
@@ -1159,6 +1143,19 @@ def test_bf16_sampler_follows_the_weights_and_resume_by_path_writes_into_that_ru
     assert json.loads((tmp_path / "a" / "config.json").read_text())["resolved_dtype"] == "torch.bfloat16"
 
 
+def test_generation_copy_is_bf16_and_sync_copies_the_weights(tiny):
+    """The GPU recipe on CPU: fp32 master weights, a bf16 sampling copy that sync_generation_copy updates in place."""
+    model, _ = tiny
+    gen = dsrl.generation_copy(model, torch.bfloat16)
+    assert gen is not model and next(gen.parameters()).dtype == torch.bfloat16
+    assert next(model.parameters()).dtype == torch.float32 and dsrl.generation_copy(model, torch.float32) is model
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)
+    dsrl.sync_generation_copy(gen, model)
+    assert all(torch.equal(g, p.to(torch.bfloat16)) for g, p in zip(gen.parameters(), model.parameters()))
+
+
 @pytest.mark.slow
 def test_second_interrupt_exits_130_with_a_resume_hint(tiny_model_dir, tiny_data, tmp_path, monkeypatch, capsys):
     """Catches: a wrong exit code or message on the second Ctrl-C (the first asks for a clean stop, the second
@@ -1312,6 +1309,7 @@ def test_sampler_computes_logits_for_the_last_prompt_position_only(tiny):
     assert seen and all(shape[1] == 1 for shape in seen), seen[:3]
 
 
+@pytest.mark.slow
 def test_unknown_flag_is_an_error(tmp_path):
     res = run_cli(["--no-such-flag", "1"])
     assert res.returncode == 2 and "unrecognized arguments" in res.stderr
@@ -1326,9 +1324,8 @@ def _strip_timing(rows):
 
 def _run_until(args, condition, timeout=300):
     """Start the CLI (2 threads), SIGKILL it as soon as condition() holds. Returns True if the kill landed."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "2"}
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "dsrl.py")] + [str(a) for a in args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=HERE)
+    argv, env = cli(args, threads=2)
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=CODE)
     deadline = time.time() + timeout
     while proc.poll() is None and time.time() < deadline:
         if condition():
@@ -1344,6 +1341,7 @@ def _n_lines(path):
     return len(open(path).read().splitlines()) if os.path.exists(path) else 0
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tiny_model_dir, tiny_data, tmp_path):
     from safetensors.torch import load_file
     # 8 prompts x 8 samples: shared-prompt micro-batches, where a thread-dependent sum once broke bit equality
@@ -1371,6 +1369,7 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tiny_model_dir, t
         assert all(torch.equal(weights[k], ref_weights[k]) for k in ref_weights), name
 
 
+@pytest.mark.slow
 def test_two_runs_at_two_threads_write_identical_checkpoints(tiny_model_dir, tiny_data, tmp_path):
     """Same flags and seed -> the same bits, at 2 threads, GRPO steps included (P(y|x) with shared prompts)."""
     flags = dict(mode="grpo", steps=3, **{"prompts-per-step": 8, "group-size": 8, "max-new-tokens": 24,
@@ -1391,6 +1390,7 @@ def _corrupt(path):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # a torn write after a disk fault
 
 
+@pytest.mark.slow
 def test_corrupt_newest_checkpoint_falls_back_with_a_warning(tiny_model_dir, tiny_data, tmp_path):
     from safetensors.torch import load_file
     flags = dict(steps=4, **{"save-every": 1, "save-total-limit": 0, "warmup-steps": 2})
@@ -1419,13 +1419,13 @@ def test_corrupt_newest_checkpoint_falls_back_with_a_warning(tiny_model_dir, tin
     assert res.stderr.strip().splitlines()[-1].startswith("error: --resume: no readable checkpoint")
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_cleanly_then_resumes(tiny_model_dir, tiny_data, tmp_path):
     import signal
     out = tmp_path / "run"
     args = cli_args(tiny_model_dir, tiny_data, out, steps=40, **{"save-every": 100})
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "dsrl.py")] + [str(a) for a in args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=HERE)
+    argv, env = cli(args)
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=CODE)
     while _n_lines(out / "metrics.jsonl") < 1 and proc.poll() is None:
         time.sleep(0.01)
     proc.send_signal(signal.SIGTERM)
@@ -1439,6 +1439,7 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(tiny_model_dir, tiny_data,
     assert [m["step"] for m in read_jsonl(out / "metrics.jsonl")] == list(range(1, last + 3))
 
 
+@pytest.mark.slow
 def test_resume_refuses_settings_that_change_the_run(tiny_model_dir, tiny_data, tmp_path):
     out = tmp_path / "run"
     assert run_cli(cli_args(tiny_model_dir, tiny_data, out, steps=1, **{"warmup-steps": 1})).returncode == 0
@@ -1480,6 +1481,7 @@ def test_truncate_jsonl_drops_later_steps_and_torn_lines(tmp_path):
     assert read_jsonl(path) == [{"step": 1}, {"step": 2}]
 
 
+@pytest.mark.slow
 def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tiny_model_dir, tiny_data, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
@@ -1562,6 +1564,7 @@ def test_bad_files_give_one_line_and_exit_2(tiny_model_dir, tiny_data, tmp_path,
         assert len(err) == 1 and err[0].startswith("error: ") and fragment in err[0], (name, err)
 
 
+@pytest.mark.slow
 def test_bad_input_in_a_real_process_has_no_traceback(tmp_path):
     res = run_cli(["--model", "/no/such/model", "--output-dir", tmp_path / "o",
                    "--dataset", tmp_path / "missing.jsonl"])
@@ -1611,13 +1614,6 @@ def test_k_values():
     assert evaluator.k_values(20) == [1, 2, 4, 8, 16, 20]
 
 
-def test_majority_vote_tie_goes_to_earliest_answer():
-    assert evaluator.majority_correct(["3", "5", "5", "3"], [0.0, 1.0, 1.0, 0.0]) == 0.0  # 2-2 tie: "3" came first
-    assert evaluator.majority_correct(["5", "3", "3", "5"], [1.0, 0.0, 0.0, 1.0]) == 1.0
-    assert evaluator.majority_correct([None, None, "7", "2", "2"], [0.0, 0.0, 1.0, 0.0, 0.0]) == 0.0  # no-box does not vote
-    assert evaluator.majority_correct([None, None], [0.0, 0.0]) == 0.0
-
-
 def test_accuracy_metrics_hand_values():
     rewards = [[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]  # problem 0: c=1 of 4; problem 1: c=0
     answers = [["2", "1", "1", None], [None, "3", "4", "4"]]
@@ -1626,12 +1622,10 @@ def test_accuracy_metrics_hand_values():
     assert (m["pass@1"], m["pass@2"], m["pass@4"]) == pytest.approx((0.125, 0.25, 0.5))
     assert m["maj@4"] == 0.0 and m["n_problems"] == 2 and m["n_samples"] == 8
     assert m["response_len_mean"] == 25 and m["truncated_frac"] == 0.25
-
-
-def test_extracted_answer_is_normalised():
-    assert evaluator.extracted_answer("so \\boxed{\\dfrac{1}{2}}") == evaluator.extracted_answer("\\boxed{\\frac{1} {2}}")
-    assert evaluator.extracted_answer("no box") is None
-    assert evaluator.gold_text(27.0) == "27" and evaluator.gold_text(2.5) == "2.5" and evaluator.gold_text(" 7 ") == "7"
+    rewards = [[1.0, 1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0, 0.0]]
+    answers = [['0.5', '\\frac{1}{2}', '3', '3', '1/2'], [None, '3', '4', '4', '3']]
+    m = evaluator.accuracy_metrics(rewards, answers, [[10] * 5] * 2, [[False] * 5] * 2, k=5)
+    assert m['maj@5'] == 0.5  # problem 0: the 1/2 class (3 votes) is right; problem 1: '3' (earliest of a tie) wrong
 
 
 def test_benchmark_files_are_deduplicated(tmp_path):
@@ -1705,8 +1699,7 @@ def test_behaviours_summary_splits_correct_incorrect_and_steps():
 def reference_grad(model, context, response):
     """Gradient of sum_t log pi(y_t | context, y_<t) from the model's own full-vocabulary logits."""
     model.zero_grad(set_to_none=True)
-    logits = model(input_ids=torch.tensor([context + response])).logits[0, len(context) - 1:-1]  # (T, V)
-    (-F.cross_entropy(logits, torch.tensor(response), reduction="sum")).backward()
+    reference_logprobs(model, context, response).sum().backward()
     g = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
     model.zero_grad(set_to_none=True)
     return g
@@ -1729,21 +1722,6 @@ def test_alignment_equals_independent_gradients(tiny):
     assert all(p.grad is None for p in model.parameters())  # nothing left behind between rollouts
 
 
-def test_cosine_of_a_gradient_with_itself_is_one(tiny):
-    model, tok = tiny
-    prompt = dsrl.build_prompt(tok, problem_rows(1)[0]["prompt"], 512)
-    response = tok("\\boxed{1}<|im_end|>", add_special_tokens=False)["input_ids"]
-    buf = torch.zeros(sum(p.numel() for p in model.parameters()))
-    for into in (True, False):
-        logp, mask = dsrl.logprob_y_given_x(model, [prompt], [response], dsrl.pad_id(tok))
-        logp[mask].sum().backward()
-        if into:
-            evaluator.flat_grad_into(model, buf)
-        else:
-            dot, sq = evaluator.grad_dot(model, buf)
-    assert dot / (buf.norm().item() * math.sqrt(sq)) == pytest.approx(1.0, abs=1e-5)
-
-
 def test_token_agreement_hand_values():
     lx = [torch.log(torch.tensor([0.95, 0.2, 0.6]))]
     ly = [torch.log(torch.tensor([0.95, 0.1, 0.6]))]
@@ -1756,6 +1734,7 @@ def test_token_agreement_hand_values():
 # ----------------------------------------------------------------------------------------------------
 # The real command line on the tiny model
 # ----------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_cli_accuracy(tiny_model_dir, tmp_path):
     bench = repeated_benchmark(str(tmp_path / "rep.parquet"))
     out = tmp_path / "acc"
@@ -1771,9 +1750,10 @@ def test_cli_accuracy(tiny_model_dir, tmp_path):
     assert m["avg@4"] == pytest.approx(sum(x["reward"] for x in rows) / 12) == pytest.approx(m["pass@1"])
     per_problem = [[x["reward"] for x in rows if x["problem_index"] == p] for p in range(3)]
     assert m["pass@4"] == pytest.approx(sum(max(rs) for rs in per_problem) / 3)
-    assert all(x["reward"] == dsrl.reward(x["response"], x["gold"])[0] for x in rows)  # the trainer's own reward
+    assert all(x["reward"] == float(last_box_content(x["response"]) == x["gold"]) for x in rows), rows
 
 
+@pytest.mark.slow
 def test_cli_behaviours(tmp_path):
     samples = tmp_path / "samples.jsonl"
     samples.write_text("".join(json.dumps({"step": s, "prompt_index": 0, "response": RESPONSE, "gold": "4",
@@ -1786,6 +1766,7 @@ def test_cli_behaviours(tmp_path):
     assert "| all | 2 |" in r.stdout and "| group |" in r.stdout and (tmp_path / "beh" / "behaviours.md").read_text().strip() == r.stdout.strip()
 
 
+@pytest.mark.slow
 def test_cli_align(tiny_model_dir, tmp_path):
     bench = repeated_benchmark(str(tmp_path / "rep.parquet"))
     r = run_cli(["align", "--model", tiny_model_dir, "--benchmark", bench, "--rollouts", 4, "--max-new-tokens", 12,
@@ -1810,6 +1791,7 @@ def write_run(run_dir, phases):
             fh.write(json.dumps({"step": step, "response": RESPONSE, "reward": 1.0}) + "\n")
 
 
+@pytest.mark.slow
 def test_cli_plot(tmp_path):
     pytest.importorskip("matplotlib")
     write_run(str(tmp_path / "dsrl"), ["warmup", "warmup", "rl", "rl"])
@@ -1843,6 +1825,7 @@ def test_plot_without_matplotlib_is_a_one_line_error(tmp_path, monkeypatch, caps
     assert "pip install matplotlib" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cli_bad_input_is_one_line(tmp_path):
     r = run_cli(["behaviours", "--samples", tmp_path / "missing.jsonl"], script="eval.py")
     assert r.returncode == 2 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
@@ -1850,6 +1833,7 @@ def test_cli_bad_input_is_one_line(tmp_path):
     assert r.returncode == 2 and "--k" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_eval_every_writes_eval_metrics_into_the_run(tiny_model_dir, tiny_data, tmp_path):
     out = tmp_path / "run"
     res = run_cli(cli_args(tiny_model_dir, tiny_data, out, steps=2, **{"warmup-steps": 1, "eval-every": 2,
@@ -1865,30 +1849,6 @@ def test_eval_every_writes_eval_metrics_into_the_run(tiny_model_dir, tiny_data, 
                   "eval-benchmarks": tiny_data, "eval-k": 2}) + ["--no-eval-before-train"])
     assert res.returncode == 0, res.stderr[-2000:]
     assert [m["step"] for m in read_jsonl(official / "metrics.jsonl")] == [1]
-
-
-def test_logprobs_never_build_the_full_vocabulary_tensor(monkeypatch):
-    """With Qwen3's real vocabulary (151,936), the largest logits tensor, forward and backward, is one chunk."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-    V, chunk, T = 151_936, 64, 300
-    torch.manual_seed(0)
-    model = Qwen3ForCausalLM(Qwen3Config(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=1, head_dim=8,
-                                         tie_word_embeddings=False))
-    largest = [0]
-    real_linear = F.linear
-
-    def recording_linear(x, w, b=None):
-        out = real_linear(x, w, b)
-        if out.shape[-1] == V:
-            largest[0] = max(largest[0], out.numel())
-        return out
-    monkeypatch.setattr(dsrl.F, "linear", recording_linear)
-    responses = [list(range(5, 5 + T)), list(range(7, 7 + T // 2))]
-    logp, mask = dsrl.logprob_y(model, 1, responses, 0, chunk=chunk)
-    logp[mask].sum().backward()
-    assert 0 < largest[0] <= chunk * V  # not (N, T, V) = 2 * 300 * V
-    assert model.lm_head.weight.grad is not None
 
 
 def test_sampler_prompt_sharing_draws_the_same_samples(tiny):
@@ -1914,6 +1874,7 @@ def run_grade(dsrl_path, *only):
                           capture_output=True, text=True, timeout=900, cwd=HERE)
 
 
+@pytest.mark.slow
 def test_course_reference_scores_full_and_the_exercise_copy_zero(tmp_path):
     import course.make_exercises as kit
     ref = run_grade(os.path.join(HERE, "dsrl.py"))
@@ -1952,6 +1913,7 @@ STUDENT_BUGS = {  # exercise -> (reference line, the same line with a classic st
 
 
 @pytest.mark.parametrize("exercise", sorted(STUDENT_BUGS))
+@pytest.mark.slow
 def test_course_grader_catches_each_classic_student_bug(tmp_path, exercise):
     good, bad = STUDENT_BUGS[exercise]
     source = open(os.path.join(HERE, "dsrl.py")).read()
@@ -1965,6 +1927,7 @@ def test_course_grader_catches_each_classic_student_bug(tmp_path, exercise):
     assert " FAIL (" in lines[0] and "NotImplementedError" not in lines[0], lines[0]
 
 
+@pytest.mark.slow
 def test_course_cpu_task_learns_under_grpo(tmp_path):
     """The CPU tier of the course: the built task, its flags line, and GRPO through the CLI raise the reward
     of the last 5 steps above the first 5 by at least 0.3 (the measured gain is +0.57)."""
@@ -2058,6 +2021,7 @@ def verl_keys(*flags):
     return dict(pairs), comments
 
 
+@pytest.mark.slow
 def test_print_verl_command_is_the_same_experiment_on_the_official_engine():
     start = time.time()
     keys, comments = verl_keys("--lr", "2e-6", "--group-size", 4, "--prompts-per-step", 32, "--max-new-tokens", 2048,
@@ -2086,6 +2050,7 @@ def test_print_verl_command_is_the_same_experiment_on_the_official_engine():
         assert any(c.startswith(f"# --{name.replace('_', '-')} ") for c in comments), name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode,pretrain,rl,only", [("grpo", (False, False), (True, True), False),
                                                    ("nsr-prerl", (True, False), (False, False), True),
                                                    ("psr-prerl", (False, True), (False, False), True),
@@ -2106,22 +2071,3 @@ def test_readme_verl_table_is_the_code_mapping():
         row = f"| `--{name.replace('_', '-')}` | " + ", ".join(f"`{k}`" for k in keys) + " |"
         assert row in readme, row
 
-
-def test_bf16_path_generation_copy_and_autocast(tiny_model_dir, tiny_data, tmp_path):
-    """The GPU recipe on CPU: fp32 master weights, a bf16 sampling copy re-synced after each update, bf16
-    autocast for the loss forward."""
-    model, tok = dsrl.load_model_and_tokenizer(tiny_model_dir, "cpu")
-    gen = dsrl.generation_copy(model, torch.bfloat16)
-    assert gen is not model and next(gen.parameters()).dtype == torch.bfloat16
-    assert next(model.parameters()).dtype == torch.float32
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.01)
-    dsrl.sync_generation_copy(gen, model)
-    assert all(torch.equal(g, p.to(torch.bfloat16)) for g, p in zip(gen.parameters(), model.parameters()))
-    out = tmp_path / "run"
-    res = run_cli(cli_args(tiny_model_dir, tiny_data, out, steps=2, **{"warmup-steps": 1, "dtype": "bfloat16"}))
-    assert res.returncode == 0, res.stderr[-2000:]
-    metrics = read_jsonl(out / "metrics.jsonl")
-    assert [m["skipped"] for m in metrics] == [0, 0] and all(math.isfinite(m["grad_norm"]) for m in metrics)
-    assert json.loads((out / "config.json").read_text())["resolved_dtype"] == "torch.bfloat16"
