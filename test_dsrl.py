@@ -189,7 +189,7 @@ def test_sample_masks_nsr_psr_all():
         "PSR keeps exactly the samples with A > 0")
     assert every == [True] * 16, '"all" keeps every sample, A = 0 included (its tokens count in the token-mean)'
     # all-right (group 2) and all-wrong (group 4) groups take part in neither NSR nor PSR
-    assert not any(neg[4:8] + pos[4:8] + neg[12:] + pos[12:])
+    assert not any(neg[4:8] + pos[4:8] + neg[12:] + pos[12:]), "all-equal groups (A = 0) take part in neither NSR nor PSR"
 
 
 def test_warmup_bound_applies_to_dsrl_only():
@@ -212,7 +212,7 @@ def test_phase_for_step_warmup_boundary():
     assert space_samples("dsrl", 1, 0) == ("y|x", "all"), "W = 0 is plain GRPO from step 1"
     assert {m: space_samples(m, 1, 0) for m in ("grpo", "nsr-prerl", "psr-prerl", "nsr-rl", "psr-rl")} == {
         "grpo": ("y|x", "all"), "nsr-prerl": ("y", "neg"), "psr-prerl": ("y", "pos"),
-        "nsr-rl": ("y|x", "neg"), "psr-rl": ("y|x", "pos")}
+        "nsr-rl": ("y|x", "neg"), "psr-rl": ("y|x", "pos")}, "the other modes keep the (space, samples) of MODES all run"
 
 
 def test_phase_record_holds_std_and_coefficient():
@@ -220,9 +220,11 @@ def test_phase_record_holds_std_and_coefficient():
     warm, rl = dsrl.phase_for_step("dsrl", 5, 5, 0.03), dsrl.phase_for_step("dsrl", 6, 5, 0.03)
     assert (warm.use_std, warm.coef, warm.name) == (False, 0.03, "warmup"), "P(y): no std, coef = --prerl-coef"
     assert (rl.use_std, rl.coef, rl.name) == (True, 1.0, "rl"), "P(y|x): std, coef 1"
-    assert dsrl.phase_for_step("nsr-prerl", 1, 0, 0.5)[:4] == ("y", "neg", False, 0.5)
-    assert dsrl.phase_for_step("nsr-rl", 1, 0, 0.5)[:4] == ("y|x", "neg", True, 1.0)
-    assert dsrl.phase_for_step("nsr-prerl", 1, 0).name == "rl"  # "warmup" only inside dsrl
+    assert dsrl.phase_for_step("nsr-prerl", 1, 0, 0.5)[:4] == ("y", "neg", False, 0.5), (
+        "nsr-prerl: P(y), A < 0, no std, coef = the prerl_coef argument (0.5 here)")
+    assert dsrl.phase_for_step("nsr-rl", 1, 0, 0.5)[:4] == ("y|x", "neg", True, 1.0), (
+        "nsr-rl: P(y|x) keeps std and coef 1, whatever prerl_coef is")
+    assert dsrl.phase_for_step("nsr-prerl", 1, 0).name == "rl", 'the name "warmup" is only for the DSRL warm-up'
 
 
 def test_ppo_clip_loss_is_minus_advantage_at_ratio_one_and_clips_otherwise():
@@ -322,7 +324,7 @@ def test_logprob_y_equals_hand_built_start_token_forward(tiny):
     model, tok = tiny
     _, responses = _rollouts(tok)
     start = dsrl.token_id(tok, "<|im_start|>")
-    assert start == tok.convert_tokens_to_ids("<|im_start|>")
+    assert start == tok.convert_tokens_to_ids("<|im_start|>"), "token_id must read the id from the tokenizer"
     logp, mask = dsrl.logprob_y(model, start, responses, dsrl.pad_id(tok), temperature=1.0, chunk=3)
     with torch.no_grad():
         for i, y in enumerate(responses):
@@ -332,8 +334,15 @@ def test_logprob_y_equals_hand_built_start_token_forward(tiny):
             assert int(mask[i].sum()) == len(y), "the mask marks the real response tokens"
 
 
-@pytest.mark.parametrize("space", ["y", "y|x"])
-def test_temperature_divides_logits(tiny, space):
+def test_temperature_divides_logits_in_p_y(tiny):
+    check_temperature(tiny, "y")
+
+
+def test_temperature_divides_logits_given_x(tiny):
+    check_temperature(tiny, "y|x")
+
+
+def check_temperature(tiny, space):
     model, tok = tiny
     prompts, responses = _rollouts(tok)
     start = dsrl.token_id(tok, "<|im_start|>")
@@ -502,8 +511,15 @@ def test_logprob_y_given_x_continues_positions_after_the_prompt(tiny):
                 "mask), and the response continues right after them")
 
 
-@pytest.mark.parametrize("space", ["y|x", "y"])
-def test_logprob_gradients_equal_token_by_token_decoding(tiny, space):
+def test_logprob_y_given_x_gradient_equals_token_by_token_decoding(tiny):
+    check_gradient(tiny, "y|x")
+
+
+def test_logprob_y_gradient_equals_token_by_token_decoding(tiny):
+    check_gradient(tiny, "y")
+
+
+def check_gradient(tiny, space):
     """The gradient of sum_i w_i sum_t log pi(y_t | ., y_<t) equals that of the token-by-token reference: the
     log-probs must stay in the autograd graph (not computed under no_grad or detached)."""
     model, tok = tiny
@@ -548,8 +564,15 @@ def big_vocabulary_model(vocab=32_768):
                                         tie_word_embeddings=False))
 
 
-@pytest.mark.parametrize("space", ["y|x", "y"])
-def test_logprobs_memory_stays_flat_in_vocabulary_times_length(space):
+def test_logprob_y_given_x_memory_stays_flat_in_vocabulary_times_length():
+    check_memory("y|x")
+
+
+def test_logprob_y_memory_stays_flat_in_vocabulary_times_length():
+    check_memory("y")
+
+
+def check_memory(space):
     """Qwen3's vocabulary is 151,936: a (N, T, vocab) tensor is ~40 GB per 64 x 1,024 micro-batch. Forward and
     backward, no tensor may be larger than a few chunks x vocab; and in P(y|x) each distinct prompt runs once."""
     V, chunk, T = 32_768, 16, 120
@@ -1599,10 +1622,10 @@ def repeated_benchmark(path, n_unique=3, copies=3):
 def test_pass_at_k_hand_values():
     assert evaluator.pass_at_k(4, 1, 1) == pytest.approx(0.25), "pass@1 with 1 right of 4 is 0.25"
     assert evaluator.pass_at_k(4, 1, 2) == pytest.approx(0.5), "pass@2, 1 right of 4: 1 - C(3,2)/C(4,2) = 0.5"
-    assert evaluator.pass_at_k(4, 1, 4) == 1.0  # k = n: any right sample counts
-    assert evaluator.pass_at_k(4, 0, 4) == 0.0  # c = 0
-    assert evaluator.pass_at_k(4, 4, 1) == 1.0
-    assert evaluator.pass_at_k(5, 2, 2) == pytest.approx(0.7)  # 1 - C(3,2)/C(5,2) = 1 - 3/10
+    assert evaluator.pass_at_k(4, 1, 4) == 1.0, "pass@4 of 4 samples with a right one is 1: the k samples are all n"
+    assert evaluator.pass_at_k(4, 0, 4) == 0.0, "no right sample: pass@k is 0"
+    assert evaluator.pass_at_k(4, 4, 1) == 1.0, "every sample right: pass@1 is 1"
+    assert evaluator.pass_at_k(5, 2, 2) == pytest.approx(0.7), "pass@2, 2 right of 5: 1 - C(3,2)/C(5,2) = 0.7"
     for n, c, k in [(20, 3, 4), (32, 5, 16), (32, 31, 2)]:  # the stable product equals the binomial form
         assert evaluator.pass_at_k(n, c, k) == pytest.approx(1 - math.comb(n - c, k) / math.comb(n, k)), (
             f"pass@{k} with {c} right of {n}: unbiased estimator 1 - C(n-c, k) / C(n, k)")
