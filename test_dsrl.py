@@ -1921,33 +1921,55 @@ def test_course_reference_scores_full_and_the_exercise_copy_zero(tmp_path):
     assert open(tmp_path / "copy" / "grader.py").read() == open(os.path.join(HERE, "grader.py")).read()
 
 
-STUDENT_BUGS = {  # exercise -> (reference line, the same line with a classic student bug)
-    1: ("adv = adv / (r.std(1, keepdim=True) + 1e-6)", "adv = adv / (r.std(1, keepdim=True, unbiased=False) + 1e-6)"),
-    2: ('"neg": adv < 0', '"neg": adv <= 0'),  # NSR keeps A = 0 samples
-    3: ("return token_logprobs(model, states, y, y_mask, temperature, chunk), y_mask",
-        "return token_logprobs(model, states, y, y_mask, 1.0, chunk), y_mask"),  # ignores the temperature
-    4: ("start = torch.full((y.shape[0], 1), start_id,", "start = torch.full((y.shape[0], 1), pad,"),  # wrong token
-    5: ("dual = torch.minimum(loss, -adv * clip_dual)", "dual = loss"),  # no dual clip
-    6: ("return (per_token * mask).sum() / max(n_tokens, 1)",  # a mean per sequence
-        "return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()"),
-    7: ('MODES["grpo" if mode == "dsrl" and step > warmup_steps else mode]',  # off by one
-        'MODES["grpo" if mode == "dsrl" and step >= warmup_steps else mode]'),
-}
+STUDENT_BUGS = [  # (exercise, file, reference line, the same line with a plausible wrong solution)
+    (1, "dsrl.py", "adv = adv / (r.std(1, keepdim=True) + 1e-6)", "adv = adv / (r.std(1, keepdim=True, unbiased=False) + 1e-6)"),
+    (1, "dsrl.py", ".view(-1, group_size)  # (B, G)", ".view(group_size, -1)  # (B, G)"),  # groups mixed up
+    (2, "dsrl.py", '"neg": adv < 0', '"neg": adv <= 0'),  # NSR keeps A = 0 samples
+    (2, "dsrl.py", '"pos": adv > 0', '"pos": adv >= 0'),  # PSR keeps A = 0 samples
+    (3, "dsrl.py", "return token_logprobs(model, states, y, y_mask, temperature, chunk), y_mask",
+     "return token_logprobs(model, states, y, y_mask, 1.0, chunk), y_mask"),  # ignores the temperature
+    (3, "dsrl.py", "positions = x_mask.sum(1)[idx, None] + torch.arange(y.shape[1], device=device)",
+     "positions = x_mask.shape[1] + torch.arange(y.shape[1], device=device)[None].expand(len(idx), -1)"),  # counts pads
+    (3, "dsrl.py", "return token_logprobs(model, states, y, y_mask, temperature, chunk), y_mask",  # full vocabulary
+     "return (model.lm_head(states).float() / temperature).log_softmax(-1).gather(-1, y[..., None]).squeeze(-1) * y_mask, y_mask"),
+    (4, "dsrl.py", "start = torch.full((y.shape[0], 1), start_id,", "start = torch.full((y.shape[0], 1), pad,"),  # wrong token
+    (4, "dsrl.py", "hidden = model.base_model(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state",
+     "hidden = model.base_model(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state.detach()"),
+    (4, "dsrl.py", "return token_logprobs(model, hidden[:, :-1], y, y_mask, temperature, chunk), y_mask",  # full vocabulary
+     "return (model.lm_head(hidden[:, :-1]).float() / temperature).log_softmax(-1).gather(-1, y[..., None]).squeeze(-1) * y_mask, y_mask"),
+    (5, "dsrl.py", "dual = torch.minimum(loss, -adv * clip_dual)", "dual = loss"),  # no dual clip
+    (5, "dsrl.py", "ratio.clamp(1 - clip_low, 1 + clip_high)", "ratio.clamp(max=1 + clip_high)"),  # lower clamp dropped
+    (5, "dsrl.py", "ratio.clamp(1 - clip_low, 1 + clip_high)", "ratio.clamp(1 - clip_high, 1 + clip_low)"),  # swapped
+    (6, "dsrl.py", "return (per_token * mask).sum() / max(n_tokens, 1)",  # a mean per sequence
+     "return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()"),
+    (7, "dsrl.py", 'MODES["grpo" if mode == "dsrl" and step > warmup_steps else mode]',  # off by one
+     'MODES["grpo" if mode == "dsrl" and step >= warmup_steps else mode]'),
+    (7, "dsrl.py", 'coef=prerl_coef if space == "y" else 1.0', "coef=1.0"),  # the P(y) coefficient not applied
+    (8, "eval.py", "    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))",
+     "    return 1.0 - (1.0 - c / n) ** k"),  # biased pass@k
+]
+# One grading per round; a round holds at most one wrong solution per exercise, so each FAIL is its own bug's.
+BUG_ROUNDS = [[bug for n, bug in enumerate(STUDENT_BUGS) if [b[0] for b in STUDENT_BUGS[:n]].count(bug[0]) == r]
+              for r in range(max([b[0] for b in STUDENT_BUGS].count(e) for e in range(1, 9)))]
 
 
-@pytest.mark.parametrize("exercise", sorted(STUDENT_BUGS))
 @pytest.mark.slow
-def test_course_grader_catches_each_classic_student_bug(tmp_path, exercise):
-    good, bad = STUDENT_BUGS[exercise]
-    source = open(os.path.join(HERE, "dsrl.py")).read()
-    assert source.count(good) == 1, good
-    (tmp_path / "dsrl.py").write_text(source.replace(good, bad))
-    for name in ("eval.py", "grader.py"):
-        shutil.copy(os.path.join(HERE, name), tmp_path / name)
-    res = run_grade(tmp_path / "dsrl.py", exercise)
+@pytest.mark.parametrize("round_", range(len(BUG_ROUNDS)))
+def test_course_grader_catches_each_plausible_student_bug(tmp_path, round_):
+    bugs = BUG_ROUNDS[round_]
+    for name in ("dsrl.py", "eval.py", "grader.py"):
+        source = open(os.path.join(HERE, name)).read()
+        for _, file, good, bad in bugs:
+            if file == name:
+                assert source.count(good) == 1, good
+                source = source.replace(good, bad)
+        (tmp_path / name).write_text(source)
+    res = run_grade(tmp_path / "dsrl.py", *[b[0] for b in bugs])
     lines = res.stdout.strip().splitlines()
-    assert res.returncode == 1 and lines[-1] == "score=0/1", res.stdout + res.stderr
-    assert " FAIL (" in lines[0] and "NotImplementedError" not in lines[0], lines[0]
+    assert res.returncode == 1 and lines[-1] == f"score=0/{len(bugs)}", res.stdout + res.stderr
+    for (exercise, _, _, bad), line in zip(bugs, lines):
+        assert line.startswith(f"exercise {exercise} ") and " FAIL (" in line, (bad, line)
+        assert "NotImplementedError" not in line and "not run" not in line, (bad, line)
 
 
 @pytest.mark.slow
