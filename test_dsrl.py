@@ -121,6 +121,17 @@ def tiny_data(tmp_path_factory):
     return write_parquet(problem_rows(64), str(tmp_path_factory.mktemp("data") / "math_tiny.parquet"))
 
 
+@pytest.fixture(scope="session")
+def plain_model_dir(tmp_path_factory):
+    """The tiny Qwen3 at its random init: enough for the exact log-prob, gradient and sampler checks, built in a second."""
+    return make_tiny_model(str(tmp_path_factory.mktemp("plain_model")), pretrain_steps=0)
+
+
+@pytest.fixture()
+def plain(plain_model_dir):
+    return dsrl.load_model_and_tokenizer(plain_model_dir, "cpu")
+
+
 @pytest.fixture()
 def tiny(tiny_model_dir):
     model, tok = dsrl.load_model_and_tokenizer(tiny_model_dir, "cpu")
@@ -274,8 +285,8 @@ def reference_logprobs(model, context, response, temperature=1.0):
     return (logits / temperature).log_softmax(-1).gather(-1, torch.tensor(response)[:, None]).squeeze(-1)  # (T,)
 
 
-def test_logprob_y_given_x_equals_models_own_cross_entropy(tiny):
-    model, tok = tiny
+def test_logprob_y_given_x_equals_models_own_cross_entropy(plain):
+    model, tok = plain
     prompts, responses = _rollouts(tok)
     pad = dsrl.pad_id(tok)
     logp, mask = dsrl.logprob_y_given_x(model, prompts, responses, pad, temperature=1.0, chunk=5)
@@ -295,10 +306,10 @@ def test_logprob_y_given_x_equals_models_own_cross_entropy(tiny):
 
 
 @pytest.mark.parametrize("share", [True, False])
-def test_shared_prompt_forward_equals_separate_forwards(tiny, share):
+def test_shared_prompt_forward_equals_separate_forwards(plain, share):
     """Samples of one prompt share its forward (KV cache repeated), or not (share_prompt=False): either way each
     row's log-probs are those of the model on [prompt] + y alone, and the gradients those of that reference."""
-    model, tok = tiny
+    model, tok = plain
     prompts, responses = _rollouts(tok)
     prompts = [prompts[0], prompts[1], prompts[0], prompts[2], prompts[1]]  # repeated, different lengths
     responses = [responses[0], responses[1], responses[2], responses[1], responses[0]]
@@ -320,8 +331,8 @@ def test_shared_prompt_forward_equals_separate_forwards(tiny, share):
             "forward must stay in the autograd graph (its KV cache feeds every sample)")
 
 
-def test_logprob_y_equals_hand_built_start_token_forward(tiny):
-    model, tok = tiny
+def test_logprob_y_equals_hand_built_start_token_forward(plain):
+    model, tok = plain
     _, responses = _rollouts(tok)
     start = dsrl.token_id(tok, "<|im_start|>")
     assert start == tok.convert_tokens_to_ids("<|im_start|>"), "token_id must read the id from the tokenizer"
@@ -334,12 +345,12 @@ def test_logprob_y_equals_hand_built_start_token_forward(tiny):
             assert int(mask[i].sum()) == len(y), "the mask marks the real response tokens"
 
 
-def test_temperature_divides_logits_in_p_y(tiny):
-    check_temperature(tiny, "y")
+def test_temperature_divides_logits_in_p_y(plain):
+    check_temperature(plain, "y")
 
 
-def test_temperature_divides_logits_given_x(tiny):
-    check_temperature(tiny, "y|x")
+def test_temperature_divides_logits_given_x(plain):
+    check_temperature(plain, "y|x")
 
 
 def check_temperature(tiny, space):
@@ -496,10 +507,10 @@ def decoded_logprobs(model, context, response, temperature=1.0):
     return torch.stack(logps)
 
 
-def test_logprob_y_given_x_continues_positions_after_the_prompt(tiny):
+def test_logprob_y_given_x_continues_positions_after_the_prompt(plain):
     """Left-padded prompts of different lengths: the response's first position is the prompt's real length. A
     response that restarts at 0, or counts the padding, gives other log-probs than decoding token by token."""
-    model, tok = tiny
+    model, tok = plain
     prompts, responses = _rollouts(tok)
     with torch.no_grad():
         logp, mask = dsrl.logprob_y_given_x(model, prompts, responses, dsrl.pad_id(tok), temperature=0.8, chunk=4)
@@ -511,12 +522,12 @@ def test_logprob_y_given_x_continues_positions_after_the_prompt(tiny):
                 "mask), and the response continues right after them")
 
 
-def test_logprob_y_given_x_gradient_equals_token_by_token_decoding(tiny):
-    check_gradient(tiny, "y|x")
+def test_logprob_y_given_x_gradient_equals_token_by_token_decoding(plain):
+    check_gradient(plain, "y|x")
 
 
-def test_logprob_y_gradient_equals_token_by_token_decoding(tiny):
-    check_gradient(tiny, "y")
+def test_logprob_y_gradient_equals_token_by_token_decoding(plain):
+    check_gradient(plain, "y")
 
 
 def check_gradient(tiny, space):
@@ -624,8 +635,8 @@ def _grads(model):
 
 
 @pytest.mark.parametrize("space,samples", [("y", "neg"), ("y|x", "all"), ("y|x", "pos")])
-def test_micro_batched_gradient_equals_one_batch(tiny, space, samples):
-    model, tok = tiny
+def test_micro_batched_gradient_equals_one_batch(plain, space, samples):
+    model, tok = plain
     prompts, responses, rewards = _batch(tok)
     adv = dsrl.group_advantages(rewards, 4, use_std=(space == "y|x"))
     keep = dsrl.sample_mask(adv, samples)
@@ -641,8 +652,8 @@ def test_micro_batched_gradient_equals_one_batch(tiny, space, samples):
             assert torch.allclose(out[mbs][1][name], g, atol=1e-6), name
 
 
-def test_token_mean_counts_only_kept_tokens(tiny):
-    model, tok = tiny
+def test_token_mean_counts_only_kept_tokens(plain):
+    model, tok = plain
     prompts, responses, rewards = _batch(tok)
     start, pad = dsrl.token_id(tok, "<|im_start|>"), dsrl.pad_id(tok)
     lens = [len(r) for r in responses]
@@ -666,9 +677,9 @@ def test_token_mean_counts_only_kept_tokens(tiny):
 @pytest.mark.parametrize("space,samples,rewards", [("y", "neg", [1, 0, 0, 0, 0, 1, 0, 0]),
                                                    ("y|x", "all", [1, 0, 0, 0, 1, 1, 1, 1]),
                                                    ("y|x", "pos", [1, 0, 0, 0, 0, 1, 1, 0])])
-def test_masked_samples_contribute_exactly_zero_gradient(tiny, space, samples, rewards):
+def test_masked_samples_contribute_exactly_zero_gradient(plain, space, samples, rewards):
     """Skipping masked / zero-advantage samples equals the full computation over every sample."""
-    model, tok = tiny
+    model, tok = plain
     prompts, responses, _ = _batch(tok)
     start, pad = dsrl.token_id(tok, "<|im_start|>"), dsrl.pad_id(tok)
     adv = dsrl.group_advantages(rewards, 4, use_std=(space == "y|x"))
@@ -697,8 +708,8 @@ def test_masked_samples_contribute_exactly_zero_gradient(tiny, space, samples, r
         assert torch.allclose(g, ref[name], atol=1e-6), name
 
 
-def test_prerl_coefficient_scales_the_gradient(tiny):
-    model, tok = tiny
+def test_prerl_coefficient_scales_the_gradient(plain):
+    model, tok = plain
     prompts, responses, rewards = _batch(tok)
     start, pad = dsrl.token_id(tok, "<|im_start|>"), dsrl.pad_id(tok)
     adv = dsrl.group_advantages(rewards, 4, use_std=False)
@@ -712,8 +723,8 @@ def test_prerl_coefficient_scales_the_gradient(tiny):
         assert torch.allclose(grads[1][name], 0.01 * grads[0][name], atol=1e-9), name
 
 
-def test_one_step_moves_parameters_and_nan_skips(tiny):
-    model, tok = tiny
+def test_one_step_moves_parameters_and_nan_skips(plain):
+    model, tok = plain
     prompts, responses, rewards = _batch(tok)
     start, pad = dsrl.token_id(tok, "<|im_start|>"), dsrl.pad_id(tok)
     adv = dsrl.group_advantages(rewards, 4, use_std=False)
@@ -1166,9 +1177,9 @@ def test_bf16_sampler_follows_the_weights_and_resume_by_path_writes_into_that_ru
     assert json.loads((tmp_path / "a" / "config.json").read_text())["resolved_dtype"] == "torch.bfloat16"
 
 
-def test_generation_copy_is_bf16_and_sync_copies_the_weights(tiny):
+def test_generation_copy_is_bf16_and_sync_copies_the_weights(plain):
     """The GPU recipe on CPU: fp32 master weights, a bf16 sampling copy that sync_generation_copy updates in place."""
-    model, _ = tiny
+    model, _ = plain
     gen = dsrl.generation_copy(model, torch.bfloat16)
     assert gen is not model and next(gen.parameters()).dtype == torch.bfloat16
     assert next(model.parameters()).dtype == torch.float32 and dsrl.generation_copy(model, torch.float32) is model
@@ -1262,11 +1273,11 @@ def test_alignment_summary_statistics_by_hand():
     assert s["tokens"] == 3 and s["absdiff_all"] == pytest.approx((math.log(2) + 0 + math.log(4)) / 3)
 
 
-def test_kv_cache_compile_takes_generates_compiled_path_on_cpu(tiny, monkeypatch):
+def test_kv_cache_compile_takes_generates_compiled_path_on_cpu(plain, monkeypatch):
     """Catches --kv-cache compile not reaching generate (or not on CPU): generate asks the model for its compiled
     decode step. The compilation itself is replaced by the plain call here (inductor takes minutes on a busy CPU);
     with --kv-cache static, CPU decoding stays uncompiled."""
-    model, tok = tiny
+    model, tok = plain
     prompts = [dsrl.build_prompt(tok, r["prompt"], 512) for r in problem_rows(2)]
     compiled = []
     monkeypatch.setattr(model, "get_compiled_call", lambda config: compiled.append(config) or model.__call__)
@@ -1288,9 +1299,9 @@ def test_build_prompt_renders_the_chat_template_exactly():
     assert dsrl.build_prompt(tok, messages, 10) == ids[-10:]  # left truncation keeps the end
 
 
-def test_sampling_overrides_the_models_generation_config(tiny):
+def test_sampling_overrides_the_models_generation_config(plain):
     """temperature/top_p as given, top_k and min_p off, no repetition penalty, whatever generation_config says."""
-    model, tok = tiny
+    model, tok = plain
     prompts = [dsrl.build_prompt(tok, r["prompt"], 512) for r in problem_rows(2)]
     draws = []
     for config in ({}, {"temperature": 0.05, "top_k": 1, "top_p": 0.1, "min_p": 0.9, "repetition_penalty": 10.0}):
@@ -1302,6 +1313,7 @@ def test_sampling_overrides_the_models_generation_config(tiny):
     assert len({tuple(r) for r in draws[0][0]}) > 1  # really sampled at temperature 1
 
 
+@pytest.mark.slow
 def test_generation_stops_at_every_eos_of_the_generation_config(tiny):
     """Qwen3's generation_config lists <|im_end|> and <|endoftext|>; the official rollout stops at both."""
     model, tok = tiny
@@ -1318,9 +1330,9 @@ def test_generation_stops_at_every_eos_of_the_generation_config(tiny):
     assert any(r[-1] == extra for r in stopped)
 
 
-def test_sampler_computes_logits_for_the_last_prompt_position_only(tiny):
+def test_sampler_computes_logits_for_the_last_prompt_position_only(plain):
     """The prompt forward builds the KV cache without the vocabulary projection (151,936 logits per position)."""
-    model, tok = tiny
+    model, tok = plain
     seen = []
     hook = model.lm_head.register_forward_hook(lambda mod, inp, out: seen.append(tuple(out.shape)))
     try:
@@ -1471,8 +1483,8 @@ def test_resume_refuses_settings_that_change_the_run(tiny_model_dir, tiny_data, 
     assert res.stderr.strip().splitlines()[-1].startswith("error: --resume: group_size, lr differ")
 
 
-def test_failed_checkpoint_write_keeps_the_previous_one(tiny, tmp_path, monkeypatch):
-    model, tok = tiny
+def test_failed_checkpoint_write_keeps_the_previous_one(plain, tmp_path, monkeypatch):
+    model, tok = plain
     run = dsrl.Run(model, model, tok, torch.optim.AdamW(model.parameters()), [], 0, 0, torch.float32, 1, 0)
     args = dsrl.Args()
     dsrl.save_checkpoint(str(tmp_path), 1, run, args)
@@ -1535,9 +1547,9 @@ BAD_INPUTS = {  # name -> (flags, fragment of the one-line error)
 
 
 @pytest.mark.parametrize("name", list(BAD_INPUTS))
-def test_bad_flags_give_one_line_and_exit_2(tiny_model_dir, tiny_data, tmp_path, name, capsys):
+def test_bad_flags_give_one_line_and_exit_2(plain_model_dir, tiny_data, tmp_path, name, capsys):
     flags, fragment = BAD_INPUTS[name]
-    base = ["--model", tiny_model_dir, "--dataset", tiny_data, "--output-dir", str(tmp_path / "o")]
+    base = ["--model", plain_model_dir, "--dataset", tiny_data, "--output-dir", str(tmp_path / "o")]
     assert dsrl.main(base + flags) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and fragment in err[0], err
@@ -1578,10 +1590,10 @@ def _bad_files(tmp_path, tiny_model_dir):
     return d
 
 
-def test_bad_files_give_one_line_and_exit_2(tiny_model_dir, tiny_data, tmp_path, capsys):
-    cases = _bad_files(tmp_path, tiny_model_dir)
+def test_bad_files_give_one_line_and_exit_2(plain_model_dir, tiny_data, tmp_path, capsys):
+    cases = _bad_files(tmp_path, plain_model_dir)
     for name, (flags, fragment) in cases.items():
-        base = ["--model", tiny_model_dir, "--dataset", tiny_data, "--output-dir", str(tmp_path / "o" / name)]
+        base = ["--model", plain_model_dir, "--dataset", tiny_data, "--output-dir", str(tmp_path / "o" / name)]
         assert dsrl.main(base + [str(f) for f in flags]) == 2, name
         err = [l for l in capsys.readouterr().err.strip().splitlines() if not l.startswith("warning")]
         assert len(err) == 1 and err[0].startswith("error: ") and fragment in err[0], (name, err)
@@ -1670,8 +1682,8 @@ def test_official_aime24_file_has_30_problems():
     assert (len(examples), dropped) == (30, 570)
 
 
-def test_evaluate_accuracy_as_the_trainer_calls_it(tiny, tmp_path):
-    model, tok = tiny
+def test_evaluate_accuracy_as_the_trainer_calls_it(plain, tmp_path):
+    model, tok = plain
     bench = repeated_benchmark(str(tmp_path / "b.parquet"))
     torch.manual_seed(123)
     before = torch.get_rng_state()
@@ -1728,8 +1740,8 @@ def reference_grad(model, context, response):
     return g
 
 
-def test_alignment_equals_independent_gradients(tiny):
-    model, tok = tiny
+def test_alignment_equals_independent_gradients(plain):
+    model, tok = plain
     prompt = dsrl.build_prompt(tok, problem_rows(1)[0]["prompt"], 512)
     response = tok("\\boxed{2}<|im_end|>", add_special_tokens=False)["input_ids"]
     start = dsrl.token_id(tok, dsrl.START_TOKEN)
@@ -1874,10 +1886,10 @@ def test_eval_every_writes_eval_metrics_into_the_run(tiny_model_dir, tiny_data, 
     assert [m["step"] for m in read_jsonl(official / "metrics.jsonl")] == [1]
 
 
-def test_sampler_prompt_sharing_draws_the_same_samples(tiny):
+def test_sampler_prompt_sharing_draws_the_same_samples(plain):
     """The sampler runs each prompt once and repeats its KV cache G times; with the same seed it draws exactly
     the samples of G separate copies of the prompt."""
-    model, tok = tiny
+    model, tok = plain
     prompts = [dsrl.build_prompt(tok, r["prompt"], 512) for r in problem_rows(3)]
     prompts[1] = prompts[1][4:]  # left padding in play
     draws = []
