@@ -1,8 +1,10 @@
-"""Tests for dsrl.py and eval.py: offline, CPU, a few minutes.  Run:  python -m pytest -q test_dsrl.py
+"""Tests for dsrl.py and eval.py: offline, CPU, a few minutes.  Run:  python -m pytest -q test_dsrl.py test_grader.py
+Quick tier (no training, no subprocess):  python -m pytest -q -m "not slow" test_dsrl.py test_grader.py
 
 Everything loads a tiny Qwen3 (2 layers, hidden 64) with a character-level ChatML tokenizer that the
-fixtures build and save with `save_pretrained`, exactly as a user's checkpoint would be loaded.
-The tiny model is briefly trained to answer "\\boxed{1}" or "\\boxed{2}" at random, so that groups hold
+fixtures build and save with `save_pretrained`, exactly as a user's checkpoint would be loaded: `plain` at its
+random init (exact log-prob, gradient and sampler checks), `tiny` briefly trained (training runs).
+The trained one has learnt to answer "\\boxed{1}" or "\\boxed{2}" at random, so that groups hold
 right and wrong answers and every mode has real advantages and gradients to work with.
 """
 import ast
