@@ -1215,7 +1215,7 @@ def fake_sampler(tok, texts_per_problem, seen):
     def sample(model, tokenizer, prompt_ids, group_size, max_new_tokens, temperature=1.0, top_p=1.0, batch_size=0,
                min_new_tokens=0, dtype=torch.float32, kv_cache="dynamic", share_prompt=True):
         seen.append(dict(prompts=len(prompt_ids), k=group_size, max_new_tokens=max_new_tokens, temperature=temperature,
-                         top_p=top_p, batch_size=batch_size, dtype=dtype))
+                         top_p=top_p, batch_size=batch_size, dtype=dtype, seed=torch.initial_seed()))
         texts = [t for texts in texts_per_problem[:len(prompt_ids)] for t in texts]
         return [tok(t, add_special_tokens=False)["input_ids"] for t in texts], [False] * len(texts)
     return sample
@@ -1239,8 +1239,9 @@ def test_evaluate_accuracy_pairs_each_sample_with_its_own_problem_and_votes_on_a
     monkeypatch.setattr(dsrl, "sample_responses", fake_sampler(tok, EVAL_TEXTS, seen))
     res = evaluator.evaluate_accuracy(None, tok, [str(path)], k=4, max_new_tokens=9, temperature=0.7, top_p=0.9,
                                       dtype=torch.bfloat16, gen_batch_size=8, reward="math",
-                                      samples_path=str(tmp_path / "s.jsonl"))["bench"]
-    assert seen == [dict(prompts=3, k=4, max_new_tokens=9, temperature=0.7, top_p=0.9, batch_size=8, dtype=torch.bfloat16)]
+                                      samples_path=str(tmp_path / "s.jsonl"), seed=5)["bench"]
+    assert seen == [dict(prompts=3, k=4, max_new_tokens=9, temperature=0.7, top_p=0.9, batch_size=8, dtype=torch.bfloat16,
+                         seed=5)], f"the sampler was called with {seen}"
     rows = read_jsonl(tmp_path / "s.jsonl")
     assert [(r["problem_index"], r["gold"]) for r in rows] == [(p, g) for p, g in enumerate("348") for _ in range(4)]
     assert [r["reward"] for r in rows] == [0, 1, 1, 1, 1, 0, 1, 0, 0, 0, 1, 0]
@@ -1260,7 +1261,8 @@ def test_trainer_eval_passes_its_flags_to_the_evaluator(tmp_path, monkeypatch):
     args = dsrl.Args(eval_benchmarks=str(path), eval_k=3, max_new_tokens=9, temperature=0.7, top_p=0.9,
                      gen_batch_size=6, reward="official")
     m = evaluator.metrics_for_training(None, tok, args, torch.bfloat16)
-    assert seen == [dict(prompts=1, k=3, max_new_tokens=9, temperature=0.7, top_p=0.9, batch_size=6, dtype=torch.bfloat16)]
+    assert seen == [dict(prompts=1, k=3, max_new_tokens=9, temperature=0.7, top_p=0.9, batch_size=6, dtype=torch.bfloat16,
+                         seed=0)], f"the sampler was called with {seen}"
     assert m["eval/ev/avg@3"] == 0.0 and m["eval/ev/outcome_wrong"] == 3, "--reward official must reach the evaluator"
 
 
