@@ -997,6 +997,13 @@ def in_process(function, argument, spy=None):
         dsrl.STOP_REQUEST["signal"] = None
 
 
+def run_main(args, capsys):
+    """dsrl.main(args) in this process, like run_cli without the interpreter start-up -> (exit code, stderr)."""
+    capsys.readouterr()
+    code = in_process(dsrl.main, [str(a) for a in args])
+    return code, capsys.readouterr().err
+
+
 def wiring_rows():
     """Golds "1"/"2", and "1.0"/"2.0" for every fourth row: the official string scorer rejects \\boxed{1} for "1.0",
     the math scorer accepts it, so the logged rewards show which scorer the loop used."""
@@ -1433,22 +1440,21 @@ def _corrupt(path):
 
 
 @pytest.mark.slow
-def test_corrupt_newest_checkpoint_falls_back_with_a_warning(tiny_model_dir, tiny_data, tmp_path):
+def test_corrupt_newest_checkpoint_falls_back_with_a_warning(tiny_model_dir, tiny_data, tmp_path, capsys):
     from safetensors.torch import load_file
     flags = dict(steps=4, **{"save-every": 1, "save-total-limit": 0, "warmup-steps": 2})
     ref = tmp_path / "ref"
-    assert run_cli(cli_args(tiny_model_dir, tiny_data, ref, **flags)).returncode == 0
+    assert run_main(cli_args(tiny_model_dir, tiny_data, ref, **flags), capsys)[0] == 0
     for broken in ("trainer_state.pt", "model.safetensors"):
         out = tmp_path / broken
         shutil.copytree(ref, out)
         for step in (3, 4):
             _corrupt(out / f"checkpoint-{step}" / broken)
-        res = run_cli(["--output-dir", out, "--resume"])
-        assert res.returncode == 0, res.stderr[-2000:]
-        assert "Traceback" not in res.stderr
-        warnings = [line for line in res.stderr.splitlines() if line.startswith("warning:")]
+        code, err = run_main(["--output-dir", out, "--resume"], capsys)
+        assert code == 0, err[-2000:]
+        warnings = [line for line in err.splitlines() if line.startswith("warning:")]
         assert len(warnings) == 2 and "checkpoint-4" in warnings[0] and "checkpoint-3" in warnings[1]
-        assert "resumed from" in res.stderr and "checkpoint-2 at step 2" in res.stderr
+        assert "resumed from" in err and "checkpoint-2 at step 2" in err
         assert _strip_timing(read_jsonl(out / "metrics.jsonl")) == _strip_timing(read_jsonl(ref / "metrics.jsonl"))
         weights, want = load_file(out / "checkpoint-4" / "model.safetensors"), load_file(ref / "checkpoint-4" / "model.safetensors")
         assert all(torch.equal(weights[k], want[k]) for k in want)
@@ -1456,9 +1462,8 @@ def test_corrupt_newest_checkpoint_falls_back_with_a_warning(tiny_model_dir, tin
     shutil.copytree(ref, out)
     for step in (1, 2, 3, 4):
         _corrupt(out / f"checkpoint-{step}" / "trainer_state.pt")
-    res = run_cli(["--output-dir", out, "--resume"])
-    assert res.returncode == 2 and "Traceback" not in res.stderr
-    assert res.stderr.strip().splitlines()[-1].startswith("error: --resume: no readable checkpoint")
+    code, err = run_main(["--output-dir", out, "--resume"], capsys)
+    assert code == 2 and err.strip().splitlines()[-1].startswith("error: --resume: no readable checkpoint"), err
 
 
 @pytest.mark.slow
@@ -1482,12 +1487,11 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(tiny_model_dir, tiny_data,
 
 
 @pytest.mark.slow
-def test_resume_refuses_settings_that_change_the_run(tiny_model_dir, tiny_data, tmp_path):
+def test_resume_refuses_settings_that_change_the_run(tiny_model_dir, tiny_data, tmp_path, capsys):
     out = tmp_path / "run"
-    assert run_cli(cli_args(tiny_model_dir, tiny_data, out, steps=1, **{"warmup-steps": 1})).returncode == 0
-    res = run_cli(["--output-dir", out, "--resume", "--group-size", 8, "--lr", 0.5])
-    assert res.returncode == 2 and "Traceback" not in res.stderr
-    assert res.stderr.strip().splitlines()[-1].startswith("error: --resume: group_size, lr differ")
+    assert run_main(cli_args(tiny_model_dir, tiny_data, out, steps=1, **{"warmup-steps": 1}), capsys)[0] == 0
+    code, err = run_main(["--output-dir", out, "--resume", "--group-size", 8, "--lr", 0.5], capsys)
+    assert code == 2 and err.strip().splitlines()[-1].startswith("error: --resume: group_size, lr differ"), err
 
 
 def test_failed_checkpoint_write_keeps_the_previous_one(plain, tmp_path, monkeypatch):
@@ -1876,20 +1880,20 @@ def test_cli_bad_input_is_one_line(tmp_path):
 
 
 @pytest.mark.slow
-def test_eval_every_writes_eval_metrics_into_the_run(tiny_model_dir, tiny_data, tmp_path):
+def test_eval_every_writes_eval_metrics_into_the_run(tiny_model_dir, tiny_data, tmp_path, capsys):
     out = tmp_path / "run"
-    res = run_cli(cli_args(tiny_model_dir, tiny_data, out, steps=2, **{"warmup-steps": 1, "eval-every": 2,
-                                                                       "eval-benchmarks": tiny_data, "eval-k": 2}))
-    assert res.returncode == 0, res.stderr[-2000:]
+    code, err = run_main(cli_args(tiny_model_dir, tiny_data, out, steps=2, **{
+        "warmup-steps": 1, "eval-every": 2, "eval-benchmarks": tiny_data, "eval-k": 2}), capsys)
+    assert code == 0, err[-2000:]
     m0, m1, m2 = read_jsonl(out / "metrics.jsonl")
     assert m0["step"] == 0 and set(m0) == {"step"} | {k for k in m2 if k.startswith("eval/")}  # before step 1
     assert not any(k.startswith("eval/") for k in m1)
     assert m2["eval/math_tiny/n_problems"] == 2  # the 64 fixture rows hold 2 distinct problems (1+1, 0+1)
     assert 0.0 <= m2["eval/math_tiny/avg@2"] <= m2["eval/math_tiny/pass@2"] <= 1.0
     official = tmp_path / "official"  # the official DSRL script: no validation before training
-    res = run_cli(cli_args(tiny_model_dir, tiny_data, official, steps=1, **{"warmup-steps": 1, "eval-every": 1,
-                  "eval-benchmarks": tiny_data, "eval-k": 2}) + ["--no-eval-before-train"])
-    assert res.returncode == 0, res.stderr[-2000:]
+    code, err = run_main(cli_args(tiny_model_dir, tiny_data, official, steps=1, **{
+        "warmup-steps": 1, "eval-every": 1, "eval-benchmarks": tiny_data, "eval-k": 2}) + ["--no-eval-before-train"], capsys)
+    assert code == 0, err[-2000:]
     assert [m["step"] for m in read_jsonl(official / "metrics.jsonl")] == [1]
 
 
