@@ -892,14 +892,14 @@ def test_cli_runs_every_mode(tiny_model_dir, tiny_data, tmp_path, mode):
 
 
 @pytest.mark.slow
-def test_cli_on_the_official_math_train_file(tiny_model_dir, tmp_path):
+def test_cli_on_the_official_math_train_file(tiny_model_dir, tmp_path, capsys):
     """Extra check on ../shared/data/math_train.parquet (only present in the developers' checkout)."""
     path = os.path.join(SHARED_DATA, "math_train.parquet")
     if not os.path.exists(path):
         pytest.skip(f"{path} not present (it is not shipped with the repo); the tiny verl-format fixture covers the format")
     out = tmp_path / "run"
-    res = run_cli(cli_args(tiny_model_dir, path, out, steps=1, **{"max-new-tokens": 8, "warmup-steps": 1}))
-    assert res.returncode == 0, res.stderr[-3000:]
+    code, err = run_main(cli_args(tiny_model_dir, path, out, steps=1, **{"max-new-tokens": 8, "warmup-steps": 1}), capsys)
+    assert code == 0, err[-3000:]
     config = json.loads((out / "config.json").read_text())
     # 4 of the 7,500 official rows have an empty ground truth: skipped and counted, not trained on
     assert (config["n_examples"], config["n_malformed_rows"]) == (7496, 4)
@@ -1800,12 +1800,12 @@ def test_cli_accuracy(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_behaviours(tmp_path):
+def test_cli_behaviours(tmp_path, capsys):
     samples = tmp_path / "samples.jsonl"
     samples.write_text("".join(json.dumps({"step": s, "prompt_index": 0, "response": RESPONSE, "gold": "4",
                                            "reward": float(s == 1), "advantage": 0.0, "used_in_loss": True}) + "\n"
                                for s in (1, 2)))
-    r = run_cli(["behaviours", "--samples", samples, "--output", tmp_path / "beh"], script="eval.py")
+    r = run_eval(["behaviours", "--samples", samples, "--output", tmp_path / "beh"], capsys)
     assert r.returncode == 0, r.stderr
     s = json.load(open(tmp_path / "beh" / "behaviours.json"))
     assert s["all"]["reflection"] == 3 and s["correct"]["n_responses"] == 1 and len(s["per_step"]) == 2
@@ -1813,16 +1813,25 @@ def test_cli_behaviours(tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_align(tiny_model_dir, tmp_path):
+def test_cli_align(tiny_model_dir, tmp_path, capsys):
     bench = repeated_benchmark(str(tmp_path / "rep.parquet"))
-    r = run_cli(["align", "--model", tiny_model_dir, "--benchmark", bench, "--rollouts", 4, "--max-new-tokens", 12,
-                 "--device", "cpu", "--output", tmp_path / "al"], script="eval.py")
+    r = run_eval(["align", "--model", tiny_model_dir, "--benchmark", bench, "--rollouts", 4, "--max-new-tokens", 12,
+                  "--device", "cpu", "--output", tmp_path / "al"], capsys)
     assert r.returncode == 0, r.stderr
     s = json.load(open(tmp_path / "al" / "align.json"))
     rows = read_jsonl(str(tmp_path / "al" / "align_rollouts.jsonl"))
     assert s["rollouts"] == len(rows) == 4 and sorted({x["problem_index"] for x in rows}) == [0, 1, 2]
     assert all(-1 <= x["cosine"] <= 1 and x["norm_x"] > 0 for x in rows)
     assert s["negative_frac"] == sum(x["inner"] < 0 for x in rows) / 4 and s["tokens"] == sum(x["length"] for x in rows)
+
+
+def run_eval(args, capsys):
+    """eval.py's main(args) in this process (no interpreter start-up), read back like run_cli's result."""
+    import types
+    capsys.readouterr()
+    code = evaluator.main([str(a) for a in args])
+    out = capsys.readouterr()
+    return types.SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
 
 
 def write_run(run_dir, phases):
@@ -1838,14 +1847,14 @@ def write_run(run_dir, phases):
 
 
 @pytest.mark.slow
-def test_cli_plot(tmp_path):
+def test_cli_plot(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     write_run(str(tmp_path / "dsrl"), ["warmup", "warmup", "rl", "rl"])
     write_run(str(tmp_path / "grpo"), ["rl"] * 4)
     assert evaluator.handover_step(read_jsonl(str(tmp_path / "dsrl" / "metrics.jsonl"))) == 3
     with open(tmp_path / "grpo" / "metrics.jsonl", "a") as fh:
         fh.write('{"step": 5, "rew')  # a run still writing: the torn last line is skipped
-    r = run_cli(["plot", tmp_path / "dsrl", tmp_path / "grpo", "--out", tmp_path / "plots"], script="eval.py")
+    r = run_eval(["plot", tmp_path / "dsrl", tmp_path / "grpo", "--out", tmp_path / "plots"], capsys)
     assert r.returncode == 0, r.stderr
     for name in ("reward", "solved", "response_length", "loss", "eval", "behaviours"):
         assert (tmp_path / "plots" / f"{name}.png").stat().st_size > 1000
@@ -1872,10 +1881,10 @@ def test_plot_without_matplotlib_is_a_one_line_error(tmp_path, monkeypatch, caps
 
 
 @pytest.mark.slow
-def test_cli_bad_input_is_one_line(tmp_path):
-    r = run_cli(["behaviours", "--samples", tmp_path / "missing.jsonl"], script="eval.py")
+def test_cli_bad_input_is_one_line(tmp_path, capsys):
+    r = run_eval(["behaviours", "--samples", tmp_path / "missing.jsonl"], capsys)
     assert r.returncode == 2 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
-    r = run_cli(["accuracy", "--model", "x", "--k", 0], script="eval.py")
+    r = run_eval(["accuracy", "--model", "x", "--k", 0], capsys)
     assert r.returncode == 2 and "--k" in r.stderr and "Traceback" not in r.stderr
 
 
