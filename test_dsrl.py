@@ -1034,14 +1034,15 @@ def wiring_run(tiny_model_dir, tmp_path_factory):
 
 @pytest.mark.slow
 def test_loop_samples_are_generate_at_the_given_flags(wiring_run, tiny):
-    """Catches: temperature, top_p, --gen-batch-size or --max-prompt-tokens dropped on the way to the sampler; the data
-    order shifted. The logged samples are those of `generate` called directly, at temperature 0.7 and top-p 0.9,
+    """Catches: temperature, top_p, --gen-batch-size, --max-new-tokens or --max-prompt-tokens dropped on the way to the
+    sampler; the data order shifted. The logged samples are those of `generate` called directly, at temperature 0.7 and top-p 0.9,
     on the prompts of the documented data order, two groups per call, after torch.manual_seed(--seed)."""
     args, rows, samples, _, calls, _ = wiring_run
     model, tok = tiny
-    assert [(c["temperature"], c["top_p"], c["input_ids"][0]) for c in calls] == [(0.7, 0.9, 8)] * 4, (
-        f"generate got {[(c['temperature'], c['top_p'], c['input_ids']) for c in calls]}: expected two calls per step of 2 "
-        "prompts x 4 samples (--gen-batch-size 8) at temperature 0.7, top-p 0.9")
+    got = [(c["temperature"], c["top_p"], c["input_ids"][0], c["max_new_tokens"]) for c in calls]
+    assert got == [(0.7, 0.9, 8, 10)] * 4, (
+        f"generate got (temperature, top_p, rows, max_new_tokens) = {got}: expected two calls per step of 2 prompts x 4 "
+        "samples (--gen-batch-size 8) at temperature 0.7, top-p 0.9, --max-new-tokens 10")
     idx = expected_order(len(rows), args.seed, 1, args.prompts_per_step)
     assert [s["prompt_index"] for s in samples] == [i for i in idx for _ in range(4)], "data order or pairing is off"
     stops = [tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id]
