@@ -1166,7 +1166,8 @@ def test_bf16_sampler_follows_the_weights_and_resume_by_path_writes_into_that_ru
     """Catches: the bf16 sampler copy never re-synced after an update (it would sample step 2 from the initial
     weights), --kv-cache not passed to generate, and `--resume PATH` writing into the default output dir.
     Step 2 of an uninterrupted bf16 run must draw exactly what a run resumed from checkpoint-1 draws (that one builds
-    its bf16 copy from the saved weights), and the resumed run writes beside its checkpoint."""
+    its bf16 copy from the saved weights), and the resumed run writes beside its checkpoint. Also catches the loss
+    computed in fp32 despite --dtype bfloat16."""
     from safetensors.torch import load_file
     monkeypatch.chdir(tmp_path)  # a resume that ignores PATH would write ./runs/dsrl here
     flags = dict(model=tiny_model_dir, dataset=tiny_data, mode="dsrl", warmup_steps=1, prompts_per_step=4, group_size=4,
@@ -1188,6 +1189,13 @@ def test_bf16_sampler_follows_the_weights_and_resume_by_path_writes_into_that_ru
     wa, wb = (load_file(tmp_path / d / "checkpoint-2" / "model.safetensors") for d in ("a", "b"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert json.loads((tmp_path / "a" / "config.json").read_text())["resolved_dtype"] == "torch.bfloat16"
+    # the loss runs under bf16 autocast: step 1's gradient norm is the fp32 one up to bf16 rounding, but not exactly
+    model, tok = dsrl.load_model_and_tokenizer(tiny_model_dir, "cpu")
+    grad = independent_nsr_gradient(model, tok, [s for s in a if s["step"] == 1], coef=0.01, temperature=1.0)
+    fp32 = torch.sqrt(sum((g * g).sum() for g in grad.values())).item()
+    logged = read_jsonl(tmp_path / "a" / "metrics.jsonl")[0]["grad_norm"]
+    assert fp32 > 0 and logged == pytest.approx(fp32, rel=0.05) and abs(logged / fp32 - 1) > 1e-6, (
+        f"step 1 grad_norm {logged:.7g}, fp32 recomputation {fp32:.7g}: --dtype bfloat16 must reach the loss's autocast")
 
 
 def test_generation_copy_is_bf16_and_sync_copies_the_weights(plain):
