@@ -638,10 +638,11 @@ def rollout(run: Run, args, step: int):
 
 def train(args: Args, resume=None):
     from tqdm import tqdm
+    import eval as evaluator  # --eval-every; imported here, not at the top, because eval.py imports dsrl.py
     run = start_run(args, resume)
     if args.eval_every and args.eval_before_train and run.first_step == 1:  # the curve's starting point: step 0
         append_jsonl(os.path.join(args.output_dir, "metrics.jsonl"),
-                     [{"step": 0, **__import__("eval").metrics_for_training(run.gen_model, run.tokenizer, args, run.dtype)}])
+                     [{"step": 0, **evaluator.metrics_for_training(run.gen_model, run.tokenizer, args, run.dtype)}])
     bar = tqdm(range(run.first_step, args.steps + 1), initial=run.first_step - 1, total=args.steps, dynamic_ncols=True)
     for step in bar:
         t0 = time.time()
@@ -663,7 +664,7 @@ def train(args: Args, resume=None):
         # 5. log
         row = metrics_row(step, phase, ro, adv, stats, run.optimizer, t_gen, time.time() - t0)
         if args.eval_every and step % args.eval_every == 0:
-            row.update(__import__("eval").metrics_for_training(run.gen_model, run.tokenizer, args, run.dtype))
+            row.update(evaluator.metrics_for_training(run.gen_model, run.tokenizer, args, run.dtype))
         append_jsonl(os.path.join(args.output_dir, "metrics.jsonl"), [row])
         append_jsonl(os.path.join(args.output_dir, "samples.jsonl"), sample_rows(step, ro, adv, keep, args.group_size))
         tqdm.write(console_line(row))

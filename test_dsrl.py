@@ -1,8 +1,10 @@
-"""Tests for dsrl.py and eval.py: offline, CPU, a few minutes.  Run:  python -m pytest -q test_dsrl.py
+"""Tests for dsrl.py and eval.py: offline, CPU, a few minutes.  Run:  python -m pytest -q test_dsrl.py test_grader.py
+Quick tier (no training, no subprocess):  python -m pytest -q -m "not slow" test_dsrl.py test_grader.py
 
 Everything loads a tiny Qwen3 (2 layers, hidden 64) with a character-level ChatML tokenizer that the
-fixtures build and save with `save_pretrained`, exactly as a user's checkpoint would be loaded.
-The tiny model is briefly trained to answer "\\boxed{1}" or "\\boxed{2}" at random, so that groups hold
+fixtures build and save with `save_pretrained`, exactly as a user's checkpoint would be loaded: `plain` at its
+random init (exact log-prob, gradient and sampler checks), `tiny` briefly trained (training runs).
+The trained one has learnt to answer "\\boxed{1}" or "\\boxed{2}" at random, so that groups hold
 right and wrong answers and every mode has real advantages and gradients to work with.
 """
 import ast
@@ -29,11 +31,7 @@ sys.path.insert(0, CODE)
 import dsrl  # noqa: E402
 import grader  # noqa: E402
 import eval as evaluator  # noqa: E402  (our eval.py, not the builtin function)
-from dsrl import last_boxed, math_reward, official_reward, strip_string  # noqa: E402
 
-
-def reward_outcome(response, gold):
-    return dsrl.reward(response, gold, "math")
 
 SHARED_DATA = os.path.join(HERE, "..", "shared", "data")
 CHAT_TEMPLATE = (
@@ -125,18 +123,35 @@ def tiny_data(tmp_path_factory):
     return write_parquet(problem_rows(64), str(tmp_path_factory.mktemp("data") / "math_tiny.parquet"))
 
 
+@pytest.fixture(scope="session")
+def plain_model_dir(tmp_path_factory):
+    """The tiny Qwen3 at its random init: enough for the exact log-prob, gradient and sampler checks, built in a second."""
+    return make_tiny_model(str(tmp_path_factory.mktemp("plain_model")), pretrain_steps=0)
+
+
+@pytest.fixture()
+def plain(plain_model_dir):
+    return dsrl.load_model_and_tokenizer(plain_model_dir, "cpu")
+
+
 @pytest.fixture()
 def tiny(tiny_model_dir):
     model, tok = dsrl.load_model_and_tokenizer(tiny_model_dir, "cpu")
     return model, tok
 
 
-def run_cli(args, timeout=600, script="dsrl.py", threads=None):
+def cli(args, script="dsrl.py", threads=None):
+    """The command line and environment of one run of the file under test (DSRL_UNDER_TEST's dsrl.py or the
+    eval.py beside it), offline. -> (argv, env)"""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
-    return subprocess.run([sys.executable, os.path.join(CODE, script)] + [str(a) for a in args], capture_output=True,
-                          text=True, timeout=timeout, env=env, cwd=CODE)
+    return [sys.executable, os.path.join(CODE, script)] + [str(a) for a in args], env
+
+
+def run_cli(args, timeout=600, script="dsrl.py", threads=None):
+    argv, env = cli(args, script, threads)
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env, cwd=CODE)
 
 
 def read_jsonl(path):
@@ -187,7 +202,7 @@ def test_sample_masks_nsr_psr_all():
         "PSR keeps exactly the samples with A > 0")
     assert every == [True] * 16, '"all" keeps every sample, A = 0 included (its tokens count in the token-mean)'
     # all-right (group 2) and all-wrong (group 4) groups take part in neither NSR nor PSR
-    assert not any(neg[4:8] + pos[4:8] + neg[12:] + pos[12:])
+    assert not any(neg[4:8] + pos[4:8] + neg[12:] + pos[12:]), "all-equal groups (A = 0) take part in neither NSR nor PSR"
 
 
 def test_warmup_bound_applies_to_dsrl_only():
@@ -210,7 +225,7 @@ def test_phase_for_step_warmup_boundary():
     assert space_samples("dsrl", 1, 0) == ("y|x", "all"), "W = 0 is plain GRPO from step 1"
     assert {m: space_samples(m, 1, 0) for m in ("grpo", "nsr-prerl", "psr-prerl", "nsr-rl", "psr-rl")} == {
         "grpo": ("y|x", "all"), "nsr-prerl": ("y", "neg"), "psr-prerl": ("y", "pos"),
-        "nsr-rl": ("y|x", "neg"), "psr-rl": ("y|x", "pos")}
+        "nsr-rl": ("y|x", "neg"), "psr-rl": ("y|x", "pos")}, "the other modes keep the (space, samples) of MODES all run"
 
 
 def test_phase_record_holds_std_and_coefficient():
@@ -218,9 +233,11 @@ def test_phase_record_holds_std_and_coefficient():
     warm, rl = dsrl.phase_for_step("dsrl", 5, 5, 0.03), dsrl.phase_for_step("dsrl", 6, 5, 0.03)
     assert (warm.use_std, warm.coef, warm.name) == (False, 0.03, "warmup"), "P(y): no std, coef = --prerl-coef"
     assert (rl.use_std, rl.coef, rl.name) == (True, 1.0, "rl"), "P(y|x): std, coef 1"
-    assert dsrl.phase_for_step("nsr-prerl", 1, 0, 0.5)[:4] == ("y", "neg", False, 0.5)
-    assert dsrl.phase_for_step("nsr-rl", 1, 0, 0.5)[:4] == ("y|x", "neg", True, 1.0)
-    assert dsrl.phase_for_step("nsr-prerl", 1, 0).name == "rl"  # "warmup" only inside dsrl
+    assert dsrl.phase_for_step("nsr-prerl", 1, 0, 0.5)[:4] == ("y", "neg", False, 0.5), (
+        "nsr-prerl: P(y), A < 0, no std, coef = the prerl_coef argument (0.5 here)")
+    assert dsrl.phase_for_step("nsr-rl", 1, 0, 0.5)[:4] == ("y|x", "neg", True, 1.0), (
+        "nsr-rl: P(y|x) keeps std and coef 1, whatever prerl_coef is")
+    assert dsrl.phase_for_step("nsr-prerl", 1, 0).name == "rl", 'the name "warmup" is only for the DSRL warm-up'
 
 
 def test_ppo_clip_loss_is_minus_advantage_at_ratio_one_and_clips_otherwise():
@@ -263,8 +280,15 @@ def _rollouts(tok):
     return prompts, responses
 
 
-def test_logprob_y_given_x_equals_models_own_cross_entropy(tiny):
-    model, tok = tiny
+def reference_logprobs(model, context, response, temperature=1.0):
+    """log pi(y_t | context, y_<t) of one unpadded row from the model's own full-vocabulary logits: the tests' one
+    reference forward (the code under test never builds these logits)."""
+    logits = model(input_ids=torch.tensor([list(context) + list(response)])).logits[0, len(context) - 1:-1]
+    return (logits / temperature).log_softmax(-1).gather(-1, torch.tensor(response)[:, None]).squeeze(-1)  # (T,)
+
+
+def test_logprob_y_given_x_equals_models_own_cross_entropy(plain):
+    model, tok = plain
     prompts, responses = _rollouts(tok)
     pad = dsrl.pad_id(tok)
     logp, mask = dsrl.logprob_y_given_x(model, prompts, responses, pad, temperature=1.0, chunk=5)
@@ -280,84 +304,312 @@ def test_logprob_y_given_x_equals_models_own_cross_entropy(tiny):
     assert torch.allclose(logp[mask], ref[ym], atol=1e-5), (
         "log P(y|x) differs from the model's own cross-entropy on [prompt] + y (left-padded prompts need positions "
         "from the attention mask; the last prompt state predicts y_0)")
-    assert (logp[~mask] == 0).all(), "padding positions must be 0"
-    # and the same without padding at all, one row at a time (padding changes nothing)
-    for i in range(3):
-        single = torch.tensor([prompts[i] + responses[i]])
-        with torch.no_grad():
-            lg = model(input_ids=single).logits[0, len(prompts[i]) - 1:-1].log_softmax(-1)
-        one = lg.gather(-1, torch.tensor(responses[i])[:, None]).squeeze(-1)
-        assert torch.allclose(logp[i, :len(responses[i])], one, atol=1e-5)
+    assert (logp[~mask] == 0).all(), "padding positions of log P(y|x) must be 0"
 
 
-def test_shared_prompt_forward_equals_separate_forwards(tiny):
-    """Samples of one prompt share its forward (KV cache repeated): same log-probs and same gradients as one
-    independent forward per sample, and as the model's own cross-entropy."""
-    model, tok = tiny
+@pytest.mark.parametrize("share", [True, False])
+def test_shared_prompt_forward_equals_separate_forwards(plain, share):
+    """Samples of one prompt share its forward (KV cache repeated), or not (share_prompt=False): either way each
+    row's log-probs are those of the model on [prompt] + y alone, and the gradients those of that reference."""
+    model, tok = plain
     prompts, responses = _rollouts(tok)
     prompts = [prompts[0], prompts[1], prompts[0], prompts[2], prompts[1]]  # repeated, different lengths
     responses = [responses[0], responses[1], responses[2], responses[1], responses[0]]
-    pad = dsrl.pad_id(tok)
-    out = {}
-    for share in (True, False):
-        model.zero_grad(set_to_none=True)
-        logp, mask = dsrl.logprob_y_given_x(model, prompts, responses, pad, chunk=4, share_prompt=share)
-        (logp * torch.arange(1.0, 6.0)[:, None]).sum().backward()  # a different weight per sample
-        out[share] = logp.detach(), _grads(model)
-    assert torch.allclose(out[True][0], out[False][0], atol=1e-5)
-    for name, g in out[False][1].items():
-        assert torch.allclose(out[True][1][name], g, atol=1e-5), name
-    for i in range(5):  # one row at a time, no padding, the model's own logits
-        with torch.no_grad():
-            lg = model(input_ids=torch.tensor([prompts[i] + responses[i]])).logits[0, len(prompts[i]) - 1:-1]
-        ref = lg.log_softmax(-1).gather(-1, torch.tensor(responses[i])[:, None]).squeeze(-1)
-        assert torch.allclose(out[True][0][i, :len(responses[i])], ref, atol=1e-5)
+    weights = torch.arange(1.0, 6.0)  # a different weight per sample
+    model.zero_grad(set_to_none=True)
+    logp, mask = dsrl.logprob_y_given_x(model, prompts, responses, dsrl.pad_id(tok), chunk=4, share_prompt=share)
+    ((logp * mask).sum(1) * weights).sum().backward()
+    ours = _grads(model)
+    model.zero_grad(set_to_none=True)
+    refs = [reference_logprobs(model, x, y) for x, y in zip(prompts, responses)]
+    sum(w * r.sum() for w, r in zip(weights, refs)).backward()
+    for i, ref in enumerate(refs):
+        assert torch.allclose(logp[i, :len(responses[i])], ref, atol=1e-5), (
+            f"share_prompt={share}: row {i} differs from the model's own log-probs of [prompt] + y: samples of one "
+            "prompt must each see exactly that prompt")
+    for name, g in _grads(model).items():
+        assert torch.allclose(ours[name], g, rtol=1e-4, atol=1e-4), (
+            f"share_prompt={share}: the gradient w.r.t. {name} differs from the per-row reference: the shared prompt "
+            "forward must stay in the autograd graph (its KV cache feeds every sample)")
 
 
-def test_logprob_y_equals_hand_built_start_token_forward(tiny):
-    model, tok = tiny
+def test_logprob_y_equals_hand_built_start_token_forward(plain):
+    model, tok = plain
     _, responses = _rollouts(tok)
     start = dsrl.token_id(tok, "<|im_start|>")
-    assert start == tok.convert_tokens_to_ids("<|im_start|>")
+    assert start == tok.convert_tokens_to_ids("<|im_start|>"), "token_id must read the id from the tokenizer"
     logp, mask = dsrl.logprob_y(model, start, responses, dsrl.pad_id(tok), temperature=1.0, chunk=3)
-    for i, y in enumerate(responses):
-        ids = torch.tensor([[start] + y])
-        with torch.no_grad():
-            lg = model(input_ids=ids, position_ids=torch.arange(len(y) + 1)[None]).logits[0, :-1].log_softmax(-1)
-        ref = lg.gather(-1, torch.tensor(y)[:, None]).squeeze(-1)
-        assert torch.allclose(logp[i, :len(y)], ref, atol=1e-5), (
-            "log P(y) differs from the forward of [<|im_start|>] + y at positions 0..|y|: the start token is "
-            "start_id (<|im_start|>), and its state predicts y_0")
-        assert int(mask[i].sum()) == len(y), "the mask marks the real response tokens"
-
-
-def test_temperature_divides_logits(tiny):
-    model, tok = tiny
-    _, responses = _rollouts(tok)
-    start = dsrl.token_id(tok, "<|im_start|>")
-    y = responses[0]
-    logp, _ = dsrl.logprob_y(model, start, [y], dsrl.pad_id(tok), temperature=0.5)
     with torch.no_grad():
-        lg = (model(input_ids=torch.tensor([[start] + y])).logits[0, :-1] / 0.5).log_softmax(-1)
-    assert torch.allclose(logp[0], lg.gather(-1, torch.tensor(y)[:, None]).squeeze(-1), atol=1e-5), (
-        "log P(y) at temperature 0.5 must use logits / 0.5, as the sampler did")
+        for i, y in enumerate(responses):
+            assert torch.allclose(logp[i, :len(y)], reference_logprobs(model, [start], y), atol=1e-5), (
+                "log P(y) differs from the forward of [<|im_start|>] + y at positions 0..|y|: the start token is "
+                "start_id (<|im_start|>), and its state predicts y_0")
+            assert int(mask[i].sum()) == len(y), "the mask marks the real response tokens"
 
 
-def test_temperature_divides_logits_given_x(tiny):
+def test_temperature_divides_logits_in_p_y(plain):
+    check_temperature(plain, "y")
+
+
+def test_temperature_divides_logits_given_x(plain):
+    check_temperature(plain, "y|x")
+
+
+def check_temperature(tiny, space):
     model, tok = tiny
     prompts, responses = _rollouts(tok)
-    logp, _ = dsrl.logprob_y_given_x(model, prompts[:1], responses[:1], dsrl.pad_id(tok), temperature=0.5)
+    start = dsrl.token_id(tok, "<|im_start|>")
+    if space == "y":
+        logp, _ = dsrl.logprob_y(model, start, responses[:1], dsrl.pad_id(tok), temperature=0.5)
+    else:
+        logp, _ = dsrl.logprob_y_given_x(model, prompts[:1], responses[:1], dsrl.pad_id(tok), temperature=0.5)
     with torch.no_grad():
-        lg = model(input_ids=torch.tensor([prompts[0] + responses[0]])).logits[0, len(prompts[0]) - 1:-1] / 0.5
-    ref = lg.log_softmax(-1).gather(-1, torch.tensor(responses[0])[:, None]).squeeze(-1)
+        ref = reference_logprobs(model, [start] if space == "y" else prompts[0], responses[0], temperature=0.5)
     assert torch.allclose(logp[0, :len(responses[0])], ref, atol=1e-5), (
-        "log P(y|x) at temperature 0.5 must use logits / 0.5, as the sampler did")
+        f"log P({space}) at temperature 0.5 must use logits / 0.5, as the sampler did")
 
 
 def test_missing_start_token_is_a_clear_error():
     tok = make_tokenizer(specials=["<|endoftext|>", "<|im_end|>"])
     with pytest.raises(dsrl.UsageError, match="no <\\|im_start\\|> token"):
         dsrl.token_id(tok, "<|im_start|>")
+
+
+
+# ---- Plain-Python oracles for the spec tests (no torch, not the code under test) -----------------------------
+def oracle_advantages(rewards, group_size, use_std):
+    out = []
+    for g in range(0, len(rewards), group_size):
+        group = rewards[g:g + group_size]
+        mean = sum(group) / len(group)
+        std = math.sqrt(sum((r - mean) ** 2 for r in group) / (len(group) - 1))  # unbiased
+        out += [(r - mean) / (std + 1e-6) if use_std else r - mean for r in group]
+    return out
+
+
+def oracle_clip_loss(ratio, adv, clip_low, clip_high, clip_dual):
+    clipped = min(max(ratio, 1 - clip_low), 1 + clip_high)
+    loss = max(-adv * ratio, -adv * clipped)
+    return min(loss, -adv * clip_dual) if adv < 0 else loss
+
+
+def oracle_pass_at_k(n, c, k):
+    """The share of the k-subsets of n samples (c of them right) that hold a right one, by enumeration."""
+    subsets = list(__import__("itertools").combinations(range(n), k))
+    return sum(any(i < c for i in s) for s in subsets) / len(subsets)
+
+
+def test_group_advantages_with_unequal_group_counts():
+    """6 groups of 4 and 2 groups of 3: a reshape with the group size as the FIRST dimension mixes groups."""
+    rewards = [1, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 0, 1, 0, 1, 1]
+    for use_std in (False, True):
+        got = dsrl.group_advantages(rewards, 4, use_std).tolist()
+        assert got == pytest.approx(oracle_advantages(rewards, 4, use_std), abs=1e-5), (
+            f"6 groups of 4 (use_std={use_std}): got {[round(a, 3) for a in got[:8]]}..., expected "
+            f"{[round(a, 3) for a in oracle_advantages(rewards, 4, use_std)[:8]]}...: group i is rewards[i*G:(i+1)*G], "
+            "reshape to (number of groups, G), i.e. view(-1, group_size)")
+        got = dsrl.group_advantages([1, 0, 0, 1, 1, 0], 3, use_std).tolist()
+        assert got == pytest.approx(oracle_advantages([1, 0, 0, 1, 1, 0], 3, use_std), abs=1e-5), (
+            f"2 groups of 3 (use_std={use_std}): got {got}: each group is G consecutive samples")
+
+
+def test_group_advantages_random_shapes_against_a_plain_python_oracle():
+    rng = random.Random(0)
+    for _ in range(60):
+        group_size, groups, use_std = rng.randint(2, 7), rng.randint(1, 9), rng.random() < 0.5
+        rewards = [rng.choice([0.0, 1.0, rng.random()]) for _ in range(group_size * groups)]
+        got = dsrl.group_advantages(rewards, group_size, use_std)
+        want = oracle_advantages(rewards, group_size, use_std)
+        assert tuple(got.shape) == (len(rewards),), f"group_advantages must return shape (N,), got {tuple(got.shape)}"
+        assert got.tolist() == pytest.approx(want, abs=1e-4), (
+            f"G={group_size}, {groups} groups, use_std={use_std}: A differs from r - group mean "
+            f"{'/ (unbiased std + 1e-6)' if use_std else ''}")
+
+
+def test_sample_masks_random_advantages_against_a_plain_python_oracle():
+    rng = random.Random(1)
+    for _ in range(40):
+        adv = [rng.choice([0.0, 0.5, -0.5, rng.uniform(-2, 2)]) for _ in range(rng.randint(1, 20))]
+        for samples, rule in (("neg", lambda a: a < 0), ("pos", lambda a: a > 0), ("all", lambda a: True)):
+            got = dsrl.sample_mask(torch.tensor(adv), samples)
+            assert got.dtype == torch.bool and got.tolist() == [rule(a) for a in adv], (
+                f"sample_mask(..., {samples!r}) on {adv}: NSR keeps A < 0, PSR A > 0 (strictly), all keeps every sample")
+
+
+def test_ppo_clip_with_ratios_below_and_above_one_and_asymmetric_clip():
+    """clip_low = 0.1, clip_high = 0.3: the clip range is [0.9, 1.3]. A ratio below 1 with A < 0 shows the lower
+    clamp; a ratio above 1 with A > 0 shows the upper one; swapping the two epsilons changes both."""
+    ratios = torch.tensor([0.5, 0.95, 1.2, 2.0, 50.0])
+    old = torch.zeros(2, 5)
+    logp = ratios.log().expand(2, 5).clone().requires_grad_(True)
+    adv = torch.tensor([[1.0], [-1.0]])
+    loss = dsrl.ppo_clip_loss(logp, old, adv, 0.1, 0.3, 10.0)
+    want = [[-0.5, -0.95, -1.2, -1.3, -1.3], [0.9, 0.95, 1.2, 2.0, 10.0]]
+    assert loss.tolist()[0] == pytest.approx(want[0]), (
+        f"A = +1, ratios {ratios.tolist()}, clip_low 0.1, clip_high 0.3: loss {loss[0].tolist()}, expected {want[0]}: "
+        "max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high)); the upper bound is 1 + clip_high")
+    assert loss.tolist()[1] == pytest.approx(want[1]), (
+        f"A = -1: loss {loss[1].tolist()}, expected {want[1]}: the lower bound 1 - clip_low = 0.9 applies at ratio 0.5, "
+        "and the dual clip caps the loss at -A * clip_dual = 10")
+    loss.sum().backward()
+    slope = (logp.grad / ratios).tolist()  # d loss / d ratio
+    assert slope == [pytest.approx([-1, -1, -1, 0, 0]), pytest.approx([0, 1, 1, 1, 0])], (
+        f"d loss / d ratio = {slope}: expected -A where the ratio is unclipped and 0 where a clip is active "
+        "(the clipped terms must not carry a gradient)")
+
+
+def test_ppo_clip_random_ratios_against_a_plain_python_oracle():
+    rng = random.Random(2)
+    for _ in range(30):
+        n, t = rng.randint(1, 4), rng.randint(1, 6)
+        clip_low, clip_high, clip_dual = rng.uniform(0.05, 0.5), rng.uniform(0.05, 0.5), rng.uniform(1.5, 5)
+        ratio = [[math.exp(rng.uniform(-1.5, 1.5)) for _ in range(t)] for _ in range(n)]
+        adv = [rng.choice([-1.0, 1.0, 0.0, rng.uniform(-2, 2)]) for _ in range(n)]
+        got = dsrl.ppo_clip_loss(torch.tensor(ratio, dtype=torch.float64).log(), torch.zeros(n, t, dtype=torch.float64),
+                                 torch.tensor(adv, dtype=torch.float64)[:, None], clip_low, clip_high, clip_dual)
+        want = [[oracle_clip_loss(r, a, clip_low, clip_high, clip_dual) for r in row] for row, a in zip(ratio, adv)]
+        assert got.tolist() == [pytest.approx(w, abs=1e-9) for w in want], (
+            f"clip_low {clip_low:.2f}, clip_high {clip_high:.2f}, clip_dual {clip_dual:.2f}, A {adv}: per-token loss "
+            "differs from max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high)), capped at -A * clip_dual for A < 0")
+
+
+def test_token_mean_random_masks_against_a_plain_python_oracle():
+    rng = random.Random(3)
+    for _ in range(30):
+        n, t = rng.randint(1, 5), rng.randint(1, 7)
+        per_token = [[rng.uniform(-3, 3) for _ in range(t)] for _ in range(n)]
+        mask = [[rng.random() < 0.6 for _ in range(t)] for _ in range(n)]
+        n_tokens = sum(map(sum, mask)) + rng.randint(0, 5)  # the step may hold more tokens than this micro-batch
+        got = dsrl.token_mean_loss(torch.tensor(per_token), torch.tensor(mask), n_tokens).item()
+        want = sum(x for row, m in zip(per_token, mask) for x, keep in zip(row, m) if keep) / max(n_tokens, 1)
+        assert got == pytest.approx(want, abs=1e-5), (
+            f"token_mean_loss = {got:.5f}, expected {want:.5f}: the sum over kept tokens divided by the step's n_tokens")
+
+
+def test_pass_at_k_random_against_subset_enumeration():
+    """pass@k is the share of the k-subsets of the n samples that contain a right one (Chen et al. 2021)."""
+    rng = random.Random(4)
+    for _ in range(40):
+        n = rng.randint(1, 9)
+        c, k = rng.randint(0, n), rng.randint(1, n)
+        assert evaluator.pass_at_k(n, c, k) == pytest.approx(oracle_pass_at_k(n, c, k), abs=1e-9), (
+            f"pass@{k} with {c} right of {n} = {evaluator.pass_at_k(n, c, k):.4f}, expected {oracle_pass_at_k(n, c, k):.4f}: "
+            "unbiased 1 - C(n-c, k) / C(n, k), not 1 - (1 - c/n)^k")
+
+
+# ---- Exercises 3 and 4 against a formulation that is not the solution: decoding one token at a time ----------
+def decoded_logprobs(model, context, response, temperature=1.0):
+    """log pi(y_t | context, y_<t) by feeding the tokens one at a time through the model's KV cache, as generation
+    does: the positions come from the cache, so a wrong prompt/response offset in the code under test shows."""
+    out = model(input_ids=torch.tensor([list(context)]), use_cache=True)
+    logps = []
+    for token in response:
+        logps.append((out.logits[0, -1] / temperature).log_softmax(-1)[token])
+        out = model(input_ids=torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True)
+    return torch.stack(logps)
+
+
+def test_logprob_y_given_x_continues_positions_after_the_prompt(plain):
+    """Left-padded prompts of different lengths: the response's first position is the prompt's real length. A
+    response that restarts at 0, or counts the padding, gives other log-probs than decoding token by token."""
+    model, tok = plain
+    prompts, responses = _rollouts(tok)
+    with torch.no_grad():
+        logp, mask = dsrl.logprob_y_given_x(model, prompts, responses, dsrl.pad_id(tok), temperature=0.8, chunk=4)
+        for i in range(3):
+            want = decoded_logprobs(model, prompts[i], responses[i], 0.8)
+            assert torch.allclose(logp[i, :len(responses[i])], want, atol=1e-4), (
+                f"row {i} (prompt of {len(prompts[i])} tokens, left-padded to {max(map(len, prompts))}): log P(y|x) "
+                "differs from token-by-token decoding: positions count real prompt tokens only (from the attention "
+                "mask), and the response continues right after them")
+
+
+def test_logprob_y_given_x_gradient_equals_token_by_token_decoding(plain):
+    check_gradient(plain, "y|x")
+
+
+def test_logprob_y_gradient_equals_token_by_token_decoding(plain):
+    check_gradient(plain, "y")
+
+
+def check_gradient(tiny, space):
+    """The gradient of sum_i w_i sum_t log pi(y_t | ., y_<t) equals that of the token-by-token reference: the
+    log-probs must stay in the autograd graph (not computed under no_grad or detached)."""
+    model, tok = tiny
+    prompts, responses = _rollouts(tok)
+    start = dsrl.token_id(tok, dsrl.START_TOKEN)
+    weights = torch.tensor([1.0, -2.0, 0.5])
+    model.zero_grad(set_to_none=True)
+    if space == "y":
+        logp, mask = dsrl.logprob_y(model, start, responses, dsrl.pad_id(tok), temperature=0.8, chunk=3)
+    else:
+        logp, mask = dsrl.logprob_y_given_x(model, prompts, responses, dsrl.pad_id(tok), temperature=0.8, chunk=3)
+    assert logp.requires_grad, f"log P({space}) carries no gradient: do not compute it under torch.no_grad() or detach it"
+    ((logp * mask).sum(1) * weights).sum().backward()
+    ours = _grads(model)
+    model.zero_grad(set_to_none=True)
+    contexts = [[start]] * 3 if space == "y" else prompts
+    sum(w * decoded_logprobs(model, c, y, 0.8).sum() for w, c, y in zip(weights, contexts, responses)).backward()
+    for name, g in _grads(model).items():
+        assert torch.allclose(ours[name], g, rtol=1e-4, atol=1e-4), (
+            f"gradient of log P({space}) w.r.t. {name} differs from the token-by-token reference")
+
+
+class LargestTensor(__import__("torch.utils._python_dispatch", fromlist=["TorchDispatchMode"]).TorchDispatchMode):
+    """Records the element count of the largest tensor any operation creates (forward and backward)."""
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else [out]):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def big_vocabulary_model(vocab=32_768):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    torch.manual_seed(0)
+    return Qwen3ForCausalLM(Qwen3Config(vocab_size=vocab, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=1, head_dim=4,
+                                        tie_word_embeddings=False))
+
+
+def test_logprob_y_given_x_memory_stays_flat_in_vocabulary_times_length():
+    check_memory("y|x")
+
+
+def test_logprob_y_memory_stays_flat_in_vocabulary_times_length():
+    check_memory("y")
+
+
+def check_memory(space):
+    """Qwen3's vocabulary is 151,936: a (N, T, vocab) tensor is ~40 GB per 64 x 1,024 micro-batch. Forward and
+    backward, no tensor may be larger than a few chunks x vocab; and in P(y|x) each distinct prompt runs once."""
+    V, chunk, T = 32_768, 16, 120
+    model = big_vocabulary_model(V)
+    prompts = [list(range(3, 63)), list(range(5, 45))]
+    prompt_ids, responses = [prompts[i // 3] for i in range(6)], [list(range(7 + i, 7 + i + T - 9 * i)) for i in range(6)]
+    embedded = []
+    hook = model.model.embed_tokens.register_forward_hook(lambda mod, inp, out: embedded.append(inp[0].numel()))
+    with LargestTensor() as probe:
+        if space == "y":
+            logp, mask = dsrl.logprob_y(model, 1, responses, 0, chunk=chunk)
+        else:
+            logp, mask = dsrl.logprob_y_given_x(model, prompt_ids, responses, 0, chunk=chunk)
+        (logp * mask).sum().backward()
+    hook.remove()
+    assert probe.largest <= 4 * chunk * V, (
+        f"log P({space}) created a tensor of {probe.largest:,} elements, {probe.largest / (chunk * V):.0f} x chunk x vocab: "
+        f"compute the vocabulary projection `chunk` ({chunk}) tokens at a time (token_logprobs), never the full "
+        "(N, T, vocab) logits or log_softmax")
+    if space == "y|x":
+        most = 2 * 60 + 6 * max(map(len, responses))  # each distinct prompt once (padded to 60), then the responses
+        assert sum(embedded) <= most, (
+            f"{sum(embedded)} token positions went through the model for 2 distinct prompts x 3 samples; at most {most}: "
+            "with share_prompt the samples of one prompt share one forward of it")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -385,8 +637,8 @@ def _grads(model):
 
 
 @pytest.mark.parametrize("space,samples", [("y", "neg"), ("y|x", "all"), ("y|x", "pos")])
-def test_micro_batched_gradient_equals_one_batch(tiny, space, samples):
-    model, tok = tiny
+def test_micro_batched_gradient_equals_one_batch(plain, space, samples):
+    model, tok = plain
     prompts, responses, rewards = _batch(tok)
     adv = dsrl.group_advantages(rewards, 4, use_std=(space == "y|x"))
     keep = dsrl.sample_mask(adv, samples)
@@ -402,8 +654,8 @@ def test_micro_batched_gradient_equals_one_batch(tiny, space, samples):
             assert torch.allclose(out[mbs][1][name], g, atol=1e-6), name
 
 
-def test_token_mean_counts_only_kept_tokens(tiny):
-    model, tok = tiny
+def test_token_mean_counts_only_kept_tokens(plain):
+    model, tok = plain
     prompts, responses, rewards = _batch(tok)
     start, pad = dsrl.token_id(tok, "<|im_start|>"), dsrl.pad_id(tok)
     lens = [len(r) for r in responses]
@@ -427,9 +679,9 @@ def test_token_mean_counts_only_kept_tokens(tiny):
 @pytest.mark.parametrize("space,samples,rewards", [("y", "neg", [1, 0, 0, 0, 0, 1, 0, 0]),
                                                    ("y|x", "all", [1, 0, 0, 0, 1, 1, 1, 1]),
                                                    ("y|x", "pos", [1, 0, 0, 0, 0, 1, 1, 0])])
-def test_masked_samples_contribute_exactly_zero_gradient(tiny, space, samples, rewards):
+def test_masked_samples_contribute_exactly_zero_gradient(plain, space, samples, rewards):
     """Skipping masked / zero-advantage samples equals the full computation over every sample."""
-    model, tok = tiny
+    model, tok = plain
     prompts, responses, _ = _batch(tok)
     start, pad = dsrl.token_id(tok, "<|im_start|>"), dsrl.pad_id(tok)
     adv = dsrl.group_advantages(rewards, 4, use_std=(space == "y|x"))
@@ -458,8 +710,8 @@ def test_masked_samples_contribute_exactly_zero_gradient(tiny, space, samples, r
         assert torch.allclose(g, ref[name], atol=1e-6), name
 
 
-def test_prerl_coefficient_scales_the_gradient(tiny):
-    model, tok = tiny
+def test_prerl_coefficient_scales_the_gradient(plain):
+    model, tok = plain
     prompts, responses, rewards = _batch(tok)
     start, pad = dsrl.token_id(tok, "<|im_start|>"), dsrl.pad_id(tok)
     adv = dsrl.group_advantages(rewards, 4, use_std=False)
@@ -473,8 +725,8 @@ def test_prerl_coefficient_scales_the_gradient(tiny):
         assert torch.allclose(grads[1][name], 0.01 * grads[0][name], atol=1e-9), name
 
 
-def test_one_step_moves_parameters_and_nan_skips(tiny):
-    model, tok = tiny
+def test_one_step_moves_parameters_and_nan_skips(plain):
+    model, tok = plain
     prompts, responses, rewards = _batch(tok)
     start, pad = dsrl.token_id(tok, "<|im_start|>"), dsrl.pad_id(tok)
     adv = dsrl.group_advantages(rewards, 4, use_std=False)
@@ -496,216 +748,8 @@ def test_one_step_moves_parameters_and_nan_skips(tiny):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 8. The reward: dev-file agreement, official superset, categories, adversarial inputs, time bound
+# 8. The reward as the trainer wires it (the checker itself: test_grader.py)
 # ----------------------------------------------------------------------------------------------------
-
-CASES = read_jsonl(os.path.join(HERE, "testdata", "answer_cases_dev.jsonl"))  # copy of ../shared/data's file
-
-
-def box(s):
-    return 'Some reasoning.\n\nThe final answer is $\\boxed{%s}$.' % s
-
-
-# ---------------------------------------------------------------- dev-file agreement
-def test_dev_agreement():
-    agree = 0
-    for c in CASES:
-        r = math_reward(c['response'], c['gold'])
-        assert isinstance(r, float) and r in (0.0, 1.0)
-        agree += (r == 1.0) == c['equal']
-    assert agree / len(CASES) >= 0.95
-
-
-def test_official_accept_implies_ours():
-    for c in CASES:
-        if official_reward(c['response'], c['gold']) == 1.0:
-            assert math_reward(c['response'], c['gold']) == 1.0, c['id']
-    for c in CASES:  # and the gold itself, boxed, is always right
-        if c['gold'] and official_reward(box(c['gold']), c['gold']) == 1.0:
-            assert math_reward(box(c['gold']), c['gold']) == 1.0
-
-
-# ---------------------------------------------------------------- per-category units
-CATEGORY_CASES = {
-    'integer': [('42', '42', 1), ('42.0', '42', 1), ('-7', '7', 0), ('1,386', '1386', 1),
-                ('1\\,386', '1386', 1), ('1{,}000{,}000', '1000000', 1), ('10^{6}', '1000000', 1),
-                ('900,000', '9,000,000', 0), ('\\frac{1}{29,322,216}', '\\frac{1}{29322216}', 1)],
-    'fraction': [('\\dfrac{3}{4}', '\\frac34', 1), ('3/4', '\\frac{3}{4}', 1), ('0.75', '\\frac34', 1),
-                 ('\\frac{6}{8}', '\\frac34', 1), ('\\frac{3}{5}', '\\frac34', 0),
-                 ('-\\frac{1}{2}', '\\frac{-1}{2}', 1), ('0.33', '\\frac13', 0),
-                 ('\\frac94', '2\\frac{1}{4}', 1), ('3\\over 4', '\\frac34', 1)],
-    'decimal': [('3.50', '3.5', 1), ('.5', '0.5', 1), ('3.49', '3.5', 0), ('1000.0', '1000', 1),
-                ('3 \\times 10^{5}', '300000', 1), ('9.92\\times10^{-3}', '0.000992', 0)],
-    'units/text': [('5\\text{ cm}^2', '5', 1), ('5 \\text{meters}', '5', 1), ('\\text{5 apples}', '5', 1),
-                   ('\\$5.00', '5', 1), ('6\\text{ cm}', '5', 0), ('\\text{Sunday}', 'Sunday', 1),
-                   ('\\text{Sunday}', '{Monday}', 0), ('125 miles', '125normal{miles}', 1),
-                   ('LQXS', 'LQSX', 0), ('\\emptyset', '{empty}', 1)],
-    'degrees': [('30^\\circ', '30', 1), ('30^{\\circ}', '30', 1), ('30\\text{ degrees}', '30', 1),
-                ('60^\\circ', '30', 0)],
-    'sqrt': [('2\\sqrt{2}', '\\sqrt8', 1), ('\\sqrt{8}', '2\\sqrt2', 1), ('1.414', '\\sqrt2', 0),
-             ('\\frac{\\sqrt{2}}{2}', '\\frac{1}{\\sqrt2}', 1), ('\\sqrt[3]{8}', '2', 1),
-             ('2^{1/2}', '\\sqrt2', 1), ('1.4142135623730951', '\\sqrt2', 0), ('\\sqrt3', '\\sqrt{3}', 1)],
-    'pi': [('\\pi \\cdot 2', '2\\pi', 1), ('6.28', '2\\pi', 0), ('\\frac{\\pi}{3}', '\\frac13\\pi', 1),
-           ('90^\\circ', '\\frac{\\pi}{2}', 0)],
-    'expression': [('x^2+2x+1', '(x+1)^2', 1), ('2x+1', '1+2x', 1), ('x^2-1', '(x-1)(x+1)', 1),
-                   ('x^2+1', '(x+1)^2', 0), ('\\frac{1}{x}', 'x^{-1}', 1),
-                   ('\\sin^2 x + \\cos^2 x', '1', 1), ('\\frac{2}{\\cos x}', '2\\secx', 1),
-                   ('2\\alpha', '\\alpha \\cdot 2', 1), ('2b', '2B', 0), ('3+4i', '4i+3', 1),
-                   ('3-4i', '3+4i', 0), ('2^{99}', '2^{100}-2', 0)],
-    'interval': [('[1, 2)', '[1,2)', 1), ('(1,2)', '[1,2]', 0), ('(-\\infty, 3]', '(-\\infty,3]', 1),
-                 ('(-\\infty,3)', '(-\\infty,3]', 0), ('[2,3]\\cup[0,1]', '[0,1]\\cup[2,3]', 1),
-                 ('\\left[0, \\frac12\\right)', '[0,0.5)', 1)],
-    'tuple': [('(1, 2)', '(1,2)', 1), ('(2,1)', '(1,2)', 0), ('(\\frac12, 3)', '(0.5,3)', 1),
-              ('(1,2);(3,4)', '(1,2);(3,4)', 1), ('{1,3}', '(3,1)', 0)],
-    'set': [('\\{1,2\\}', '\\{2,1\\}', 1), ('1,2', '2,1', 1), ('1, 2, 3', '1,2', 0),
-            ('\\{1,2\\}', '\\{1,3\\}', 0), ('\\pm 3', '3,-3', 1), ('3', '\\pm3', 0),
-            ('A, B, E', '{A,B,E}', 1)],
-    'matrix': [('\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}', '\\begin{pmatrix}1&2\\3&4\\end{pmatrix}', 1),
-               ('\\begin{bmatrix}1&2\\\\3&4\\end{bmatrix}', '\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}', 1),
-               ('\\begin{pmatrix}1\\\\2\\end{pmatrix}', '\\begin{pmatrix}2\\\\1\\end{pmatrix}', 0),
-               ('(1,2,3)', '\\begin{pmatrix}1\\\\2\\\\3\\end{pmatrix}', 1)],
-    'equation': [('x=5', '5', 1), ('y = 2x+3', '2x+3', 1), ('x+y=1', 'y+x=1', 1),
-                 ('2x+2y=2', 'x+y=1', 1), ('x+y=2', 'x+y=1', 0), ('x = 5', 'x=6', 0),
-                 ('x \\geq 2', 'x\\ge2', 1), ('2 \\le x', 'x \\ge 2', 1), ('x>2', 'x\\ge2', 0)],
-    'percent': [('50\\%', '50', 1), ('50%', '50', 1), ('50\\%', '0.5', 1), ('0.5', '50\\%', 1),
-                ('5\\%', '50', 0), ('1.25\\%', '12.5', 0)],
-    'mc': [('C', '(C)', 1), ('\\text{(C)}', 'C', 1), ('(C)', 'C', 1), ('\\textbf{(C)}', 'C', 1),
-           ('D', 'C', 0), ('\\text{(D)}', '{(E)},', 0), ('(C) 12', 'C', 1)],
-    'hedge': [('42 \\text{or} 43', '42', 0), ('42 \\; \\text{or} \\; 43', '42', 0), ('42, 43', '42', 0), ('42 or 43', '42', 0),
-              ('\\text{maybe } 42', '42', 0), ('', '42', 0), ('5', '', 0)],
-    'approx': [('\\approx 3.14', '3.14', 1), ('\\frac23', '\\frac{2}{3}\\approx0.67', 1),
-               ('0.56', '0.56=56', 1)],
-    'base': [('1011_2', '1011_2', 1), ('11', '1011_2', 0)],
-}
-
-
-@pytest.mark.parametrize('cat', sorted(CATEGORY_CASES))
-def test_category(cat):
-    for ans, gold, want in CATEGORY_CASES[cat]:
-        got = math_reward(box(ans), gold)
-        assert got == float(want), (cat, ans, gold, want)
-
-
-def test_no_box_outcome():
-    assert reward_outcome('I think it is 5.', '5') == (0.0, 'no_box')
-    assert reward_outcome('The answer is \\boxed{\\frac{3}{4}', '\\frac34') == (0.0, 'no_box')
-
-
-def test_nested_and_last_box():
-    assert last_boxed('a \\boxed{3} b \\boxed{\\frac{1}{2}} c') == '\\frac{1}{2}'
-    assert math_reward('\\boxed{\\boxed{5}}', '5') == 1.0
-    assert math_reward('First \\boxed{3}, wait, actually \\boxed{5}.', '5') == 1.0
-    assert math_reward('First \\boxed{5}, wait, actually \\boxed{3}.', '5') == 0.0
-    assert last_boxed('\\boxed 7$') == '7' and last_boxed('nothing') is None
-
-
-def test_fbox():
-    assert last_boxed('so \\fbox{12}') == '12'
-    assert math_reward('so \\fbox{12}.', '12') == 1.0
-
-
-def test_strip_string_official_rules():
-    assert strip_string('\\dfrac12') == '\\frac{1}{2}'
-    assert strip_string('3/4') == '\\frac{3}{4}'
-    assert strip_string('\\left( 3 \\right)') == '(3)'
-    assert strip_string('90^\\circ') == '90'
-    assert strip_string('\\$5') == '5' and strip_string('50\\%') == '50'
-    assert strip_string('5\\text{ cm}') == '5'
-    assert strip_string('.5') == '\\frac{1}{2}' and strip_string('0.5') == '\\frac{1}{2}'
-    assert strip_string('x = 3') == '3' and strip_string('\\sqrt2') == '\\sqrt{2}'
-    assert official_reward(box('\\tfrac{1}{2}'), '0.5') == 1.0
-    assert official_reward(box('2x'), 'x2') == 0.0
-
-
-# ---------------------------------------------------------------- adversarial and time bound
-ADVERSARIAL = [
-    (box('9^9^9^9'), '1'), (box('9^{9^{9^{9}}}'), '1'), (box('10^{10^{10^{10}}}-1'), '0'),
-    (box('9' * 50000), '9'), (box('x' * 100000), 'x'), ('a' * 100000, '1'),
-    ('\\boxed{' + '{' * 200 + '1' + '}' * 200 + '}', '2'), (box('(' * 200 + '1' + ')' * 200), '2'),
-    ('\\boxed{' * 300 + '7' + '}' * 300, '8'), ('\\boxed{' * 300 + '7', '7'),
-    ('}}}}{{{ \\boxed{{{{3}} and \\left( \\right', '3'), (box('\x00' * 500), '0'),
-    (box("__import__('os').system('ls')"), '0'), (box("__import__('time').sleep(30)"), '0'),
-    (box('42, 43'), '42'), (box('42 \\text{or } 43'), '42'), (box('\\frac{1}{0}'), '\\infty'),
-    (box('(10^{100})!'), '1'), (box('\\sin(10^{1000})'), '0'), (box('x^{x^{x^{x^{x}}}}'), 'x'),
-    (box('+'.join(['x'] * 3000)), '1'), (box('2^{-99999999}'), '0'),
-    (box('\\begin{pmatrix}' + '\\\\'.join(['&'.join(['1'] * 60)] * 60) + '\\end{pmatrix}'), '1'),
-    (box('\\sqrt{' * 100 + '2' + '}' * 100), '2'), (None, '1'), (box('1'), None),
-    (box('42 or 43'), '42'), (box('42 \\text{ or } 43'), '42'), (box('maybe 42'), '42'),
-]
-
-
-@pytest.mark.parametrize('i', range(len(ADVERSARIAL)))
-def test_adversarial_zero_and_fast(i):
-    resp, gold = ADVERSARIAL[i]
-    t = time.perf_counter()
-    r = math_reward(resp, gold)
-    assert time.perf_counter() - t < 1.0
-    assert r == 0.0 and isinstance(r, float)
-
-
-def test_time_bound_from_worker_thread():
-    """The deadline is cooperative (no signals), so it also works off the main thread."""
-    results = []
-
-    def work():
-        old = grader.TIME_BUDGET_S
-        grader.TIME_BUDGET_S = 0.0  # force the deadline to expire on the first check
-        try:
-            results.append(reward_outcome(box('(x+1)^2'), 'x^2+2x+1'))
-        finally:
-            grader.TIME_BUDGET_S = old
-        t = time.perf_counter()
-        for resp, gold in ADVERSARIAL:
-            results.append(reward_outcome(resp, gold))
-        results.append(time.perf_counter() - t)
-
-    th = threading.Thread(target=work)
-    th.start()
-    th.join(30)
-    assert not th.is_alive()
-    assert results[0] == (0.0, 'timeout')
-    assert all(r[0] == 0.0 for r in results[1:-1])
-    assert results[-1] < len(ADVERSARIAL) * 1.0
-    assert reward_outcome(box('(x+1)^2'), 'x^2+2x+1') == (1.0, 'right')
-
-
-def test_never_raises_on_junk():
-    for resp in ['\\boxed{\\frac}', '\\boxed{\\sqrt}', '\\boxed{^}', '\\boxed{\\begin{pmatrix}}',
-                 '\\boxed{\\left(}', '\\boxed{1/}', '\\boxed{\\text{}}', '\\boxed{x/y}', 12, b'x']:
-        r = reward_outcome(resp, '1')
-        assert isinstance(r[0], float) and r[1] in ('right', 'wrong', 'no_box', 'unparseable', 'timeout')
-
-
-def test_thread_safety_matches_serial():
-    serial = [math_reward(c['response'], c['gold']) for c in CASES]
-    out = {}
-
-    def work(k):
-        out[k] = [math_reward(c['response'], c['gold']) for c in CASES]
-
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert all(out[k] == serial for k in range(6))
-
-
-def test_hedges_are_wrong_even_where_the_official_scorer_accepts_them():
-    hedge = "So it is $\\boxed{42 \\text{ or } 43}$."
-    assert official_reward(hedge, "42") == 1.0  # the official rule cuts "\text{ or } 43" away as units
-    assert reward_outcome(hedge, "42") == (0.0, "wrong")
-    assert math_reward("$\\boxed{\\text{A or B}}$", "\\text{A or B}") == 1.0  # unless the gold says so itself
-    assert math_reward("$\\boxed{x=2 \\text{ or } x=3}$", "2,3") == 1.0  # "or" joining ALL the roots is a list
-
-
-def test_multiple_choice_letters():
-    assert math_reward("$\\boxed{\\textbf{(E)}\\ 7}$", "\\textbf{(E)}") == 1.0  # letter then value, spaces gone
-    assert math_reward("\\boxed{C}", "(C)") == 1.0 and math_reward("\\boxed{(B)}", "B") == 1.0
-    assert math_reward("\\boxed{D}", "C") == 0.0
-    assert math_reward("\\boxed{(A)+(B)}", "(A)") == 0.0 and math_reward("\\boxed{(A), (B)}", "A") == 0.0
-
-
 def test_score_counts_outcomes_separately():
     texts = ["\\boxed{1}", "\\boxed{2}", "no box here", "\\boxed{" + "{" * 300 + "}", "\\boxed{\\frac{2}{4}}"]
     rewards, counts = dsrl.score(texts, ["1", "1", "1", "1", "0.5"])
@@ -715,258 +759,6 @@ def test_score_counts_outcomes_separately():
     official, _ = dsrl.score(texts, ["1", "1", "1", "1", "0.5"], kind="official")
     assert official == [1.0, 0.0, 0.0, 0.0, 0.0]  # the official string scorer: \frac{2}{4} != 0.5 as strings
 
-
-# ---------------------------------------------------------------- grader.py: the checker on its own
-GRADER_PY = os.path.join(HERE, 'grader.py')
-DEV_CASES = read_jsonl(os.path.join(HERE, 'testdata', 'answer_cases_dev.jsonl'))
-# (reward, outcome) of every dev case, frozen from dsrl.reward_outcome before the checker moved here
-DEV_OUTCOMES = {row['id']: (row['reward'], row['outcome'])
-                for row in read_jsonl(os.path.join(HERE, 'testdata', 'answer_outcomes_dev.jsonl'))}
-
-
-def reward(response, gold):
-    """What training computes (dsrl.reward), checked equal to its spelled-out composition."""
-    composed = grader.grade(last_boxed(response), gold, official_equal=official_reward(response, gold) == 1.0)
-    assert dsrl.reward(response, gold) == composed
-    return composed
-
-
-def run_grader(*args):
-    return subprocess.run([sys.executable, GRADER_PY, *args], capture_output=True, text=True, timeout=60)
-
-
-def test_dev_cases_keep_their_frozen_outcomes():
-    assert set(DEV_OUTCOMES) == {c['id'] for c in DEV_CASES}
-    for c in DEV_CASES:
-        assert reward(c['response'], c['gold']) == DEV_OUTCOMES[c['id']], c['id']
-
-
-def test_command_line_box_agrees_with_dsrl_last_boxed():
-    texts = [c['response'] for c in DEV_CASES] + [
-        'a \\boxed{3} b \\boxed{\\frac{1}{2}} c', '\\boxed{\\boxed{5}}', '\\boxed 7$', 'so \\fbox{12}.',
-        'The answer is \\boxed{\\frac{3}{4}', '\\boxed{1} and \\boxed{', '\\boxed {2}', '\\boxedx{2}', 'nothing',
-        '\\boxed', '\\boxed 3 \\boxed{2}', '\\boxed{' * 300 + '7' + '}' * 300, None, 12]
-    for text in texts:
-        assert grader._last_box(text) == last_boxed(text), text
-
-
-def test_grade_outcomes_and_never_raises():
-    assert grader.OUTCOMES == ('right', 'wrong', 'no_box', 'unparseable', 'timeout')
-    assert grader.grade('\\frac{2}{4}', '0.5') == (1.0, 'right')
-    assert grader.grade('3', '4') == (0.0, 'wrong')
-    assert grader.grade(None, '4') == (0.0, 'no_box')
-    assert grader.grade(None, '4', official_equal=True) == (1.0, 'right')  # the official verdict comes first
-    assert grader.grade('42 \\text{ or } 43', '42', official_equal=True) == (0.0, 'wrong')  # except for a hedge
-    assert grader.grade('1' * 2000, '1') == (0.0, 'unparseable')
-    for answer, gold in [('\\frac', '1'), ('1', None), (5, '5'), ('\\frac{1}{0}', '1'), ('9^{9^{9^9}}', '1')]:
-        r, outcome = grader.grade(answer, gold)
-        assert r == 0.0 and outcome in grader.OUTCOMES
-
-
-def test_deadline_gives_timeout_in_a_worker_thread(monkeypatch):
-    monkeypatch.setattr(grader, 'TIME_BUDGET_S', 0.0)  # the deadline expires at the first check
-    results = []
-    worker = threading.Thread(target=lambda: results.append(grader.grade('(x+1)^2', 'x^2+2x+1')))
-    worker.start()
-    worker.join(30)
-    assert results == [(0.0, 'timeout')]
-    monkeypatch.setattr(grader, 'TIME_BUDGET_S', 0.5)
-    assert grader.grade('(x+1)^2', 'x^2+2x+1') == (1.0, 'right')
-
-
-def test_cli_right_wrong_and_no_box():
-    right = run_grader('so $\\boxed{\\frac{2}{4}}$.', '0.5')
-    assert right.returncode == 0 and right.stderr == ''
-    lines = right.stdout.splitlines()
-    assert lines[0] == 'answer: \\frac{2}{4}' and lines[1] == 'gold: 0.5'
-    assert lines[2] == 'cleaned answer: \\frac{2}{4}' and lines[3] == 'cleaned gold: 0.5'
-    assert lines[4:] == ['verdict: equal', 'outcome: right']
-    wrong = run_grader('x = 3', '4')  # no box: the whole text is the answer
-    assert wrong.returncode == 0
-    assert 'answer: x = 3' in wrong.stdout and wrong.stdout.endswith('verdict: not equal\noutcome: wrong\n')
-    cut = run_grader('The answer is \\boxed{\\frac{3}{4}', '\\frac34')
-    assert cut.returncode == 0 and cut.stdout.endswith('verdict: not equal\noutcome: no_box\n')
-
-
-def test_cli_bad_usage_exits_2_without_traceback():
-    for args in [(), ('only one',), ('a', 'b', 'c')]:
-        res = run_grader(*args)
-        assert res.returncode == 2 and res.stdout == ''
-        assert len(res.stderr.strip().splitlines()) == 1 and 'usage' in res.stderr
-        assert 'Traceback' not in res.stderr
-    helped = run_grader('--help')
-    assert helped.returncode == 0 and 'dsrl.official_reward' in helped.stdout
-
-
-def test_grader_does_not_import_dsrl():
-    tree = ast.parse(open(GRADER_PY).read())
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            assert all(alias.name.split('.')[0] != 'dsrl' for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            assert (node.module or '').split('.')[0] != 'dsrl'
-
-
-def test_grader_functions_are_short():
-    tree = ast.parse(open(GRADER_PY).read())
-    long = [(node.name, node.end_lineno - node.lineno + 1) for node in ast.walk(tree)
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 40]
-    assert long == []
-
-
-def test_one_public_function_besides_main():
-    public = {name for name, value in vars(grader).items()
-              if callable(value) and not name.startswith('_') and getattr(value, '__module__', None) == 'grader'}
-    assert public == {'grade', 'main'}
-
-
-NEW_CASES = read_jsonl(os.path.join(HERE, 'testdata', 'answer_cases_new.jsonl'))
-DEV_CASES = read_jsonl(os.path.join(HERE, 'testdata', 'answer_cases_dev.jsonl'))
-DEV_OUTCOMES = {r['id']: (r['reward'], r['outcome']) for r in read_jsonl(os.path.join(HERE, 'testdata', 'answer_outcomes_dev.jsonl'))}
-
-
-# ---------------------------------------------------------------- new labelled cases: the reward's former misses
-def test_new_cases_file_covers_each_kind_with_right_and_wrong_cases():
-    assert [c['id'] for c in NEW_CASES] == ['n%04d' % (k + 1) for k in range(len(NEW_CASES))]
-    for kind in ('empty_gold', 'left_right_dot', 'array_matrix', 'digit_groups', 'inequality_union', 'all_reals'):
-        cases = [c for c in NEW_CASES if c['category'] == kind]
-        assert len(cases) >= 8 and {c['equal'] for c in cases} == {True, False}, kind
-        assert all(set(c) == {'id', 'response', 'gold', 'equal', 'category'} for c in cases)
-
-
-def test_new_cases_agreement_no_timeouts_no_crashes():
-    agree, slowest = 0, 0.0
-    for c in NEW_CASES:
-        t = time.perf_counter()
-        r, outcome = dsrl.reward(c['response'], c['gold'])
-        slowest = max(slowest, time.perf_counter() - t)
-        assert outcome in grader.OUTCOMES and outcome not in ('timeout', 'unparseable'), c['id']
-        agree += (r == 1.0) == c['equal']
-    assert agree / len(NEW_CASES) >= 0.95
-    assert slowest < 1.0
-
-
-def test_dev_and_new_agreement_together():
-    cases = DEV_CASES + NEW_CASES
-    agree = sum((dsrl.math_reward(c['response'], c['gold']) == 1.0) == c['equal'] for c in cases)
-    assert agree / len(cases) >= 0.95
-
-
-def test_dev_outcomes_still_frozen():
-    assert set(DEV_OUTCOMES) == {c['id'] for c in DEV_CASES}
-    for c in DEV_CASES:
-        assert dsrl.reward(c['response'], c['gold']) == DEV_OUTCOMES[c['id']], c['id']
-
-
-# ---------------------------------------------------------------- rule 1: an empty gold is never matched
-def test_empty_gold_is_never_matched():
-    for answer in (None, '', '  ', '5', '\\emptyset'):
-        for official in (False, True):
-            assert grader.grade(answer, '', official_equal=official)[0] == 0.0, (answer, official)
-    assert grader.grade(None, '') == (0.0, 'no_box')
-    assert grader.grade('', '') == (0.0, 'wrong') and grader.grade('  ', '') == (0.0, 'wrong')
-    assert grader.grade('', ' $ $ \\, ', official_equal=True) == (0.0, 'wrong')  # blank in any spelling
-    assert dsrl.official_reward(box(''), '') == 1.0  # the official string scorer matches '' with ''
-    assert dsrl.reward(box(''), '') == (0.0, 'wrong')  # ... but the reward does not
-    assert dsrl.reward(box('5'), '') == (0.0, 'wrong')
-    assert dsrl.reward(box('\\emptyset'), '\\emptyset') == (1.0, 'right')  # the empty SET is an answer
-
-
-# ---------------------------------------------------------------- rule 2: \left. ... \right. (invisible delimiters)
-def test_invisible_left_right_delimiters_are_dropped():
-    assert dsrl.reward(box('\\left. \\frac{3}{4} \\right.'), '\\frac34') == (1.0, 'right')
-    assert dsrl.math_reward(box('\\left. 2\\sqrt{3} \\right.'), '\\sqrt{12}') == 1.0
-    assert dsrl.math_reward(box('\\left. \\frac{1}{2} \\right|'), '0.5') == 1.0  # evaluation bar
-    assert dsrl.math_reward(box('\\left| \\frac{1}{2} \\right.'), '0.5') == 1.0
-    assert grader.grade('\\left\\{ 1, 2 \\right.', '\\{1,2\\}') == (1.0, 'right')  # (boxed, dsrl.last_boxed
-    # counts "\\{" as a brace, finds the box unbalanced and gives no_box: so this form is checked on the grader alone)
-    assert dsrl.math_reward(box('\\left. (1,2] \\right.'), '[1,2]') == 0.0
-    assert dsrl.math_reward(box('\\left. 7 \\right.'), '8') == 0.0
-    assert dsrl.math_reward(box('\\left| -3 \\right|'), '3') == 1.0  # a visible pair is kept: |-3|
-    assert dsrl.math_reward(box('\\left| -3 \\right|'), '-3') == 0.0
-
-
-# ---------------------------------------------------------------- rule 3: array matrices in brackets
-def test_array_matrix_in_brackets_equals_pmatrix():
-    pmatrix = '\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}'
-    for answer in ('\\left[\\begin{array}{cc} 1 & 2 \\\\ 3 & 4 \\end{array}\\right]',
-                   '\\left(\\begin{array}{cc} 1 & 2 \\\\ 3 & 4 \\end{array}\\right)',
-                   '\\left[\\begin{array} 1 & 2 \\\\ 3 & 4 \\end{array}\\right]',  # no column spec
-                   '\\left[\\begin{array}{c|c} 1 & 2 \\\\ \\hline 3 & 4 \\end{array}\\right]',
-                   '\\left[ \\begin{matrix} 1 & 2 \\\\ 3 & 4 \\end{matrix} \\right]',
-                   '\\begin{bmatrix} 1 & 2 \\\\ 3 & 4 \\end{bmatrix}'):
-        assert dsrl.reward(box(answer), pmatrix) == (1.0, 'right'), answer
-    assert dsrl.math_reward(box('\\left[\\begin{array}{cc} 1 & 2 \\\\ 3 & 4 \\end{array}\\right]'),
-                            '\\begin{pmatrix}1&2\\3&4\\end{pmatrix}') == 1.0  # a normalised MATH gold
-    assert dsrl.math_reward(box('\\left[\\begin{array}{cc} 1 & 2 \\\\ 3 & 5 \\end{array}\\right]'), pmatrix) == 0.0
-    assert dsrl.math_reward(box('\\left|\\begin{array}{cc} 1 & 2 \\\\ 3 & 4 \\end{array}\\right|'), pmatrix) == 0.0
-    # shapes must agree: the same four entries as 1x4 or 2x2 are different matrices
-    assert dsrl.math_reward(box('\\begin{pmatrix} 1 & 2 & 3 & 4 \\end{pmatrix}'), pmatrix) == 0.0
-    assert dsrl.math_reward(box('\\begin{pmatrix} 1 & 2 \\end{pmatrix}'),
-                            '\\begin{pmatrix}1\\\\2\\end{pmatrix}') == 1.0  # vectors: row = column
-
-
-# ---------------------------------------------------------------- rule 4: digit groups
-def test_digit_groups_are_one_number():
-    for answer in ('1,\\!234,\\!567', '1\\,234\\,567', '1{,}234{,}567', '1,\\! 234,\\! 567', '1 234 567',
-                   '1\\ 234\\ 567', '1,234,567'):
-        assert dsrl.reward(box(answer), '1234567') == (1.0, 'right'), answer
-    assert dsrl.math_reward(box('1{,}234'), '1234') == 1.0
-    assert dsrl.math_reward(box('(1,\\!234, 5)'), '(1234, 5)') == 1.0  # also inside a tuple
-    assert dsrl.math_reward(box('1 234'), '234') == 0.0  # a space between groups is no product
-    assert dsrl.math_reward(box('1,\\!234,\\!576'), '1234567') == 0.0
-    assert dsrl.math_reward(box('1,\\! 23'), '123') == 0.0  # not a group of three
-    assert dsrl.math_reward(box('1,\\!000'), '1') == 0.0
-
-
-# ---------------------------------------------------------------- rule 5: "or" between inequalities is a union
-def test_inequalities_joined_by_or_are_a_union():
-    union = '(-\\infty,2]\\cup(5,\\infty)'
-    for answer in ('x \\le 2 \\text{ or } x > 5', 'x \\leq 2 or x > 5', 'x > 5 \\text{ or } x \\le 2',
-                   'x \\le 2 \\quad\\text{or}\\quad x > 5', 'x \\le 2 \\cup x > 5', '2 \\ge x \\text{ or } 5 < x'):
-        assert dsrl.reward(box(answer), union) == (1.0, 'right'), answer
-    assert dsrl.math_reward(box(union), 'x \\le 2 \\text{ or } x > 5') == 1.0  # the gold may be the inequalities
-    assert dsrl.math_reward(box('x \\le 2 \\text{ or } x \\ge 5'), union) == 0.0  # endpoint
-    assert dsrl.math_reward(box('x \\le 2 \\text{ or } y > 5'), union) == 0.0  # two variables
-    assert dsrl.math_reward(box('x < 1 \\text{ or } x = 3'), '(-\\infty,1)\\cup\\{3\\}') == 1.0
-    assert dsrl.math_reward(box('x \\le 2,\\ \\text{or}\\ x > 5'), union) == 1.0  # comma before "or"
-    assert dsrl.math_reward(box('x \\le 2 \\textrm{or} x > 5'), union) == 1.0
-    assert dsrl.math_reward(box('1, 2, \\text{or } 3'), '1, 2, 3') == 1.0  # Oxford comma in a list of roots
-    # "or" between numbers (or equations alone) stays a hedge: wrong against one value and against the union
-    assert dsrl.reward(box('2 \\text{ or } 5'), '2') == (0.0, 'wrong')
-    assert dsrl.math_reward(box('2 \\text{ or } 5'), union) == 0.0
-    assert dsrl.math_reward(box('x = 2 \\text{ or } x = 5'), '2') == 0.0
-    assert dsrl.math_reward(box('x = 2 \\text{ or } x = 5'), '2, 5') == 1.0
-
-
-# ---------------------------------------------------------------- rule 6: all real numbers
-def test_all_reals():
-    everything = '(-\\infty,\\infty)'
-    for answer in ('\\mathbb{R}', '\\mathbb R', '\\R', '\\text{all real numbers}', '\\text{All real numbers}',
-                   'x \\in \\mathbb{R}', '\\text{all real } x', '(-\\infty, +\\infty)', '-\\infty < x < \\infty'):
-        assert dsrl.reward(box(answer), everything) == (1.0, 'right'), answer
-    assert dsrl.math_reward(box(everything), '\\mathbb{R}') == 1.0
-    for answer in ('\\mathbb{R}^+', '\\mathbb{R}^2', '\\mathbb{Z}', '[0,\\infty)', '\\mathbb{R} \\setminus \\{0\\}',
-                   '\\text{all real numbers except } 2'):
-        assert dsrl.math_reward(box(answer), everything) == 0.0, answer
-
-
-# ---------------------------------------------------------------- the new rules stay fast on hostile input
-HOSTILE = [
-    '1' + ' ' * 990 + '234', '1 ' * 495, '1,\\!' * 240, '123 ' * 249, '\\left.' * 160,
-    '\\left(' * 160 + '\\right.' * 100, '\\right|' * 140, 'x<1 \\text{ or } ' * 60 + 'x>2', 'x<1 or ' * 140,
-    '\\mathbb' + ' ' * 900 + 'R', 'all' + ' ' * 900 + 'real', '[' * 400 + '\\begin{array}' + ']' * 400,
-    '(\\begin{array}' * 70 + ')' * 70, '1{,} ' * 190 + '123', '\\left[\\begin{array}{' + 'c' * 900 + '}',
-]
-
-
-@pytest.mark.parametrize('i', range(len(HOSTILE)))
-def test_hostile_inputs_for_the_new_rules_are_fast(i):
-    for gold in ('7', '(-\\infty,\\infty)', '\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}'):
-        t = time.perf_counter()
-        r, outcome = dsrl.reward(box(HOSTILE[i]), gold)
-        assert time.perf_counter() - t < 1.0
-        assert outcome in grader.OUTCOMES and (r == 0.0 or gold != '7')  # "\\mathbb   R" is all reals
 
 
 # ---------------------------------------------------------------- maj@k by equivalence (eval.py)
@@ -978,7 +770,7 @@ def test_majority_groups_equivalent_answers():
     # the reward of the class is its representative's (the first member's)
     assert evaluator.majority_correct(['2/4', '0.5', '7'], [0.0, 1.0, 0.0]) == 0.0
     # from whole responses, through extracted_answer as evaluate_benchmark does
-    texts = [box(a) for a in ('0.50', '\\dfrac{2}{4}', '3', '1/2', '3')]
+    texts = ['so $\\boxed{%s}$.' % a for a in ('0.50', '\\dfrac{2}{4}', '3', '1/2', '3')]
     assert evaluator.majority_correct([evaluator.extracted_answer(t) for t in texts], [1.0, 1.0, 0.0, 1.0, 0.0]) == 1.0
 
 
@@ -1036,13 +828,7 @@ def test_extracted_answer_never_raises():
     assert evaluator.extracted_answer('\\boxed{5\\text{ cm} \\text{ or } 6}') == '5\\text{ cm} \\text{ or } 6'
     assert evaluator.extracted_answer('so \\boxed{\\dfrac{1}{2}}') == evaluator.extracted_answer('\\boxed{\\frac{1} {2}}')
     assert evaluator.extracted_answer('no box') is None
-
-
-def test_accuracy_metrics_majority_by_equivalence():
-    rewards = [[1.0, 1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0, 0.0]]
-    answers = [['0.5', '\\frac{1}{2}', '3', '3', '1/2'], [None, '3', '4', '4', '3']]
-    m = evaluator.accuracy_metrics(rewards, answers, [[10] * 5] * 2, [[False] * 5] * 2, k=5)
-    assert m['maj@5'] == 0.5  # problem 0: the 1/2 class (3 votes) is right; problem 1: '3' (earliest of a tie) wrong
+    assert evaluator.gold_text(27.0) == "27" and evaluator.gold_text(2.5) == "2.5" and evaluator.gold_text(" 7 ") == "7"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1059,12 +845,17 @@ def cli_args(model, data, out, **kw):
 
 
 @pytest.mark.parametrize("mode", list(dsrl.MODES))
+@pytest.mark.slow
 def test_cli_runs_every_mode(tiny_model_dir, tiny_data, tmp_path, mode):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
     out = tmp_path / "run"
-    res = run_cli(cli_args(tiny_model_dir, tiny_data, out, mode=mode))
-    assert res.returncode == 0, res.stderr[-3000:]
+    argv = cli_args(tiny_model_dir, tiny_data, out, mode=mode)
+    if mode == "dsrl":  # the real command line in its own process; the other modes through dsrl.main in this one
+        res = run_cli(argv)
+        assert res.returncode == 0, res.stderr[-3000:]
+    else:
+        assert in_process(dsrl.main, [str(a) for a in argv]) == 0
     metrics = read_jsonl(out / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [1, 2, 3]
     required = {"step", "phase", "space", "samples", "reward_mean", "n_pos", "n_neg", "n_used", "tokens_used",
@@ -1085,8 +876,8 @@ def test_cli_runs_every_mode(tiny_model_dir, tiny_data, tmp_path, mode):
     samples = read_jsonl(out / "samples.jsonl")
     assert len(samples) == 3 * 16
     assert {"step", "prompt_index", "response", "gold", "reward", "advantage", "used_in_loss"} <= set(samples[0])
-    for s in samples:
-        assert s["reward"] == math_reward(s["response"], s["gold"])
+    for s in samples:  # the tiny golds are "1"/"2": right iff the last box holds exactly the gold
+        assert s["reward"] == float(last_box_content(s["response"]) == s["gold"]), s
     config = json.loads((out / "config.json").read_text())
     assert config["mode"] == mode and config["group_size"] == 4
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]  # --save-total-limit 2
@@ -1100,14 +891,15 @@ def test_cli_runs_every_mode(tiny_model_dir, tiny_data, tmp_path, mode):
         assert [m["phase"] for m in metrics] == ["warmup", "warmup", "rl"]
 
 
-def test_cli_on_the_official_math_train_file(tiny_model_dir, tmp_path):
+@pytest.mark.slow
+def test_cli_on_the_official_math_train_file(tiny_model_dir, tmp_path, capsys):
     """Extra check on ../shared/data/math_train.parquet (only present in the developers' checkout)."""
     path = os.path.join(SHARED_DATA, "math_train.parquet")
     if not os.path.exists(path):
         pytest.skip(f"{path} not present (it is not shipped with the repo); the tiny verl-format fixture covers the format")
     out = tmp_path / "run"
-    res = run_cli(cli_args(tiny_model_dir, path, out, steps=1, **{"max-new-tokens": 8, "warmup-steps": 1}))
-    assert res.returncode == 0, res.stderr[-3000:]
+    code, err = run_main(cli_args(tiny_model_dir, path, out, steps=1, **{"max-new-tokens": 8, "warmup-steps": 1}), capsys)
+    assert code == 0, err[-3000:]
     config = json.loads((out / "config.json").read_text())
     # 4 of the 7,500 official rows have an empty ground truth: skipped and counted, not trained on
     assert (config["n_examples"], config["n_malformed_rows"]) == (7496, 4)
@@ -1116,11 +908,10 @@ def test_cli_on_the_official_math_train_file(tiny_model_dir, tmp_path):
 
 @pytest.fixture(scope="module")
 def dsrl_run(tiny_model_dir, tiny_data, tmp_path_factory):
-    """One real DSRL run through the CLI: 3 warm-up steps in P(y), then 2 GRPO steps."""
+    """One DSRL run through dsrl.main: 3 warm-up steps in P(y), then 2 GRPO steps."""
     out = tmp_path_factory.mktemp("wiring") / "run"
-    res = run_cli(cli_args(tiny_model_dir, tiny_data, out, steps=5, **{"warmup-steps": 3, "prompts-per-step": 8,
-                                                                         "save-every": 5}))
-    assert res.returncode == 0, res.stderr[-3000:]
+    argv = cli_args(tiny_model_dir, tiny_data, out, steps=5, **{"warmup-steps": 3, "prompts-per-step": 8, "save-every": 5})
+    assert in_process(dsrl.main, [str(a) for a in argv]) == 0
     samples = read_jsonl(out / "samples.jsonl")
     groups = {}  # (step, group) -> its 4 samples, in the logged (prompt-major) order
     for i, s in enumerate(samples):
@@ -1128,6 +919,7 @@ def dsrl_run(tiny_model_dir, tiny_data, tmp_path_factory):
     return read_jsonl(out / "metrics.jsonl"), samples, groups
 
 
+@pytest.mark.slow
 def test_loop_advantages_are_r_minus_mean_in_warmup_and_std_normalised_in_grpo(dsrl_run):
     """The loop wires the phase into the advantage: no std in P(y) (pretrain_norm_adv_by_std=False), std in GRPO."""
     metrics, samples, groups = dsrl_run
@@ -1142,6 +934,7 @@ def test_loop_advantages_are_r_minus_mean_in_warmup_and_std_normalised_in_grpo(d
     assert mixed >= 4  # enough mixed groups for the std to matter
 
 
+@pytest.mark.slow
 def test_loop_loss_is_the_token_mean_over_the_phase_samples(dsrl_run):
     """Warm-up: 0.01 x token-mean of -A over the tokens of A < 0 samples ONLY (A = 0 samples are not NSR).
     GRPO: token-mean of -A over every sample's tokens, A = 0 included in the denominator."""
@@ -1160,6 +953,365 @@ def test_loop_loss_is_the_token_mean_over_the_phase_samples(dsrl_run):
     assert zero_and_negative >= 1  # a warm-up step with A = 0 and A < 0 samples: the NSR mask is really tested
 
 
+# ----------------------------------------------------------------------------------------------------
+# The loop's wiring at NON-default flags: every flag the loop passes on must show in the logs or the weights
+# ----------------------------------------------------------------------------------------------------
+def last_box_content(text):
+    """The tiny model writes "\\boxed{1}": the content of its last box, by a regex (independent of dsrl)."""
+    found = re.findall(r"\\boxed\{([^{}]*)\}", text)
+    return found[-1] if found else None
+
+
+def expected_order(n_examples, seed, step, batch):
+    """Dataset indices of step `step`, from the documented rule: a torch.randperm per epoch seeded with
+    seed * 100_003 + epoch, read in order (independent of dsrl.batch_indices)."""
+    order = []
+    for epoch in range(0, (step * batch) // n_examples + 1):
+        order += torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+    return order[(step - 1) * batch:step * batch]
+
+
+def train_in_process(args, spy=None):
+    return in_process(dsrl.train, args, spy=spy)
+
+
+def in_process(function, argument, spy=None):
+    """dsrl.train(args) or dsrl.main(argv) in this process (no interpreter start-up); restores the signal handlers
+    train installs. `spy`: a list that receives the keyword arguments of every `generate` call (the library boundary)."""
+    import signal
+    from transformers import GenerationMixin
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    real_generate = GenerationMixin.generate
+
+    def spying_generate(self, *a, **kw):
+        spy.append({k: (tuple(v.shape) if torch.is_tensor(v) else v) for k, v in kw.items()})
+        return real_generate(self, *a, **kw)
+    if spy is not None:
+        GenerationMixin.generate = spying_generate
+    try:
+        return function(argument)
+    finally:
+        GenerationMixin.generate = real_generate
+        for s, h in handlers.items():
+            signal.signal(s, h)
+        dsrl.STOP_REQUEST["signal"] = None
+
+
+def run_main(args, capsys):
+    """dsrl.main(args) in this process, like run_cli without the interpreter start-up -> (exit code, stderr)."""
+    capsys.readouterr()
+    code = in_process(dsrl.main, [str(a) for a in args])
+    return code, capsys.readouterr().err
+
+
+def wiring_rows():
+    """Golds "1"/"2", and "1.0"/"2.0" for every fourth row: the official string scorer rejects \\boxed{1} for "1.0",
+    the math scorer accepts it, so the logged rewards show which scorer the loop used."""
+    rows = problem_rows(12, seed=11)
+    for i, r in enumerate(rows):
+        r["reward_model"]["ground_truth"] += ".0" if i % 4 == 3 else ""
+    return rows
+
+
+WIRING_FLAGS = dict(mode="dsrl", warmup_steps=1, steps=2, save_every=1, prompts_per_step=4, group_size=4, max_new_tokens=10, max_prompt_tokens=110,
+                    temperature=0.7, top_p=0.9, prerl_coef=0.05, weight_decay=0.1, grad_clip=1e-3, lr=1e-3,
+                    gen_batch_size=8, micro_batch_size=3, logprob_chunk=5, reward="official", seed=7, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def wiring_run(tiny_model_dir, tmp_path_factory):
+    """One NSR-PreRL step, then one GRPO step, at non-default values of every flag the loop passes on; generate
+    calls recorded. -> (args, rows, samples of step 1, metrics of step 1, generate calls, samples and metrics by step)"""
+    tmp = tmp_path_factory.mktemp("flags")
+    data = write_parquet(wiring_rows(), str(tmp / "rows.parquet"))
+    args = dsrl.Args(model=tiny_model_dir, dataset=data, output_dir=str(tmp / "run"), **WIRING_FLAGS)
+    calls = []
+    assert train_in_process(args, spy=calls) == 0
+    samples, metrics = read_jsonl(tmp / "run" / "samples.jsonl"), read_jsonl(tmp / "run" / "metrics.jsonl")
+    by_step = {m["step"]: ([s for s in samples if s["step"] == m["step"]], m) for m in metrics}
+    return args, wiring_rows(), by_step[1][0], by_step[1][1], calls, by_step
+
+
+@pytest.mark.slow
+def test_loop_samples_are_generate_at_the_given_flags(wiring_run, tiny):
+    """Catches: temperature, top_p, --gen-batch-size, --max-new-tokens or --max-prompt-tokens dropped on the way to the
+    sampler; the data order shifted. The logged samples are those of `generate` called directly, at temperature 0.7 and top-p 0.9,
+    on the prompts of the documented data order, two groups per call, after torch.manual_seed(--seed)."""
+    args, rows, samples, _, calls, _ = wiring_run
+    model, tok = tiny
+    got = [(c["temperature"], c["top_p"], c["input_ids"][0], c["max_new_tokens"]) for c in calls]
+    assert got == [(0.7, 0.9, 8, 10)] * 4, (
+        f"generate got (temperature, top_p, rows, max_new_tokens) = {got}: expected two calls per step of 2 prompts x 4 "
+        "samples (--gen-batch-size 8) at temperature 0.7, top-p 0.9, --max-new-tokens 10")
+    idx = expected_order(len(rows), args.seed, 1, args.prompts_per_step)
+    assert [s["prompt_index"] for s in samples] == [i for i in idx for _ in range(4)], "data order or pairing is off"
+    stops = [tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id]
+    torch.manual_seed(args.seed)
+    want = []
+    for pair in (idx[:2], idx[2:]):
+        prompts = [dsrl.build_prompt(tok, rows[i]["prompt"], 10 ** 6)[-110:] for i in pair]
+        width = max(map(len, prompts))
+        ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts]).repeat_interleave(4, 0)
+        out = model.generate(input_ids=ids, attention_mask=(torch.arange(width) >= width - torch.tensor(
+            [len(p) for p in prompts]).repeat_interleave(4)[:, None]).long(), do_sample=True, temperature=0.7, top_p=0.9,
+            top_k=0, max_new_tokens=10, eos_token_id=stops, pad_token_id=tok.pad_token_id)[:, width:].tolist()
+        want += [row[:next((k + 1 for k, t in enumerate(row) if t in stops), len(row))] for row in out]
+    assert [s["response"] for s in samples] == tok.batch_decode(want, skip_special_tokens=True), (
+        "the sampler's draws differ from generate at the run's temperature / top-p / prompts / batch split")
+    assert [s["response_tokens"] for s in samples] == [len(y) for y in want]
+
+
+@pytest.mark.slow
+def test_loop_scores_each_sample_against_its_own_rows_gold_with_the_chosen_scorer(wiring_run):
+    """Catches: golds paired with another prompt, --reward official not passed on (the math scorer accepts \\boxed{1}
+    for the gold "1.0", the official string scorer does not)."""
+    _, rows, samples, metrics, _, _ = wiring_run
+    for s in samples:
+        gold = rows[s["prompt_index"]]["reward_model"]["ground_truth"]
+        assert s["gold"] == gold, f"sample of row {s['prompt_index']} logged gold {s['gold']!r}, the row says {gold!r}"
+        assert s["reward"] == float(last_box_content(s["response"]) == gold), (s["response"], gold, s["reward"])
+    assert any(g.endswith(".0") and last_box_content(s["response"]) == g[0] for s in samples for g in [s["gold"]]), (
+        "no sample tells the two scorers apart: change the seed")
+    assert metrics["reward_right"] == sum(s["reward"] for s in samples)
+
+
+@pytest.mark.slow
+def test_loop_gradient_is_prerl_coef_times_the_p_y_loss_at_the_run_temperature(wiring_run, tiny):
+    """Catches: --prerl-coef not passed to phase_for_step (0.01 instead of 0.05), temperature 1.0 in the P(y) loss.
+    The logged grad_norm (before clipping) is that of 0.05 x token-mean(-A log pi(y_t | <|im_start|>, y_<t) / 0.7)
+    over the A < 0 samples, recomputed from the model's own logits."""
+    _, _, samples, metrics, _, _ = wiring_run
+    model, tok = tiny
+    grad = independent_nsr_gradient(model, tok, samples, coef=0.05, temperature=0.7)
+    norm = torch.sqrt(sum((g * g).sum() for g in grad.values())).item()
+    assert metrics["n_neg"] > 0 and metrics["grad_norm"] == pytest.approx(norm, rel=1e-4), (
+        f"logged grad_norm {metrics['grad_norm']:.6g}, independent {norm:.6g}: the P(y) loss must be scaled by "
+        "--prerl-coef and use the sampling temperature")
+
+
+def independent_nsr_gradient(model, tok, samples, coef, temperature):
+    """Gradient of coef x sum_{A<0} -A sum_t log pi(y_t | <|im_start|>, y_<t) / (tokens of the A < 0 samples), A = r - group mean."""
+    start, im_end = tok.convert_tokens_to_ids("<|im_start|>"), tok.convert_tokens_to_ids("<|im_end|>")
+    model.zero_grad(set_to_none=True)
+    rewards = [s["reward"] for s in samples]
+    adv = [r - statistics.mean(rewards[i - i % 4:i - i % 4 + 4]) for i, r in enumerate(rewards)]
+    ys = [tok(s["response"], add_special_tokens=False)["input_ids"] for s in samples]
+    ys = [y + [im_end] * (s["response_tokens"] - len(y)) for y, s in zip(ys, samples)]  # the stop token is not logged
+    kept = [i for i in range(len(samples)) if adv[i] < 0]
+    n_tokens = sum(len(ys[i]) for i in kept)
+    loss = sum(-adv[i] * reference_logprobs(model, [start], ys[i], temperature).sum() for i in kept)
+    (coef * loss / n_tokens).backward()
+    grad = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    return grad
+
+
+
+@pytest.mark.slow
+def test_loop_grpo_gradient_is_the_p_y_given_x_loss_at_the_run_temperature(wiring_run):
+    """Catches: temperature 1.0 in the P(y|x) loss, std not applied, the prompt of another sample. Step 2 (GRPO)
+    logs the grad_norm of token-mean(-A log pi(y_t | x, y_<t) / 0.7) over every sample, A = (r - mean) / (std + 1e-6),
+    recomputed here from checkpoint-1's weights and the model's own logits."""
+    from transformers import AutoModelForCausalLM
+    args, rows, _, _, _, by_step = wiring_run
+    samples, metrics = by_step[2]
+    model = AutoModelForCausalLM.from_pretrained(os.path.join(args.output_dir, "checkpoint-1"))
+    tok = make_tokenizer()
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    rewards = [s["reward"] for s in samples]
+    adv = []
+    for g in range(0, 16, 4):
+        mean, std = statistics.mean(rewards[g:g + 4]), statistics.stdev(rewards[g:g + 4])
+        adv += [(r - mean) / (std + 1e-6) for r in rewards[g:g + 4]]
+    ys = [tok(s["response"], add_special_tokens=False)["input_ids"] for s in samples]
+    ys = [y + [im_end] * (s["response_tokens"] - len(y)) for y, s in zip(ys, samples)]
+    prompts = [dsrl.build_prompt(tok, rows[s["prompt_index"]]["prompt"], 10 ** 6)[-110:] for s in samples]
+    loss = sum(-a * reference_logprobs(model, x, y, 0.7).sum() for a, x, y in zip(adv, prompts, ys) if a != 0)
+    (loss / sum(map(len, ys))).backward()
+    norm = math.sqrt(sum((p.grad ** 2).sum().item() for p in model.parameters() if p.grad is not None))
+    assert metrics["phase"] == "rl" and metrics["n_pos"] > 0, "step 2 must be a GRPO step with mixed groups: change the seed"
+    assert metrics["grad_norm"] == pytest.approx(norm, rel=1e-4), (
+        f"logged grad_norm {metrics['grad_norm']:.6g}, independent {norm:.6g}: the GRPO loss uses the sampling "
+        "temperature, std-normalised advantages and each sample's own prompt")
+
+@pytest.mark.slow
+def test_loop_update_is_adamw_with_weight_decay_and_the_gradient_clip(wiring_run, tiny):
+    """Catches: --weight-decay or --grad-clip not passed to AdamW / the clip. After one step from AdamW's zero state,
+    each weight moves by -lr * wd * p - lr * g' / (|g'| + 1e-8), g' = g * min(1, clip / |g|): with clip 1e-3 the
+    clipped g' is comparable to AdamW's eps, so the clip shows in the update size."""
+    args, _, samples, metrics, _, _ = wiring_run
+    from safetensors.torch import load_file
+    model, tok = tiny
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    grad = independent_nsr_gradient(model, tok, samples, coef=0.05, temperature=0.7)
+    after = load_file(os.path.join(args.output_dir, "checkpoint-1", "model.safetensors"))
+    scale = min(1.0, args.grad_clip / (metrics["grad_norm"] + 1e-6))
+    worst = unclipped_worst = 0.0
+    for name, p in before.items():
+        decayed = p * (1 - args.lr * args.weight_decay)
+        want = decayed - args.lr * (scale * grad[name]) / ((scale * grad[name]).abs() + 1e-8)
+        worst = max(worst, (after[name] - want).abs().max().item())
+        unclipped_worst = max(unclipped_worst, (after[name] - (decayed - args.lr * grad[name] / (grad[name].abs() + 1e-8))).abs().max().item())
+    assert worst < 1e-3 * args.lr, f"update differs from AdamW(wd 0.1) on the clipped gradient by {worst:.3g}"
+    assert unclipped_worst > 0.1 * args.lr, "the clip is not visible in this update: make --grad-clip smaller"
+    unused = [i for i in range(len(tok)) if (grad["model.embed_tokens.weight"][i] == 0).all()]
+    rows = before["model.embed_tokens.weight"][unused]
+    assert len(unused) > 10 and torch.allclose(after["model.embed_tokens.weight"][unused], rows * (1 - args.lr * args.weight_decay), atol=1e-9), (
+        "embedding rows with zero gradient must shrink by exactly 1 - lr * weight_decay (weight decay 0.1)")
+
+
+@pytest.mark.slow
+def test_bf16_sampler_follows_the_weights_and_resume_by_path_writes_into_that_run(tiny_model_dir, tiny_data, tmp_path,
+                                                                                  monkeypatch):
+    """Catches: the bf16 sampler copy never re-synced after an update (it would sample step 2 from the initial
+    weights), --kv-cache not passed to generate, and `--resume PATH` writing into the default output dir.
+    Step 2 of an uninterrupted bf16 run must draw exactly what a run resumed from checkpoint-1 draws (that one builds
+    its bf16 copy from the saved weights), and the resumed run writes beside its checkpoint. Also catches the loss
+    computed in fp32 despite --dtype bfloat16."""
+    from safetensors.torch import load_file
+    monkeypatch.chdir(tmp_path)  # a resume that ignores PATH would write ./runs/dsrl here
+    flags = dict(model=tiny_model_dir, dataset=tiny_data, mode="dsrl", warmup_steps=1, prompts_per_step=4, group_size=4,
+                 max_new_tokens=10, lr=1e-2, dtype="bfloat16", kv_cache="static", device="cpu", seed=3, save_every=1)
+    calls = []
+    assert train_in_process(dsrl.Args(output_dir=str(tmp_path / "a"), steps=2, **flags), spy=calls) == 0
+    assert calls and all(c.get("cache_implementation") == "static" for c in calls), "--kv-cache static not passed on"
+    assert train_in_process(dsrl.Args(output_dir=str(tmp_path / "b"), steps=1, **flags)) == 0
+    start = load_file(os.path.join(tiny_model_dir, "model.safetensors"))
+    step1 = load_file(tmp_path / "b" / "checkpoint-1" / "model.safetensors")
+    assert not torch.equal(start["lm_head.weight"].bfloat16(), step1["lm_head.weight"].bfloat16()), "step 1 moved nothing"
+    assert in_process(dsrl.main, ["--resume", str(tmp_path / "b" / "checkpoint-1"), "--steps", "2"]) == 0
+    assert not os.path.exists(tmp_path / "runs"), "--resume PATH must write into PATH's run dir, not --output-dir's default"
+    a, b = (read_jsonl(tmp_path / d / "samples.jsonl") for d in ("a", "b"))
+    assert [s["step"] for s in b] == [1] * 16 + [2] * 16
+    assert [s["response"] for s in a] == [s["response"] for s in b], (
+        "step 2 of the bf16 run drew other samples than the run resumed from checkpoint-1: the bf16 sampler copy "
+        "must be re-synced with the fp32 weights after every update")
+    wa, wb = (load_file(tmp_path / d / "checkpoint-2" / "model.safetensors") for d in ("a", "b"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["resolved_dtype"] == "torch.bfloat16"
+    # the loss runs under bf16 autocast: step 1's gradient norm is the fp32 one up to bf16 rounding, but not exactly
+    model, tok = dsrl.load_model_and_tokenizer(tiny_model_dir, "cpu")
+    grad = independent_nsr_gradient(model, tok, [s for s in a if s["step"] == 1], coef=0.01, temperature=1.0)
+    fp32 = torch.sqrt(sum((g * g).sum() for g in grad.values())).item()
+    logged = read_jsonl(tmp_path / "a" / "metrics.jsonl")[0]["grad_norm"]
+    assert fp32 > 0 and logged == pytest.approx(fp32, rel=0.05) and abs(logged / fp32 - 1) > 1e-6, (
+        f"step 1 grad_norm {logged:.7g}, fp32 recomputation {fp32:.7g}: --dtype bfloat16 must reach the loss's autocast")
+
+
+def test_generation_copy_is_bf16_and_sync_copies_the_weights(plain):
+    """The GPU recipe on CPU: fp32 master weights, a bf16 sampling copy that sync_generation_copy updates in place."""
+    model, _ = plain
+    gen = dsrl.generation_copy(model, torch.bfloat16)
+    assert gen is not model and next(gen.parameters()).dtype == torch.bfloat16
+    assert next(model.parameters()).dtype == torch.float32 and dsrl.generation_copy(model, torch.float32) is model
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)
+    dsrl.sync_generation_copy(gen, model)
+    assert all(torch.equal(g, p.to(torch.bfloat16)) for g, p in zip(gen.parameters(), model.parameters()))
+
+
+@pytest.mark.slow
+def test_second_interrupt_exits_130_with_a_resume_hint(tiny_model_dir, tiny_data, tmp_path, monkeypatch, capsys):
+    """Catches: a wrong exit code or message on the second Ctrl-C (the first asks for a clean stop, the second
+    stops at once: main returns 130 and names --resume)."""
+    import signal
+
+    def interrupted_twice(*a, **k):
+        os.kill(os.getpid(), signal.SIGINT)  # train's handler: finish the step, then stop
+        os.kill(os.getpid(), signal.SIGINT)  # the second one raises KeyboardInterrupt
+        raise AssertionError("the second SIGINT did not stop the run")
+    monkeypatch.setattr(dsrl, "rollout", interrupted_twice)
+    code = in_process(dsrl.main, ["--model", tiny_model_dir, "--dataset", tiny_data, "--output-dir", str(tmp_path / "run"),
+                                  "--steps", "2", "--warmup-steps", "1", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 130 and "SIGINT" in err and "--resume" in err.strip().splitlines()[-1], (code, err[-500:])
+
+
+def fake_sampler(tok, texts_per_problem, seen):
+    """A stand-in for dsrl.sample_responses that returns hand-written responses (prompt-major) and records how it
+    was called: which responses a problem gets is then known exactly."""
+    def sample(model, tokenizer, prompt_ids, group_size, max_new_tokens, temperature=1.0, top_p=1.0, batch_size=0,
+               min_new_tokens=0, dtype=torch.float32, kv_cache="dynamic", share_prompt=True):
+        seen.append(dict(prompts=len(prompt_ids), k=group_size, max_new_tokens=max_new_tokens, temperature=temperature,
+                         top_p=top_p, batch_size=batch_size, dtype=dtype, seed=torch.initial_seed()))
+        texts = [t for texts in texts_per_problem[:len(prompt_ids)] for t in texts]
+        return [tok(t, add_special_tokens=False)["input_ids"] for t in texts], [False] * len(texts)
+    return sample
+
+
+EVAL_TEXTS = [  # problem 0 (gold 3): three different texts box 3 (maj right), one boxes 5 first
+    ["\\boxed{5}", "a \\boxed{3}", "b \\boxed{3}", "c \\boxed{3}"],
+    ["\\boxed{4}", "no box", "so \\boxed{4}.", "\\boxed{2}"],     # problem 1 (gold 4): 2 right, maj right
+    ["\\boxed{7}", "\\boxed{7}", "\\boxed{8}", "\\boxed{1}"],     # problem 2 (gold 8): 1 right, maj wrong
+]
+
+
+def test_evaluate_accuracy_pairs_each_sample_with_its_own_problem_and_votes_on_answers(tmp_path, monkeypatch):
+    """Catches: each sample scored against the next problem's gold, maj@k voting on the raw response text (three
+    different texts box the same 3), and the sampling flags not passed on. Hand values: avg@4 = (3+2+1)/12,
+    pass@1 = avg@4, pass@2 = mean of 1 - C(4-c,2)/C(4,2) = (1 - 0 + 1 - 1/6 + 1 - 3/6)/3, maj@4 = 2/3."""
+    tok = make_tokenizer()
+    path = tmp_path / "bench.jsonl"
+    path.write_text("".join(json.dumps({"problem": f"Problem {i}?", "answer": g}) + "\n" for i, g in enumerate("348")))
+    seen = []
+    monkeypatch.setattr(dsrl, "sample_responses", fake_sampler(tok, EVAL_TEXTS, seen))
+    res = evaluator.evaluate_accuracy(None, tok, [str(path)], k=4, max_new_tokens=9, temperature=0.7, top_p=0.9,
+                                      dtype=torch.bfloat16, gen_batch_size=8, reward="math",
+                                      samples_path=str(tmp_path / "s.jsonl"), seed=5)["bench"]
+    assert seen == [dict(prompts=3, k=4, max_new_tokens=9, temperature=0.7, top_p=0.9, batch_size=8, dtype=torch.bfloat16,
+                         seed=5)], f"the sampler was called with {seen}"
+    rows = read_jsonl(tmp_path / "s.jsonl")
+    assert [(r["problem_index"], r["gold"]) for r in rows] == [(p, g) for p, g in enumerate("348") for _ in range(4)]
+    assert [r["reward"] for r in rows] == [0, 1, 1, 1, 1, 0, 1, 0, 0, 0, 1, 0]
+    assert res["avg@4"] == pytest.approx(6 / 12) and res["pass@1"] == pytest.approx(6 / 12)
+    assert res["pass@2"] == pytest.approx((1 + 5 / 6 + 1 / 2) / 3) and res["pass@4"] == 1.0
+    assert res["maj@4"] == pytest.approx(2 / 3), "maj@k votes on the extracted answers, not on the response texts"
+
+
+def test_trainer_eval_passes_its_flags_to_the_evaluator(tmp_path, monkeypatch):
+    """Catches: --eval-k, --max-new-tokens, --temperature, --top-p, --gen-batch-size or --reward dropped between the
+    trainer's --eval-every and the evaluator. --reward official: \\boxed{1} is wrong for the gold "1.0"."""
+    tok = make_tokenizer()
+    path = tmp_path / "ev.jsonl"
+    path.write_text(json.dumps({"problem": "1?", "answer": "1.0"}) + "\n")
+    seen = []
+    monkeypatch.setattr(dsrl, "sample_responses", fake_sampler(tok, [["\\boxed{1}"] * 3], seen))
+    args = dsrl.Args(eval_benchmarks=str(path), eval_k=3, max_new_tokens=9, temperature=0.7, top_p=0.9,
+                     gen_batch_size=6, reward="official")
+    m = evaluator.metrics_for_training(None, tok, args, torch.bfloat16)
+    assert seen == [dict(prompts=1, k=3, max_new_tokens=9, temperature=0.7, top_p=0.9, batch_size=6, dtype=torch.bfloat16,
+                         seed=0)], f"the sampler was called with {seen}"
+    assert m["eval/ev/avg@3"] == 0.0 and m["eval/ev/outcome_wrong"] == 3, "--reward official must reach the evaluator"
+
+
+def test_alignment_summary_statistics_by_hand():
+    """Catches a wrong mean, median or negative fraction in eval.py align's summary."""
+    per_rollout = [{"inner": x, "cosine": c} for x, c in [(1.0, 0.1), (-2.0, -0.4), (3.0, 0.3), (-4.0, -0.2), (6.0, 0.5)]]
+    lx = [torch.log(torch.tensor([0.5, 0.25])), torch.log(torch.tensor([0.5]))]
+    ly = [torch.log(torch.tensor([0.25, 0.25])), torch.log(torch.tensor([0.125]))]
+    s = evaluator.alignment_summary(per_rollout, lx, ly)
+    assert (s["rollouts"], s["inner_mean"], s["inner_median"], s["negative_frac"]) == (5, pytest.approx(0.8), 1.0, 0.4)
+    assert (s["cosine_mean"], s["cosine_median"]) == (pytest.approx(0.06), pytest.approx(0.1))
+    assert s["tokens"] == 3 and s["absdiff_all"] == pytest.approx((math.log(2) + 0 + math.log(4)) / 3)
+
+
+def test_kv_cache_compile_takes_generates_compiled_path_on_cpu(plain, monkeypatch):
+    """Catches --kv-cache compile not reaching generate (or not on CPU): generate asks the model for its compiled
+    decode step. The compilation itself is replaced by the plain call here (inductor takes minutes on a busy CPU);
+    with --kv-cache static, CPU decoding stays uncompiled."""
+    model, tok = plain
+    prompts = [dsrl.build_prompt(tok, r["prompt"], 512) for r in problem_rows(2)]
+    compiled = []
+    monkeypatch.setattr(model, "get_compiled_call", lambda config: compiled.append(config) or model.__call__)
+    for kv_cache in ("static", "compile"):
+        torch.manual_seed(0)
+        responses, _ = dsrl.sample_responses(model, tok, prompts, 2, 6, kv_cache=kv_cache)
+        assert len(responses) == 4 and all(1 <= len(r) <= 6 for r in responses)
+        assert bool(compiled) == (kv_cache == "compile"), (
+            f"--kv-cache {kv_cache}: generate {'did not use' if not compiled else 'used'} a compiled decode step on CPU")
+
+
 def test_build_prompt_renders_the_chat_template_exactly():
     tok = make_tokenizer()
     messages = [{"role": "system", "content": dsrl.SYSTEM_PROMPT}, {"role": "user", "content": "What is 1+1?"}]
@@ -1170,9 +1322,9 @@ def test_build_prompt_renders_the_chat_template_exactly():
     assert dsrl.build_prompt(tok, messages, 10) == ids[-10:]  # left truncation keeps the end
 
 
-def test_sampling_overrides_the_models_generation_config(tiny):
+def test_sampling_overrides_the_models_generation_config(plain):
     """temperature/top_p as given, top_k and min_p off, no repetition penalty, whatever generation_config says."""
-    model, tok = tiny
+    model, tok = plain
     prompts = [dsrl.build_prompt(tok, r["prompt"], 512) for r in problem_rows(2)]
     draws = []
     for config in ({}, {"temperature": 0.05, "top_k": 1, "top_p": 0.1, "min_p": 0.9, "repetition_penalty": 10.0}):
@@ -1184,6 +1336,7 @@ def test_sampling_overrides_the_models_generation_config(tiny):
     assert len({tuple(r) for r in draws[0][0]}) > 1  # really sampled at temperature 1
 
 
+@pytest.mark.slow
 def test_generation_stops_at_every_eos_of_the_generation_config(tiny):
     """Qwen3's generation_config lists <|im_end|> and <|endoftext|>; the official rollout stops at both."""
     model, tok = tiny
@@ -1200,9 +1353,9 @@ def test_generation_stops_at_every_eos_of_the_generation_config(tiny):
     assert any(r[-1] == extra for r in stopped)
 
 
-def test_sampler_computes_logits_for_the_last_prompt_position_only(tiny):
+def test_sampler_computes_logits_for_the_last_prompt_position_only(plain):
     """The prompt forward builds the KV cache without the vocabulary projection (151,936 logits per position)."""
-    model, tok = tiny
+    model, tok = plain
     seen = []
     hook = model.lm_head.register_forward_hook(lambda mod, inp, out: seen.append(tuple(out.shape)))
     try:
@@ -1214,6 +1367,7 @@ def test_sampler_computes_logits_for_the_last_prompt_position_only(tiny):
     assert seen and all(shape[1] == 1 for shape in seen), seen[:3]
 
 
+@pytest.mark.slow
 def test_unknown_flag_is_an_error(tmp_path):
     res = run_cli(["--no-such-flag", "1"])
     assert res.returncode == 2 and "unrecognized arguments" in res.stderr
@@ -1228,9 +1382,8 @@ def _strip_timing(rows):
 
 def _run_until(args, condition, timeout=300):
     """Start the CLI (2 threads), SIGKILL it as soon as condition() holds. Returns True if the kill landed."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "2"}
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "dsrl.py")] + [str(a) for a in args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=HERE)
+    argv, env = cli(args, threads=2)
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=CODE)
     deadline = time.time() + timeout
     while proc.poll() is None and time.time() < deadline:
         if condition():
@@ -1246,6 +1399,7 @@ def _n_lines(path):
     return len(open(path).read().splitlines()) if os.path.exists(path) else 0
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tiny_model_dir, tiny_data, tmp_path):
     from safetensors.torch import load_file
     # 8 prompts x 8 samples: shared-prompt micro-batches, where a thread-dependent sum once broke bit equality
@@ -1273,6 +1427,7 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tiny_model_dir, t
         assert all(torch.equal(weights[k], ref_weights[k]) for k in ref_weights), name
 
 
+@pytest.mark.slow
 def test_two_runs_at_two_threads_write_identical_checkpoints(tiny_model_dir, tiny_data, tmp_path):
     """Same flags and seed -> the same bits, at 2 threads, GRPO steps included (P(y|x) with shared prompts)."""
     flags = dict(mode="grpo", steps=3, **{"prompts-per-step": 8, "group-size": 8, "max-new-tokens": 24,
@@ -1293,22 +1448,22 @@ def _corrupt(path):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # a torn write after a disk fault
 
 
-def test_corrupt_newest_checkpoint_falls_back_with_a_warning(tiny_model_dir, tiny_data, tmp_path):
+@pytest.mark.slow
+def test_corrupt_newest_checkpoint_falls_back_with_a_warning(tiny_model_dir, tiny_data, tmp_path, capsys):
     from safetensors.torch import load_file
     flags = dict(steps=4, **{"save-every": 1, "save-total-limit": 0, "warmup-steps": 2})
     ref = tmp_path / "ref"
-    assert run_cli(cli_args(tiny_model_dir, tiny_data, ref, **flags)).returncode == 0
+    assert run_main(cli_args(tiny_model_dir, tiny_data, ref, **flags), capsys)[0] == 0
     for broken in ("trainer_state.pt", "model.safetensors"):
         out = tmp_path / broken
         shutil.copytree(ref, out)
         for step in (3, 4):
             _corrupt(out / f"checkpoint-{step}" / broken)
-        res = run_cli(["--output-dir", out, "--resume"])
-        assert res.returncode == 0, res.stderr[-2000:]
-        assert "Traceback" not in res.stderr
-        warnings = [line for line in res.stderr.splitlines() if line.startswith("warning:")]
+        code, err = run_main(["--output-dir", out, "--resume"], capsys)
+        assert code == 0, err[-2000:]
+        warnings = [line for line in err.splitlines() if line.startswith("warning:")]
         assert len(warnings) == 2 and "checkpoint-4" in warnings[0] and "checkpoint-3" in warnings[1]
-        assert "resumed from" in res.stderr and "checkpoint-2 at step 2" in res.stderr
+        assert "resumed from" in err and "checkpoint-2 at step 2" in err
         assert _strip_timing(read_jsonl(out / "metrics.jsonl")) == _strip_timing(read_jsonl(ref / "metrics.jsonl"))
         weights, want = load_file(out / "checkpoint-4" / "model.safetensors"), load_file(ref / "checkpoint-4" / "model.safetensors")
         assert all(torch.equal(weights[k], want[k]) for k in want)
@@ -1316,18 +1471,17 @@ def test_corrupt_newest_checkpoint_falls_back_with_a_warning(tiny_model_dir, tin
     shutil.copytree(ref, out)
     for step in (1, 2, 3, 4):
         _corrupt(out / f"checkpoint-{step}" / "trainer_state.pt")
-    res = run_cli(["--output-dir", out, "--resume"])
-    assert res.returncode == 2 and "Traceback" not in res.stderr
-    assert res.stderr.strip().splitlines()[-1].startswith("error: --resume: no readable checkpoint")
+    code, err = run_main(["--output-dir", out, "--resume"], capsys)
+    assert code == 2 and err.strip().splitlines()[-1].startswith("error: --resume: no readable checkpoint"), err
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_cleanly_then_resumes(tiny_model_dir, tiny_data, tmp_path):
     import signal
     out = tmp_path / "run"
     args = cli_args(tiny_model_dir, tiny_data, out, steps=40, **{"save-every": 100})
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "dsrl.py")] + [str(a) for a in args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=HERE)
+    argv, env = cli(args)
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=CODE)
     while _n_lines(out / "metrics.jsonl") < 1 and proc.poll() is None:
         time.sleep(0.01)
     proc.send_signal(signal.SIGTERM)
@@ -1341,16 +1495,16 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(tiny_model_dir, tiny_data,
     assert [m["step"] for m in read_jsonl(out / "metrics.jsonl")] == list(range(1, last + 3))
 
 
-def test_resume_refuses_settings_that_change_the_run(tiny_model_dir, tiny_data, tmp_path):
+@pytest.mark.slow
+def test_resume_refuses_settings_that_change_the_run(tiny_model_dir, tiny_data, tmp_path, capsys):
     out = tmp_path / "run"
-    assert run_cli(cli_args(tiny_model_dir, tiny_data, out, steps=1, **{"warmup-steps": 1})).returncode == 0
-    res = run_cli(["--output-dir", out, "--resume", "--group-size", 8, "--lr", 0.5])
-    assert res.returncode == 2 and "Traceback" not in res.stderr
-    assert res.stderr.strip().splitlines()[-1].startswith("error: --resume: group_size, lr differ")
+    assert run_main(cli_args(tiny_model_dir, tiny_data, out, steps=1, **{"warmup-steps": 1}), capsys)[0] == 0
+    code, err = run_main(["--output-dir", out, "--resume", "--group-size", 8, "--lr", 0.5], capsys)
+    assert code == 2 and err.strip().splitlines()[-1].startswith("error: --resume: group_size, lr differ"), err
 
 
-def test_failed_checkpoint_write_keeps_the_previous_one(tiny, tmp_path, monkeypatch):
-    model, tok = tiny
+def test_failed_checkpoint_write_keeps_the_previous_one(plain, tmp_path, monkeypatch):
+    model, tok = plain
     run = dsrl.Run(model, model, tok, torch.optim.AdamW(model.parameters()), [], 0, 0, torch.float32, 1, 0)
     args = dsrl.Args()
     dsrl.save_checkpoint(str(tmp_path), 1, run, args)
@@ -1382,6 +1536,7 @@ def test_truncate_jsonl_drops_later_steps_and_torn_lines(tmp_path):
     assert read_jsonl(path) == [{"step": 1}, {"step": 2}]
 
 
+@pytest.mark.slow
 def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tiny_model_dir, tiny_data, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
@@ -1412,9 +1567,9 @@ BAD_INPUTS = {  # name -> (flags, fragment of the one-line error)
 
 
 @pytest.mark.parametrize("name", list(BAD_INPUTS))
-def test_bad_flags_give_one_line_and_exit_2(tiny_model_dir, tiny_data, tmp_path, name, capsys):
+def test_bad_flags_give_one_line_and_exit_2(plain_model_dir, tiny_data, tmp_path, name, capsys):
     flags, fragment = BAD_INPUTS[name]
-    base = ["--model", tiny_model_dir, "--dataset", tiny_data, "--output-dir", str(tmp_path / "o")]
+    base = ["--model", plain_model_dir, "--dataset", tiny_data, "--output-dir", str(tmp_path / "o")]
     assert dsrl.main(base + flags) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and fragment in err[0], err
@@ -1455,15 +1610,16 @@ def _bad_files(tmp_path, tiny_model_dir):
     return d
 
 
-def test_bad_files_give_one_line_and_exit_2(tiny_model_dir, tiny_data, tmp_path, capsys):
-    cases = _bad_files(tmp_path, tiny_model_dir)
+def test_bad_files_give_one_line_and_exit_2(plain_model_dir, tiny_data, tmp_path, capsys):
+    cases = _bad_files(tmp_path, plain_model_dir)
     for name, (flags, fragment) in cases.items():
-        base = ["--model", tiny_model_dir, "--dataset", tiny_data, "--output-dir", str(tmp_path / "o" / name)]
+        base = ["--model", plain_model_dir, "--dataset", tiny_data, "--output-dir", str(tmp_path / "o" / name)]
         assert dsrl.main(base + [str(f) for f in flags]) == 2, name
         err = [l for l in capsys.readouterr().err.strip().splitlines() if not l.startswith("warning")]
         assert len(err) == 1 and err[0].startswith("error: ") and fragment in err[0], (name, err)
 
 
+@pytest.mark.slow
 def test_bad_input_in_a_real_process_has_no_traceback(tmp_path):
     res = run_cli(["--model", "/no/such/model", "--output-dir", tmp_path / "o",
                    "--dataset", tmp_path / "missing.jsonl"])
@@ -1498,10 +1654,10 @@ def repeated_benchmark(path, n_unique=3, copies=3):
 def test_pass_at_k_hand_values():
     assert evaluator.pass_at_k(4, 1, 1) == pytest.approx(0.25), "pass@1 with 1 right of 4 is 0.25"
     assert evaluator.pass_at_k(4, 1, 2) == pytest.approx(0.5), "pass@2, 1 right of 4: 1 - C(3,2)/C(4,2) = 0.5"
-    assert evaluator.pass_at_k(4, 1, 4) == 1.0  # k = n: any right sample counts
-    assert evaluator.pass_at_k(4, 0, 4) == 0.0  # c = 0
-    assert evaluator.pass_at_k(4, 4, 1) == 1.0
-    assert evaluator.pass_at_k(5, 2, 2) == pytest.approx(0.7)  # 1 - C(3,2)/C(5,2) = 1 - 3/10
+    assert evaluator.pass_at_k(4, 1, 4) == 1.0, "pass@4 of 4 samples with a right one is 1: the k samples are all n"
+    assert evaluator.pass_at_k(4, 0, 4) == 0.0, "no right sample: pass@k is 0"
+    assert evaluator.pass_at_k(4, 4, 1) == 1.0, "every sample right: pass@1 is 1"
+    assert evaluator.pass_at_k(5, 2, 2) == pytest.approx(0.7), "pass@2, 2 right of 5: 1 - C(3,2)/C(5,2) = 0.7"
     for n, c, k in [(20, 3, 4), (32, 5, 16), (32, 31, 2)]:  # the stable product equals the binomial form
         assert evaluator.pass_at_k(n, c, k) == pytest.approx(1 - math.comb(n - c, k) / math.comb(n, k)), (
             f"pass@{k} with {c} right of {n}: unbiased estimator 1 - C(n-c, k) / C(n, k)")
@@ -1513,13 +1669,6 @@ def test_k_values():
     assert evaluator.k_values(20) == [1, 2, 4, 8, 16, 20]
 
 
-def test_majority_vote_tie_goes_to_earliest_answer():
-    assert evaluator.majority_correct(["3", "5", "5", "3"], [0.0, 1.0, 1.0, 0.0]) == 0.0  # 2-2 tie: "3" came first
-    assert evaluator.majority_correct(["5", "3", "3", "5"], [1.0, 0.0, 0.0, 1.0]) == 1.0
-    assert evaluator.majority_correct([None, None, "7", "2", "2"], [0.0, 0.0, 1.0, 0.0, 0.0]) == 0.0  # no-box does not vote
-    assert evaluator.majority_correct([None, None], [0.0, 0.0]) == 0.0
-
-
 def test_accuracy_metrics_hand_values():
     rewards = [[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]  # problem 0: c=1 of 4; problem 1: c=0
     answers = [["2", "1", "1", None], [None, "3", "4", "4"]]
@@ -1528,12 +1677,10 @@ def test_accuracy_metrics_hand_values():
     assert (m["pass@1"], m["pass@2"], m["pass@4"]) == pytest.approx((0.125, 0.25, 0.5))
     assert m["maj@4"] == 0.0 and m["n_problems"] == 2 and m["n_samples"] == 8
     assert m["response_len_mean"] == 25 and m["truncated_frac"] == 0.25
-
-
-def test_extracted_answer_is_normalised():
-    assert evaluator.extracted_answer("so \\boxed{\\dfrac{1}{2}}") == evaluator.extracted_answer("\\boxed{\\frac{1} {2}}")
-    assert evaluator.extracted_answer("no box") is None
-    assert evaluator.gold_text(27.0) == "27" and evaluator.gold_text(2.5) == "2.5" and evaluator.gold_text(" 7 ") == "7"
+    rewards = [[1.0, 1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0, 0.0]]
+    answers = [['0.5', '\\frac{1}{2}', '3', '3', '1/2'], [None, '3', '4', '4', '3']]
+    m = evaluator.accuracy_metrics(rewards, answers, [[10] * 5] * 2, [[False] * 5] * 2, k=5)
+    assert m['maj@5'] == 0.5  # problem 0: the 1/2 class (3 votes) is right; problem 1: '3' (earliest of a tie) wrong
 
 
 def test_benchmark_files_are_deduplicated(tmp_path):
@@ -1555,8 +1702,8 @@ def test_official_aime24_file_has_30_problems():
     assert (len(examples), dropped) == (30, 570)
 
 
-def test_evaluate_accuracy_as_the_trainer_calls_it(tiny, tmp_path):
-    model, tok = tiny
+def test_evaluate_accuracy_as_the_trainer_calls_it(plain, tmp_path):
+    model, tok = plain
     bench = repeated_benchmark(str(tmp_path / "b.parquet"))
     torch.manual_seed(123)
     before = torch.get_rng_state()
@@ -1607,15 +1754,14 @@ def test_behaviours_summary_splits_correct_incorrect_and_steps():
 def reference_grad(model, context, response):
     """Gradient of sum_t log pi(y_t | context, y_<t) from the model's own full-vocabulary logits."""
     model.zero_grad(set_to_none=True)
-    logits = model(input_ids=torch.tensor([context + response])).logits[0, len(context) - 1:-1]  # (T, V)
-    (-F.cross_entropy(logits, torch.tensor(response), reduction="sum")).backward()
+    reference_logprobs(model, context, response).sum().backward()
     g = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
     model.zero_grad(set_to_none=True)
     return g
 
 
-def test_alignment_equals_independent_gradients(tiny):
-    model, tok = tiny
+def test_alignment_equals_independent_gradients(plain):
+    model, tok = plain
     prompt = dsrl.build_prompt(tok, problem_rows(1)[0]["prompt"], 512)
     response = tok("\\boxed{2}<|im_end|>", add_special_tokens=False)["input_ids"]
     start = dsrl.token_id(tok, dsrl.START_TOKEN)
@@ -1631,21 +1777,6 @@ def test_alignment_equals_independent_gradients(tiny):
     assert all(p.grad is None for p in model.parameters())  # nothing left behind between rollouts
 
 
-def test_cosine_of_a_gradient_with_itself_is_one(tiny):
-    model, tok = tiny
-    prompt = dsrl.build_prompt(tok, problem_rows(1)[0]["prompt"], 512)
-    response = tok("\\boxed{1}<|im_end|>", add_special_tokens=False)["input_ids"]
-    buf = torch.zeros(sum(p.numel() for p in model.parameters()))
-    for into in (True, False):
-        logp, mask = dsrl.logprob_y_given_x(model, [prompt], [response], dsrl.pad_id(tok))
-        logp[mask].sum().backward()
-        if into:
-            evaluator.flat_grad_into(model, buf)
-        else:
-            dot, sq = evaluator.grad_dot(model, buf)
-    assert dot / (buf.norm().item() * math.sqrt(sq)) == pytest.approx(1.0, abs=1e-5)
-
-
 def test_token_agreement_hand_values():
     lx = [torch.log(torch.tensor([0.95, 0.2, 0.6]))]
     ly = [torch.log(torch.tensor([0.95, 0.1, 0.6]))]
@@ -1658,6 +1789,7 @@ def test_token_agreement_hand_values():
 # ----------------------------------------------------------------------------------------------------
 # The real command line on the tiny model
 # ----------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_cli_accuracy(tiny_model_dir, tmp_path):
     bench = repeated_benchmark(str(tmp_path / "rep.parquet"))
     out = tmp_path / "acc"
@@ -1673,31 +1805,42 @@ def test_cli_accuracy(tiny_model_dir, tmp_path):
     assert m["avg@4"] == pytest.approx(sum(x["reward"] for x in rows) / 12) == pytest.approx(m["pass@1"])
     per_problem = [[x["reward"] for x in rows if x["problem_index"] == p] for p in range(3)]
     assert m["pass@4"] == pytest.approx(sum(max(rs) for rs in per_problem) / 3)
-    assert all(x["reward"] == dsrl.reward(x["response"], x["gold"])[0] for x in rows)  # the trainer's own reward
+    assert all(x["reward"] == float(last_box_content(x["response"]) == x["gold"]) for x in rows), rows
 
 
-def test_cli_behaviours(tmp_path):
+@pytest.mark.slow
+def test_cli_behaviours(tmp_path, capsys):
     samples = tmp_path / "samples.jsonl"
     samples.write_text("".join(json.dumps({"step": s, "prompt_index": 0, "response": RESPONSE, "gold": "4",
                                            "reward": float(s == 1), "advantage": 0.0, "used_in_loss": True}) + "\n"
                                for s in (1, 2)))
-    r = run_cli(["behaviours", "--samples", samples, "--output", tmp_path / "beh"], script="eval.py")
+    r = run_eval(["behaviours", "--samples", samples, "--output", tmp_path / "beh"], capsys)
     assert r.returncode == 0, r.stderr
     s = json.load(open(tmp_path / "beh" / "behaviours.json"))
     assert s["all"]["reflection"] == 3 and s["correct"]["n_responses"] == 1 and len(s["per_step"]) == 2
     assert "| all | 2 |" in r.stdout and "| group |" in r.stdout and (tmp_path / "beh" / "behaviours.md").read_text().strip() == r.stdout.strip()
 
 
-def test_cli_align(tiny_model_dir, tmp_path):
+@pytest.mark.slow
+def test_cli_align(tiny_model_dir, tmp_path, capsys):
     bench = repeated_benchmark(str(tmp_path / "rep.parquet"))
-    r = run_cli(["align", "--model", tiny_model_dir, "--benchmark", bench, "--rollouts", 4, "--max-new-tokens", 12,
-                 "--device", "cpu", "--output", tmp_path / "al"], script="eval.py")
+    r = run_eval(["align", "--model", tiny_model_dir, "--benchmark", bench, "--rollouts", 4, "--max-new-tokens", 12,
+                  "--device", "cpu", "--output", tmp_path / "al"], capsys)
     assert r.returncode == 0, r.stderr
     s = json.load(open(tmp_path / "al" / "align.json"))
     rows = read_jsonl(str(tmp_path / "al" / "align_rollouts.jsonl"))
     assert s["rollouts"] == len(rows) == 4 and sorted({x["problem_index"] for x in rows}) == [0, 1, 2]
     assert all(-1 <= x["cosine"] <= 1 and x["norm_x"] > 0 for x in rows)
     assert s["negative_frac"] == sum(x["inner"] < 0 for x in rows) / 4 and s["tokens"] == sum(x["length"] for x in rows)
+
+
+def run_eval(args, capsys):
+    """eval.py's main(args) in this process (no interpreter start-up), read back like run_cli's result."""
+    import types
+    capsys.readouterr()
+    code = evaluator.main([str(a) for a in args])
+    out = capsys.readouterr()
+    return types.SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
 
 
 def write_run(run_dir, phases):
@@ -1712,14 +1855,15 @@ def write_run(run_dir, phases):
             fh.write(json.dumps({"step": step, "response": RESPONSE, "reward": 1.0}) + "\n")
 
 
-def test_cli_plot(tmp_path):
+@pytest.mark.slow
+def test_cli_plot(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     write_run(str(tmp_path / "dsrl"), ["warmup", "warmup", "rl", "rl"])
     write_run(str(tmp_path / "grpo"), ["rl"] * 4)
     assert evaluator.handover_step(read_jsonl(str(tmp_path / "dsrl" / "metrics.jsonl"))) == 3
     with open(tmp_path / "grpo" / "metrics.jsonl", "a") as fh:
         fh.write('{"step": 5, "rew')  # a run still writing: the torn last line is skipped
-    r = run_cli(["plot", tmp_path / "dsrl", tmp_path / "grpo", "--out", tmp_path / "plots"], script="eval.py")
+    r = run_eval(["plot", tmp_path / "dsrl", tmp_path / "grpo", "--out", tmp_path / "plots"], capsys)
     assert r.returncode == 0, r.stderr
     for name in ("reward", "solved", "response_length", "loss", "eval", "behaviours"):
         assert (tmp_path / "plots" / f"{name}.png").stat().st_size > 1000
@@ -1745,58 +1889,36 @@ def test_plot_without_matplotlib_is_a_one_line_error(tmp_path, monkeypatch, caps
     assert "pip install matplotlib" in capsys.readouterr().err
 
 
-def test_cli_bad_input_is_one_line(tmp_path):
-    r = run_cli(["behaviours", "--samples", tmp_path / "missing.jsonl"], script="eval.py")
+@pytest.mark.slow
+def test_cli_bad_input_is_one_line(tmp_path, capsys):
+    r = run_eval(["behaviours", "--samples", tmp_path / "missing.jsonl"], capsys)
     assert r.returncode == 2 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
-    r = run_cli(["accuracy", "--model", "x", "--k", 0], script="eval.py")
+    r = run_eval(["accuracy", "--model", "x", "--k", 0], capsys)
     assert r.returncode == 2 and "--k" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_eval_every_writes_eval_metrics_into_the_run(tiny_model_dir, tiny_data, tmp_path):
+@pytest.mark.slow
+def test_eval_every_writes_eval_metrics_into_the_run(tiny_model_dir, tiny_data, tmp_path, capsys):
     out = tmp_path / "run"
-    res = run_cli(cli_args(tiny_model_dir, tiny_data, out, steps=2, **{"warmup-steps": 1, "eval-every": 2,
-                                                                       "eval-benchmarks": tiny_data, "eval-k": 2}))
-    assert res.returncode == 0, res.stderr[-2000:]
+    code, err = run_main(cli_args(tiny_model_dir, tiny_data, out, steps=2, **{
+        "warmup-steps": 1, "eval-every": 2, "eval-benchmarks": tiny_data, "eval-k": 2}), capsys)
+    assert code == 0, err[-2000:]
     m0, m1, m2 = read_jsonl(out / "metrics.jsonl")
     assert m0["step"] == 0 and set(m0) == {"step"} | {k for k in m2 if k.startswith("eval/")}  # before step 1
     assert not any(k.startswith("eval/") for k in m1)
     assert m2["eval/math_tiny/n_problems"] == 2  # the 64 fixture rows hold 2 distinct problems (1+1, 0+1)
     assert 0.0 <= m2["eval/math_tiny/avg@2"] <= m2["eval/math_tiny/pass@2"] <= 1.0
     official = tmp_path / "official"  # the official DSRL script: no validation before training
-    res = run_cli(cli_args(tiny_model_dir, tiny_data, official, steps=1, **{"warmup-steps": 1, "eval-every": 1,
-                  "eval-benchmarks": tiny_data, "eval-k": 2}) + ["--no-eval-before-train"])
-    assert res.returncode == 0, res.stderr[-2000:]
+    code, err = run_main(cli_args(tiny_model_dir, tiny_data, official, steps=1, **{
+        "warmup-steps": 1, "eval-every": 1, "eval-benchmarks": tiny_data, "eval-k": 2}) + ["--no-eval-before-train"], capsys)
+    assert code == 0, err[-2000:]
     assert [m["step"] for m in read_jsonl(official / "metrics.jsonl")] == [1]
 
 
-def test_logprobs_never_build_the_full_vocabulary_tensor(monkeypatch):
-    """With Qwen3's real vocabulary (151,936), the largest logits tensor, forward and backward, is one chunk."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-    V, chunk, T = 151_936, 64, 300
-    torch.manual_seed(0)
-    model = Qwen3ForCausalLM(Qwen3Config(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=1, head_dim=8,
-                                         tie_word_embeddings=False))
-    largest = [0]
-    real_linear = F.linear
-
-    def recording_linear(x, w, b=None):
-        out = real_linear(x, w, b)
-        if out.shape[-1] == V:
-            largest[0] = max(largest[0], out.numel())
-        return out
-    monkeypatch.setattr(dsrl.F, "linear", recording_linear)
-    responses = [list(range(5, 5 + T)), list(range(7, 7 + T // 2))]
-    logp, mask = dsrl.logprob_y(model, 1, responses, 0, chunk=chunk)
-    logp[mask].sum().backward()
-    assert 0 < largest[0] <= chunk * V  # not (N, T, V) = 2 * 300 * V
-    assert model.lm_head.weight.grad is not None
-
-
-def test_sampler_prompt_sharing_draws_the_same_samples(tiny):
+def test_sampler_prompt_sharing_draws_the_same_samples(plain):
     """The sampler runs each prompt once and repeats its KV cache G times; with the same seed it draws exactly
     the samples of G separate copies of the prompt."""
-    model, tok = tiny
+    model, tok = plain
     prompts = [dsrl.build_prompt(tok, r["prompt"], 512) for r in problem_rows(3)]
     prompts[1] = prompts[1][4:]  # left padding in play
     draws = []
@@ -1816,6 +1938,7 @@ def run_grade(dsrl_path, *only):
                           capture_output=True, text=True, timeout=900, cwd=HERE)
 
 
+@pytest.mark.slow
 def test_course_reference_scores_full_and_the_exercise_copy_zero(tmp_path):
     import course.make_exercises as kit
     ref = run_grade(os.path.join(HERE, "dsrl.py"))
@@ -1839,34 +1962,58 @@ def test_course_reference_scores_full_and_the_exercise_copy_zero(tmp_path):
     assert open(tmp_path / "copy" / "grader.py").read() == open(os.path.join(HERE, "grader.py")).read()
 
 
-STUDENT_BUGS = {  # exercise -> (reference line, the same line with a classic student bug)
-    1: ("adv = adv / (r.std(1, keepdim=True) + 1e-6)", "adv = adv / (r.std(1, keepdim=True, unbiased=False) + 1e-6)"),
-    2: ('"neg": adv < 0', '"neg": adv <= 0'),  # NSR keeps A = 0 samples
-    3: ("return token_logprobs(model, states, y, y_mask, temperature, chunk), y_mask",
-        "return token_logprobs(model, states, y, y_mask, 1.0, chunk), y_mask"),  # ignores the temperature
-    4: ("start = torch.full((y.shape[0], 1), start_id,", "start = torch.full((y.shape[0], 1), pad,"),  # wrong token
-    5: ("dual = torch.minimum(loss, -adv * clip_dual)", "dual = loss"),  # no dual clip
-    6: ("return (per_token * mask).sum() / max(n_tokens, 1)",  # a mean per sequence
-        "return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()"),
-    7: ('MODES["grpo" if mode == "dsrl" and step > warmup_steps else mode]',  # off by one
-        'MODES["grpo" if mode == "dsrl" and step >= warmup_steps else mode]'),
-}
+STUDENT_BUGS = [  # (exercise, file, reference line, the same line with a plausible wrong solution)
+    (1, "dsrl.py", "adv = adv / (r.std(1, keepdim=True) + 1e-6)", "adv = adv / (r.std(1, keepdim=True, unbiased=False) + 1e-6)"),
+    (1, "dsrl.py", ".view(-1, group_size)  # (B, G)", ".view(group_size, -1)  # (B, G)"),  # groups mixed up
+    (2, "dsrl.py", '"neg": adv < 0', '"neg": adv <= 0'),  # NSR keeps A = 0 samples
+    (2, "dsrl.py", '"pos": adv > 0', '"pos": adv >= 0'),  # PSR keeps A = 0 samples
+    (3, "dsrl.py", "return token_logprobs(model, states, y, y_mask, temperature, chunk), y_mask",
+     "return token_logprobs(model, states, y, y_mask, 1.0, chunk), y_mask"),  # ignores the temperature
+    (3, "dsrl.py", "positions = x_mask.sum(1)[idx, None] + torch.arange(y.shape[1], device=device)",
+     "positions = x_mask.shape[1] + torch.arange(y.shape[1], device=device)[None].expand(len(idx), -1)"),  # counts pads
+    (3, "dsrl.py", "return token_logprobs(model, states, y, y_mask, temperature, chunk), y_mask",  # full vocabulary
+     "return (model.lm_head(states).float() / temperature).log_softmax(-1).gather(-1, y[..., None]).squeeze(-1) * y_mask, y_mask"),
+    (4, "dsrl.py", "start = torch.full((y.shape[0], 1), start_id,", "start = torch.full((y.shape[0], 1), pad,"),  # wrong token
+    (4, "dsrl.py", "hidden = model.base_model(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state",
+     "hidden = model.base_model(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state.detach()"),
+    (4, "dsrl.py", "return token_logprobs(model, hidden[:, :-1], y, y_mask, temperature, chunk), y_mask",  # full vocabulary
+     "return (model.lm_head(hidden[:, :-1]).float() / temperature).log_softmax(-1).gather(-1, y[..., None]).squeeze(-1) * y_mask, y_mask"),
+    (5, "dsrl.py", "dual = torch.minimum(loss, -adv * clip_dual)", "dual = loss"),  # no dual clip
+    (5, "dsrl.py", "ratio.clamp(1 - clip_low, 1 + clip_high)", "ratio.clamp(max=1 + clip_high)"),  # lower clamp dropped
+    (5, "dsrl.py", "ratio.clamp(1 - clip_low, 1 + clip_high)", "ratio.clamp(1 - clip_high, 1 + clip_low)"),  # swapped
+    (6, "dsrl.py", "return (per_token * mask).sum() / max(n_tokens, 1)",  # a mean per sequence
+     "return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()"),
+    (7, "dsrl.py", 'MODES["grpo" if mode == "dsrl" and step > warmup_steps else mode]',  # off by one
+     'MODES["grpo" if mode == "dsrl" and step >= warmup_steps else mode]'),
+    (7, "dsrl.py", 'coef=prerl_coef if space == "y" else 1.0', "coef=1.0"),  # the P(y) coefficient not applied
+    (8, "eval.py", "    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))",
+     "    return 1.0 - (1.0 - c / n) ** k"),  # biased pass@k
+]
+# One grading per round; a round holds at most one wrong solution per exercise, so each FAIL is its own bug's.
+BUG_ROUNDS = [[bug for n, bug in enumerate(STUDENT_BUGS) if [b[0] for b in STUDENT_BUGS[:n]].count(bug[0]) == r]
+              for r in range(max([b[0] for b in STUDENT_BUGS].count(e) for e in range(1, 9)))]
 
 
-@pytest.mark.parametrize("exercise", sorted(STUDENT_BUGS))
-def test_course_grader_catches_each_classic_student_bug(tmp_path, exercise):
-    good, bad = STUDENT_BUGS[exercise]
-    source = open(os.path.join(HERE, "dsrl.py")).read()
-    assert source.count(good) == 1, good
-    (tmp_path / "dsrl.py").write_text(source.replace(good, bad))
-    for name in ("eval.py", "grader.py"):
-        shutil.copy(os.path.join(HERE, name), tmp_path / name)
-    res = run_grade(tmp_path / "dsrl.py", exercise)
+@pytest.mark.slow
+@pytest.mark.parametrize("round_", range(len(BUG_ROUNDS)))
+def test_course_grader_catches_each_plausible_student_bug(tmp_path, round_):
+    bugs = BUG_ROUNDS[round_]
+    for name in ("dsrl.py", "eval.py", "grader.py"):
+        source = open(os.path.join(HERE, name)).read()
+        for _, file, good, bad in bugs:
+            if file == name:
+                assert source.count(good) == 1, good
+                source = source.replace(good, bad)
+        (tmp_path / name).write_text(source)
+    res = run_grade(tmp_path / "dsrl.py", *[b[0] for b in bugs])
     lines = res.stdout.strip().splitlines()
-    assert res.returncode == 1 and lines[-1] == "score=0/1", res.stdout + res.stderr
-    assert " FAIL (" in lines[0] and "NotImplementedError" not in lines[0], lines[0]
+    assert res.returncode == 1 and lines[-1] == f"score=0/{len(bugs)}", res.stdout + res.stderr
+    for (exercise, _, _, bad), line in zip(bugs, lines):
+        assert line.startswith(f"exercise {exercise} ") and " FAIL (" in line, (bad, line)
+        assert "NotImplementedError" not in line and "not run" not in line, (bad, line)
 
 
+@pytest.mark.slow
 def test_course_cpu_task_learns_under_grpo(tmp_path):
     """The CPU tier of the course: the built task, its flags line, and GRPO through the CLI raise the reward
     of the last 5 steps above the first 5 by at least 0.3 (the measured gain is +0.57)."""
@@ -1916,9 +2063,9 @@ def test_readme_install_and_test_lines_are_what_ci_runs():
 
 
 def test_dsrl_reads_in_the_papers_order_and_stays_short():
-    """The shape promised to readers: at most 900 lines, short functions, sections in the paper's order."""
+    """The shape promised to readers: at most 930 lines, short functions, sections in the paper's order."""
     source = open(os.path.join(HERE, "dsrl.py")).read()
-    assert len(source.splitlines()) <= 970  # the method in ~900 lines, then the translation to the official launch
+    assert len(source.splitlines()) <= 930, "dsrl.py holds the method in at most 930 lines: move other code out"
     tree = ast.parse(source)
     sizes = {n.name: n.end_lineno - n.lineno + 1 for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
     assert sizes.pop("train") <= 100 and max(sizes.values()) <= 40, sorted(sizes.items(), key=lambda kv: -kv[1])[:3]
@@ -2151,41 +2298,6 @@ def test_readme_verl_table_is_the_code_mapping():
         row = f"| `--{name.replace('_', '-')}` | " + ", ".join(f"`{k}`" for k in keys) + " |"
         assert row in readme, row
 
-
-def test_bf16_path_generation_copy_and_autocast(tiny_model_dir, tiny_data, tmp_path):
-    """The GPU recipe on CPU: fp32 master weights, a bf16 sampling copy re-synced after each update, bf16
-    autocast for the loss forward."""
-    model, tok = dsrl.load_model_and_tokenizer(tiny_model_dir, "cpu")
-    gen = dsrl.generation_copy(model, torch.bfloat16)
-    assert gen is not model and next(gen.parameters()).dtype == torch.bfloat16
-    assert next(model.parameters()).dtype == torch.float32
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.01)
-    dsrl.sync_generation_copy(gen, model)
-    assert all(torch.equal(g, p.to(torch.bfloat16)) for g, p in zip(gen.parameters(), model.parameters()))
-    out = tmp_path / "run"
-    res = run_cli(cli_args(tiny_model_dir, tiny_data, out, steps=2, **{"warmup-steps": 1, "dtype": "bfloat16"}))
-    assert res.returncode == 0, res.stderr[-2000:]
-    metrics = read_jsonl(out / "metrics.jsonl")
-    assert [m["skipped"] for m in metrics] == [0, 0] and all(math.isfinite(m["grad_norm"]) for m in metrics)
-    assert json.loads((out / "config.json").read_text())["resolved_dtype"] == "torch.bfloat16"
-
-
-def test_approximations_and_repeating_decimals():
-    assert math_reward("\\boxed{x \\approx 2.45}", "2.45") == 1.0
-    assert math_reward("\\boxed{\\sqrt{6} \\approx 2.45}", "\\sqrt{6}") == 1.0
-    assert math_reward("\\boxed{x \\approx 2.45}", "\\sqrt{6}") == 0.0  # a rounded value is not the exact one
-    assert math_reward("\\boxed{0.1\\overline{6}}", "\\frac16") == 1.0
-    assert math_reward("\\boxed{1.\\overline{6}}", "\\frac{5}{3}") == 1.0
-    assert math_reward("\\boxed{0.\\overline{3}}", "0.33") == 0.0
-    assert reward_outcome("\\boxed{" + "9" * 6000 + ".\\overline{3}}", "1")[0] == 0.0  # huge: no crash
-
-
-def test_vectors_and_explicit_base_ten():
-    assert math_reward("\\boxed{\\langle 1,2\\rangle}", "(1,2)") == 1.0
-    assert math_reward("\\boxed{\\langle 1,2\\rangle}", "(2,1)") == 0.0
-    assert math_reward("\\boxed{5_{10}}", "5") == 1.0
 
 
 # ---- The real Qwen3 tokenizer ----

@@ -34,15 +34,20 @@ from make_exercises import EXERCISES, cut_bodies  # noqa: E402  (one list of exe
 
 TESTS = os.path.join(ROOT, "test_dsrl.py")
 SPEC_TESTS = {  # exercise number -> the spec tests of test_dsrl.py that grade it
-    1: ["test_group_advantages_without_std_is_reward_minus_group_mean", "test_group_advantages_with_unbiased_std"],
-    2: ["test_sample_masks_nsr_psr_all"],
+    1: ["test_group_advantages_without_std_is_reward_minus_group_mean", "test_group_advantages_with_unbiased_std",
+        "test_group_advantages_with_unequal_group_counts", "test_group_advantages_random_shapes_against_a_plain_python_oracle"],
+    2: ["test_sample_masks_nsr_psr_all", "test_sample_masks_random_advantages_against_a_plain_python_oracle"],
     3: ["test_logprob_y_given_x_equals_models_own_cross_entropy", "test_shared_prompt_forward_equals_separate_forwards",
-        "test_temperature_divides_logits_given_x"],
-    4: ["test_logprob_y_equals_hand_built_start_token_forward", "test_temperature_divides_logits"],
-    5: ["test_ppo_clip_loss_is_minus_advantage_at_ratio_one_and_clips_otherwise"],
-    6: ["test_token_mean_loss_hand_values"],
+        "test_temperature_divides_logits_given_x", "test_logprob_y_given_x_continues_positions_after_the_prompt",
+        "test_logprob_y_given_x_gradient_equals_token_by_token_decoding",
+        "test_logprob_y_given_x_memory_stays_flat_in_vocabulary_times_length"],
+    4: ["test_logprob_y_equals_hand_built_start_token_forward", "test_temperature_divides_logits_in_p_y",
+        "test_logprob_y_gradient_equals_token_by_token_decoding", "test_logprob_y_memory_stays_flat_in_vocabulary_times_length"],
+    5: ["test_ppo_clip_loss_is_minus_advantage_at_ratio_one_and_clips_otherwise",
+        "test_ppo_clip_with_ratios_below_and_above_one_and_asymmetric_clip", "test_ppo_clip_random_ratios_against_a_plain_python_oracle"],
+    6: ["test_token_mean_loss_hand_values", "test_token_mean_random_masks_against_a_plain_python_oracle"],
     7: ["test_phase_for_step_warmup_boundary", "test_phase_record_holds_std_and_coefficient"],
-    8: ["test_pass_at_k_hand_values"],
+    8: ["test_pass_at_k_hand_values", "test_pass_at_k_random_against_subset_enumeration"],
 }
 POINTS = {1: 10, 2: 5, 3: 20, 4: 15, 5: 15, 6: 10, 7: 10, 8: 15}  # the sheet's points (course/ASSIGNMENT.md)
 # One thread per process: the tests are small, and on a busy machine torch's default threads fight for cores.
