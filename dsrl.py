@@ -34,6 +34,8 @@ Departures from the official code (the same list is in README.md, "Departures"):
     The official `pretrain_loss_disable_step=D` runs steps 1..D-1 in P(y), so W = D - 1 (default 19).
  8. Rows with an empty ground truth are skipped (4 in the official MATH file). The official run keeps them:
     they only add A = 0 samples to the GRPO denominator of their step; dropping them shifts the data order.
+ 9. Gradient checkpointing (official: on) is on with CUDA, off on CPU (flag: either way). The prompt forward shared
+    by a group's P(y|x) passes is not checkpointed: it writes the KV cache the response pass reads. Same gradients.
 """
 
 import argparse, copy, dataclasses, functools, glob, inspect, json, math, os  # noqa: E401 (standard library)
@@ -480,10 +482,9 @@ def logprob_y_given_x(model, prompt_ids, response_ids, pad, temperature=1.0, chu
         layer.keys, layer.values = layer.keys.index_select(0, idx), layer.values.index_select(0, idx)
     mask = torch.cat([x_mask[idx], y_mask.long()], 1)  # (N, P+T)
     positions = x_mask.sum(1)[idx, None] + torch.arange(y.shape[1], device=device)  # continue after the prompt
-    cache = scale.read_only_cache(prefix[cache_key])  # never appended to: checkpointed layers re-read the same K/V
-    with scale.checkpointed_layers(model, checkpointing):  # the response pass only: the prompt pass writes the cache
-        hidden = model.base_model(input_ids=y, attention_mask=mask, position_ids=positions, **{cache_key: cache},
-                                  use_cache=False).last_hidden_state  # (N, T, H); the layers read `cache` all the same
+    with scale.checkpointed_layers(model, checkpointing):  # the response pass only: it reads, never appends to, the cache
+        hidden = model.base_model(input_ids=y, attention_mask=mask, position_ids=positions, use_cache=False,
+                                  **{cache_key: scale.read_only_cache(prefix[cache_key])}).last_hidden_state  # (N, T, H)
     # the last prompt state predicts y_0; the state of y_t predicts y_{t+1}
     states = torch.cat([prefix.last_hidden_state[idx, -1:], hidden[:, :-1]], 1)  # (N, T, H)
     return token_logprobs(model, states, y, y_mask, temperature, chunk), y_mask
@@ -647,8 +648,6 @@ def rollout(run: Run, args, step: int):
 def train(args: Args, resume=None):
     from tqdm import tqdm
     run = start_run(args, resume)
-    if run is None:  # --plan: the plan is printed, nothing was loaded
-        return 0
     if args.eval_every and args.eval_before_train and run.first_step == 1:  # the curve's starting point: step 0
         append_jsonl(os.path.join(args.output_dir, "metrics.jsonl"),
                      [{"step": 0, **__import__("eval").metrics_for_training(run.gen_model, run.tokenizer, args, run.dtype)}])
@@ -724,12 +723,11 @@ def resolve_device(name: str) -> str:
         raise UsageError(f"--device {name}: no CUDA device is available (use --device cpu)")
     return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
 
-def resolve_dtype(name: str, device: str):
-    """auto: bf16 compute on a GPU with native bf16, else fp32 (e.g. a T4); bf16 asked of such a GPU stops here."""
-    cuda = resolve_device(device).startswith("cuda")
-    if name == "bfloat16" and cuda and not scale.bf16_supported():
+def resolve_dtype(name: str, device: str):  # auto: bf16 where the GPU has it natively, else fp32 (CPU, T4)
+    auto = torch.bfloat16 if resolve_device(device).startswith("cuda") and scale.bf16_supported() else torch.float32
+    if name == "bfloat16" and resolve_device(device).startswith("cuda") and not scale.bf16_supported():
         raise UsageError(f"--dtype bfloat16: {torch.cuda.get_device_name()} has no native bf16; use --dtype auto (fp32)")
-    return getattr(torch, name) if name != "auto" else torch.bfloat16 if cuda and scale.bf16_supported() else torch.float32
+    return auto if name == "auto" else getattr(torch, name)
 
 def load_model_and_tokenizer(name_or_path: str, device: str = "cpu"):
     """fp32 master weights (an AdamW update at lr 1e-6 vanishes in bf16 weights); compute runs in
@@ -777,11 +775,7 @@ def start_run(args: Args, resume=None) -> Run:
     check_args(args)
     device, (resume_path, state) = resolve_device(args.device), resume or (None, None)
     dtype = resolve_dtype(args.dtype, device)
-    plan, problem = scale.plan_run(args, resume_path or args.model, device, dtype)  # printed; nothing loaded yet
-    if problem:
-        raise UsageError(problem)
-    if args.plan:
-        return None
+    plan = scale.plan_run(args, resume_path or args.model, device, dtype, UsageError)  # printed; --plan exits here
     prepare_output_dir(args, resume_path)
     if args.deterministic:  # before CUDA starts: cuBLAS needs a fixed workspace to repeat its sums
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")

@@ -8,6 +8,7 @@
 """
 
 import math
+import sys
 from contextlib import contextmanager
 from functools import partial
 
@@ -185,20 +186,27 @@ def free_device_memory(device):
     return torch.cuda.mem_get_info(torch.device(device))[0] if str(device).startswith("cuda") else None
 
 
-def plan_run(args, model_name, device, dtype):
-    """The plan of this run, printed. -> (plan, problem): problem is a one-line reason to stop, or None."""
+def plan_run(args, model_name, device, dtype, error=ValueError):
+    """Print the plan of this run. --plan: then exit 0, like --help. A run that cannot fit raises `error` with one
+    line naming flags that fit, before any data or weights are loaded. -> the plan"""
     config = model_config(model_name)
     if config is None:
-        return None, f"cannot read the config.json of '{model_name}' (check the path or hub id)"
-    plan = memory_plan(config, args, free_device_memory(device), device, dtype)
-    print(format_plan(plan, model_name), file=__import__("sys").stderr)
-    if plan["fits"]:
-        return plan, None
-    need = f"needs {plan['peak'] / GiB:.1f} GiB, {plan['free_bytes'] / GiB:.1f} GiB free on {device}"
-    fix = (f"add {plan['suggestion']}" if plan["suggestion"] else
-           "even one group at --micro-batch-size 1 --gradient-checkpointing does not fit: "
-           "use a smaller --model or --max-new-tokens")
-    return plan, f"this run does not fit: {need}; {fix} (see python dsrl.py --plan)"
+        raise error(f"cannot read the config.json of '{model_name}' (check the path or hub id)")
+    try:
+        plan = memory_plan(config, args, free_device_memory(device), device, dtype)
+    except AttributeError as e:  # a config without the decoder sizes the formulas read (not Qwen/Llama-like)
+        if args.plan:
+            raise error(f"no memory plan for {model_name}: its config has no {e.name} (a Qwen/Llama-style config is needed)")
+        return {"gen_batch_size": args.gen_batch_size or args.prompts_per_step * args.group_size}
+    print(format_plan(plan, model_name), file=sys.stderr)
+    if args.plan:
+        sys.exit(0)
+    if not plan["fits"]:
+        fix = (f"add {plan['suggestion']}" if plan["suggestion"] else "even one group at --micro-batch-size 1 "
+               "--gradient-checkpointing does not fit: use a smaller --model or --max-new-tokens")
+        raise error(f"this run does not fit: needs {plan['peak'] / GiB:.1f} GiB, {plan['free_bytes'] / GiB:.1f} GiB "
+                    f"free on {device}; {fix} (see python dsrl.py --plan)")
+    return plan
 
 
 # Gradient checkpointing of the loss passes (official: actor_rollout_ref.model.enable_gradient_checkpointing=True).
