@@ -110,10 +110,13 @@ def use_checkpointing(args, device) -> bool:
     return str(device).startswith("cuda") if given is None else bool(given)
 
 
-def memory_plan(config, args, free_bytes=None, device="cpu", dtype=None, checkpointing=None, n_params=None) -> dict:
+def memory_plan(config, args, free_bytes=None, device=None, dtype=None, checkpointing=None, n_params=None) -> dict:
     """Bytes per part of a run of `args` on `config`. Phases do not overlap: sampling (KV cache) and the loss
     (activations) each come on top of the training state and the sampling copy. `--gen-batch-size 0` resolves to
-    the most whole groups whose sampling phase fits `free_bytes` (all of them when free_bytes is None)."""
+    the most whole groups whose sampling phase fits `free_bytes` (all of them when free_bytes is None).
+    device, dtype, checkpointing: as resolved for the run (default: from args and this machine)."""
+    if device is None:
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     dtype = dtype or compute_dtype(args, device)
     checkpointing = use_checkpointing(args, device) if checkpointing is None else checkpointing
     n_params = n_params or count_parameters(config)
@@ -132,15 +135,8 @@ def memory_plan(config, args, free_bytes=None, device="cpu", dtype=None, checkpo
 
     state = 16 * n_params  # fp32 weights, gradients, AdamW exp_avg and exp_avg_sq
     base = state + low_precision_copy
-    all_groups = args.prompts_per_step
-    if args.gen_batch_size:
-        groups = min(max(1, args.gen_batch_size // group), all_groups)
-    elif free_bytes is None:
-        groups = all_groups
-    else:
-        fitting = [g for g in range(1, all_groups + 1) if base + sampling(g * group) <= free_bytes]
-        groups = max(fitting, default=1)
-    micro = min(args.micro_batch_size, all_groups * group)
+    groups = _sampling_groups(args, lambda g: base + sampling(g * group), free_bytes)
+    micro = min(args.micro_batch_size, args.prompts_per_step * group)
     plan = {"n_params": n_params, "dtype": str(dtype).replace("torch.", ""), "checkpointing": checkpointing,
             "prompt_tokens": prompt_len, "training_state": state, "sampling_copy": low_precision_copy,
             "gen_batch_size": groups * group, "kv_cache": sampling(groups * group), "micro_batch_size": micro,
@@ -149,18 +145,31 @@ def memory_plan(config, args, free_bytes=None, device="cpu", dtype=None, checkpo
     plan["peak"] = base + max(plan["kv_cache"], plan["activations"])
     plan["fits"] = free_bytes is None or plan["peak"] <= free_bytes
     if not plan["fits"]:
-        plan["suggestion"] = _fitting_flags(base, sampling, loss, micro, group, free_bytes)
+        plan["suggestion"] = _fitting_flags(plan, base, sampling(group), loss, free_bytes)
     return plan
 
 
-def _fitting_flags(base, sampling, loss, micro, group, free_bytes):
-    """The flags of the largest setting that fits: checkpointing first, then smaller micro-batches. -> str or None"""
-    if base + sampling(group) > free_bytes:
-        return None  # one group cannot even be sampled: a smaller model or --max-new-tokens is needed
-    for ckpt in (False, True):
-        for m in range(micro, 0, -1):
+def _sampling_groups(args, sampling_peak, free_bytes) -> int:
+    """Groups per generate call: --gen-batch-size in whole groups as given, or (0 = auto) the most that fit."""
+    if args.gen_batch_size:
+        return min(max(1, args.gen_batch_size // args.group_size), args.prompts_per_step)
+    if free_bytes is None:  # no limit known (CPU): all at once
+        return args.prompts_per_step
+    return max([g for g in range(1, args.prompts_per_step + 1) if sampling_peak(g) <= free_bytes], default=1)
+
+
+def _fitting_flags(plan, base, one_group, loss, free_bytes):
+    """Flags of the largest setting that fits: the auto sampling batch, then checkpointing, then smaller
+    micro-batches. -> str, or None when not even one group can be sampled (a smaller model is needed)."""
+    if base + one_group > free_bytes:
+        return None
+    flags = [] if base + plan["kv_cache"] <= free_bytes else ["--gen-batch-size 0"]
+    micro, checkpointing = plan["micro_batch_size"], plan["checkpointing"]
+    for m in range(micro, 0, -1):
+        for ckpt in dict.fromkeys((checkpointing, True)):
             if base + loss(m, ckpt) <= free_bytes:
-                return f"--micro-batch-size {m}" + (" --gradient-checkpointing" if ckpt else "")
+                return " ".join(flags + [f"--micro-batch-size {m}"] * (m < micro)
+                                + ["--gradient-checkpointing"] * (ckpt and not checkpointing))
     return None
 
 
@@ -202,7 +211,7 @@ def plan_run(args, model_name, device, dtype, error=ValueError):
     if args.plan:
         sys.exit(0)
     if not plan["fits"]:
-        fix = (f"add {plan['suggestion']}" if plan["suggestion"] else "even one group at --micro-batch-size 1 "
+        fix = (f"use {plan['suggestion']}" if plan["suggestion"] else "even one group at --micro-batch-size 1 "
                "--gradient-checkpointing does not fit: use a smaller --model or --max-new-tokens")
         raise error(f"this run does not fit: needs {plan['peak'] / GiB:.1f} GiB, {plan['free_bytes'] / GiB:.1f} GiB "
                     f"free on {device}; {fix} (see python dsrl.py --plan)")

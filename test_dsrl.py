@@ -2191,6 +2191,12 @@ def test_auto_gen_batch_size_is_the_most_whole_groups_that_fit(tiny):
     explicit = scale.memory_plan(config, _tiny_plan_args(gen_batch_size=5, prompts_per_step=5), fits_three, "cpu",
                                  torch.float32, False)
     assert explicit["gen_batch_size"] == 4  # kept as given, rounded down to whole groups of 2
+    small = dict(prompts_per_step=40, micro_batch_size=1)  # sampling, not the loss, is the limit here
+    one = scale.memory_plan(config, _tiny_plan_args(gen_batch_size=2, **small), None, "cpu", torch.float32, False)
+    free = base + max(one["activations"], 20 * one["kv_cache"])
+    too_big = scale.memory_plan(config, _tiny_plan_args(gen_batch_size=80, **small), free, "cpu", torch.float32, False)
+    assert not too_big["fits"] and too_big["suggestion"] == "--gen-batch-size 0"
+    assert scale.memory_plan(config, _tiny_plan_args(gen_batch_size=0, **small), free, "cpu", torch.float32)["fits"]
 
 
 def test_run_that_cannot_fit_stops_before_the_data_with_the_flags_that_fit(tiny_model_dir, tmp_path, monkeypatch, capsys):
@@ -2208,7 +2214,8 @@ def test_run_that_cannot_fit_stops_before_the_data_with_the_flags_that_fit(tiny_
     assert time.time() - t0 < 10
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: this run does not fit") and "Traceback" not in "\n".join(err)
-    suggestion = re.search(r"add (--micro-batch-size \d+(?: --gradient-checkpointing)?)", err[-1]).group(1)
+    suggestion = re.search(r"; use (--[-a-z0-9 ]+) \(see python dsrl.py --plan\)$", err[-1]).group(1)
+    assert "--micro-batch-size" in suggestion or "--gradient-checkpointing" in suggestion
     assert not os.path.exists(tmp_path / "o")
     fixed = dsrl.parse_args(flags + suggestion.split())[0]
     assert scale.memory_plan(config, fixed, free, "cpu", torch.float32)["fits"]
