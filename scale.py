@@ -221,21 +221,17 @@ def plan_run(args, model_name, device, dtype, error=ValueError):
 # Gradient checkpointing of the loss passes (official: actor_rollout_ref.model.enable_gradient_checkpointing=True).
 @contextmanager
 def checkpointed_layers(model, enabled=True):
-    """Within the block, every decoder layer keeps only its input and recomputes its activations in backward.
-    Hugging Face's own switch drops the KV cache in training, which the shared prompt forward needs; here the
-    layers keep it and the response pass reads it through `read_only_cache`. Never used for the sampler."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)] if enabled else []
-    before = [(m.gradient_checkpointing, m.training) for m in layers]
-    for m in layers:  # HF checkpoints a layer only when it is in training mode (the flag alone; no dropout changes)
-        m.gradient_checkpointing, m.training, m._can_checkpoint_with_cache = True, True, True
-        m._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)
+    """Within the block, every decoder layer keeps only its inputs and recomputes its activations in backward
+    (torch's non-reentrant checkpoint). Hugging Face's own switch drops the KV cache, which the shared prompt
+    forward needs; here the layers keep it and read it through `read_only_cache`. Never used for the sampler."""
+    layers = list(model.base_model.layers) if enabled else []
+    for layer in layers:  # an instance attribute shadows the class's forward for this block only
+        layer.forward = partial(checkpoint, layer.forward, use_reentrant=False)
     try:
         yield
     finally:
-        for m, (flag, training) in zip(layers, before):
-            m.gradient_checkpointing, m.training = flag, training
-            del m._can_checkpoint_with_cache
+        for layer in layers:
+            del layer.forward
 
 
 def read_only_cache(cache):

@@ -2076,7 +2076,7 @@ def _saved_bytes(model, fn):
 @pytest.mark.parametrize("space", ["y|x", "y"])
 def test_gradient_checkpointing_gives_the_same_gradients_bit_for_bit(tiny, space):
     """fp32 on CPU: the recomputed forward runs the same kernels on the same inputs, so the gradients are the same
-    bits; and checkpointing really happened: far fewer activations kept, layers' flags restored afterwards."""
+    bits; and checkpointing really happened: far fewer activations kept, the layers restored afterwards."""
     model, tok = tiny
     prompts, responses = _rollouts(tok)
     prompts = [p[-n:] for p, n in zip([prompts[0], prompts[1], prompts[0], prompts[2], prompts[1]], (6, 8, 6, 5, 8))]
@@ -2094,8 +2094,7 @@ def test_gradient_checkpointing_gives_the_same_gradients_bit_for_bit(tiny, space
     for name, g in out[False][2].items():
         assert torch.equal(out[True][2][name], g), name
     assert out[True][0] < 0.6 * out[False][0]
-    layers = model.model.layers
-    assert not any(m.gradient_checkpointing or m.training for m in layers)
+    assert not any("forward" in vars(layer) for layer in model.model.layers)  # the layers are restored
 
 
 def test_gradient_checkpointing_flag_reaches_the_loss_and_keeps_the_gradient(tiny):
