@@ -22,6 +22,8 @@ GiB = 2 ** 30
 PLANNED_PROMPT_TOKENS = 512
 SAMPLER_LOGIT_COPIES = 4  # generate's per-step fp32 logits, scores, probabilities and top-p mask: (n, vocab) each
 CHUNK_COPIES = 4          # the checkpointed vocabulary chunk in backward: logits, recomputed logits, softmax, grad
+# The output projection's weight gradient of one chunk (vocab x hidden, in the compute dtype) and its fp32 copy
+# on its way into .grad: measured 1.2 GB for Qwen3-0.6B in fp32 (bench/plan_vs_measured.py).
 
 
 def model_config(name_or_path):
@@ -131,7 +133,8 @@ def memory_plan(config, args, free_bytes=None, device=None, dtype=None, checkpoi
     def loss(n_seqs, ckpt):  # autocast keeps a bf16 copy of every weight for backward
         n_prompts = min(n_seqs, math.ceil(n_seqs / group) + 1)
         return (activation_bytes(config, n_seqs, n_prompts, prompt_len, args.max_new_tokens, elem, ckpt)
-                + CHUNK_COPIES * args.logprob_chunk * vocab * 4 + low_precision_copy)
+                + CHUNK_COPIES * args.logprob_chunk * vocab * 4 + (4 + elem) * vocab * config.hidden_size
+                + low_precision_copy)
 
     state = 16 * n_params  # fp32 weights, gradients, AdamW exp_avg and exp_avg_sq
     base = state + low_precision_copy

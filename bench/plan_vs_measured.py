@@ -11,10 +11,16 @@ needs, resets the kernel's peak-RSS counter (`echo 5 > /proc/self/clear_refs`, L
   kv            sample_responses at a small sampling batch, every response forced to full length (peak)
   loss          logprob_y_given_x + backward of one micro-batch of 1 x (128 prompt + 896 response) = 1,024
   loss+ckpt     tokens, after a short pass that allocates the gradients (peak); the same with checkpointing
-The plan's number for each part is scale.memory_plan's, at the same settings. CPU RSS also counts what the
-allocator keeps, so a measured peak can sit above what torch holds; on GPU compare torch.cuda.max_memory_allocated.
+The plan's number for each part is scale.memory_plan's, at the same settings.
+
+RSS counts what the C allocator keeps, not only what torch holds. By default glibc raises its mmap threshold after
+the first large free (up to 32 MB), so later tensors of a few MB come from the heap and their pages stay with the
+process after torch frees them: the peak RSS then counts freed temporaries as well. The children therefore run with
+MALLOC_MMAP_THRESHOLD_=131072 (fixed: every large tensor is its own mapping, returned on free), which makes RSS
+follow the live tensors, as torch.cuda.max_memory_allocated does on GPU; `--mmap-threshold 0` keeps glibc's default.
 """
 import argparse
+import ctypes
 import json
 import os
 import subprocess
@@ -40,8 +46,12 @@ def rss_kb(key="VmRSS"):
 
 
 def reset_peak():
+    """Give the allocator's free pages back first (a warm-up's freed tensors would otherwise be reused unseen and
+    hide part of the peak), then VmHWM := VmRSS. -> the RSS to measure from, in kB"""
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")  # VmHWM := VmRSS
+        fh.write("5")
+    return rss_kb()
 
 
 def settings(a):
@@ -76,9 +86,8 @@ def child(part, a):
         tok = type("Tok", (), {"eos_token_id": 151645, "pad_token_id": 151643, "unk_token_id": None,
                                "convert_tokens_to_ids": lambda self, t: 151645})()
         prompts = [ids(a.prompt_tokens) for _ in range(a.gen_prompts)]
-        dsrl.sample_responses(model, tok, prompts, a.group_size, 2, min_new_tokens=2)  # warm-up: lazy buffers
-        before = rss_kb()
-        reset_peak()
+        dsrl.sample_responses(model, tok, [ids(4)], 1, 2, min_new_tokens=2)  # warm-up: lazy buffers
+        before = reset_peak()
         t0 = time.time()
         dsrl.sample_responses(model, tok, prompts, a.group_size, a.gen_tokens, min_new_tokens=a.gen_tokens)
         return {"measured": (rss_kb("VmHWM") - before) * 1024, "secs": time.time() - t0}
@@ -90,8 +99,7 @@ def child(part, a):
         ((logp * mask).sum() / mask.sum()).backward()
 
     loss_pass([ids(8)])  # allocates the .grad buffers: they belong to the training state
-    before = rss_kb()
-    reset_peak()
+    before = reset_peak()
     t0 = time.time()
     loss_pass(responses)
     return {"measured": (rss_kb("VmHWM") - before) * 1024, "secs": time.time() - t0}
@@ -119,6 +127,8 @@ def main():
     ap.add_argument("--group-size", type=int, default=2, help="kv: samples per prompt")
     ap.add_argument("--gen-tokens", type=int, default=128, help="kv: new tokens per sample (forced)")
     ap.add_argument("--chunk", type=int, default=256, help="--logprob-chunk")
+    ap.add_argument("--mmap-threshold", type=int, default=131072,
+                    help="MALLOC_MMAP_THRESHOLD_ for the children (bytes); 0 = glibc's default (dynamic) allocator")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
@@ -126,10 +136,13 @@ def main():
         return
     plan = plan_numbers(a)
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in vars(a).items() if k not in ("parts", "child")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if a.mmap_threshold:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(a.mmap_threshold)
     rows = []
     for part in a.parts.split(","):
         out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", part] + flags, capture_output=True,
-                             text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                             text=True, env=env)
         if out.returncode != 0:
             print(out.stderr[-2000:], file=sys.stderr)
             rows.append((part, plan[part], None))
@@ -138,7 +151,8 @@ def main():
         print(f"  {part}: plan {plan[part] / MiB:.0f} MiB, measured {rows[-1][2] / MiB:.0f} MiB", file=sys.stderr)
     print(f"\nQwen3-0.6B configuration, random weights, CPU, one thread. kv: {a.gen_prompts} prompts x {a.group_size} "
           f"samples x ({a.prompt_tokens} + {a.gen_tokens}) tokens, fp32; loss: 1 x ({a.prompt_tokens} + "
-          f"{a.response_tokens}) tokens, fp32, --logprob-chunk {a.chunk}\n")
+          f"{a.response_tokens}) tokens, fp32, --logprob-chunk {a.chunk}; MALLOC_MMAP_THRESHOLD_="
+          f"{a.mmap_threshold or 'glibc default'}\n")
     print("| part | plan (MiB) | measured (MiB) | measured / plan |\n|---|---:|---:|---:|")
     for part, p, m in rows:
         print(f"| {part} | {p / MiB:,.0f} | " + (f"{m / MiB:,.0f} | {m / p:.2f} |" if m is not None else "failed | |"))
