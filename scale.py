@@ -130,11 +130,16 @@ def memory_plan(config, args, free_bytes=None, device=None, dtype=None, checkpoi
         return (kv_cache_bytes(config, n_seqs, prompt_len + args.max_new_tokens, elem)
                 + n_seqs * vocab * 4 * SAMPLER_LOGIT_COPIES)
 
-    def loss(n_seqs, ckpt):  # autocast keeps a bf16 copy of every weight for backward
-        n_prompts = min(n_seqs, math.ceil(n_seqs / group) + 1)
-        return (activation_bytes(config, n_seqs, n_prompts, prompt_len, args.max_new_tokens, elem, ckpt)
-                + CHUNK_COPIES * args.logprob_chunk * vocab * 4 + (4 + elem) * vocab * config.hidden_size
-                + low_precision_copy)
+    def loss(n_seqs, ckpt):  # the larger of two moments of the P(y|x) backward; + autocast's bf16 weight copies
+        n_prompts, head = min(n_seqs, math.ceil(n_seqs / group) + 1), vocab * config.hidden_size
+        start = (activation_bytes(config, n_seqs, n_prompts, prompt_len, args.max_new_tokens, elem, ckpt)
+                 + CHUNK_COPIES * args.logprob_chunk * vocab * 4 + (4 + elem) * head)
+        # After the response pass's backward, every weight's gradient waits in autograd's buffers for the prompt
+        # pass's backward (it runs last); with checkpointing this moment is the peak (bench/plan_vs_measured.py).
+        layer = layer_bytes_per_token(config, elem, 1)
+        end = (n_prompts * prompt_len * config.num_hidden_layers * layer + elem * n_params + 4 * head
+               + n_seqs * args.max_new_tokens * layer)
+        return max(start, end) + low_precision_copy
 
     state = 16 * n_params  # fp32 weights, gradients, AdamW exp_avg and exp_avg_sq
     base = state + low_precision_copy
