@@ -22,8 +22,6 @@ GiB = 2 ** 30
 PLANNED_PROMPT_TOKENS = 512
 SAMPLER_LOGIT_COPIES = 4  # generate's per-step fp32 logits, scores, probabilities and top-p mask: (n, vocab) each
 CHUNK_COPIES = 4          # the checkpointed vocabulary chunk in backward: logits, recomputed logits, softmax, grad
-# The output projection's weight gradient of one chunk (vocab x hidden, in the compute dtype) and its fp32 copy
-# on its way into .grad: measured 1.2 GB for Qwen3-0.6B in fp32 (bench/plan_vs_measured.py).
 
 
 def model_config(name_or_path):
@@ -77,9 +75,9 @@ def layer_bytes_per_token(config, elem, attended):
 
 
 def activation_bytes(config, n_seqs, n_prompts, prompt_len, response_len, elem, checkpointing):
-    """Peak activations of one P(y|x) loss micro-batch (forward kept for backward, plus the vocabulary chunk).
-    The prompt pass is never checkpointed (it writes the KV cache the response pass reads). With checkpointing
-    a layer keeps only its fp32 input; one layer at a time is recomputed in backward."""
+    """Activations of one P(y|x) loss micro-batch at the start of backward: what the forward keeps, and with
+    checkpointing one recomputed layer. The prompt pass is never checkpointed (it writes the KV cache the
+    response pass reads); a checkpointed layer keeps only its fp32 input."""
     layers, hidden, _, _, _, _, _, _ = body_sizes(config)
     response_tokens, prompt_tokens = n_seqs * response_len, n_prompts * prompt_len
     per_response = layer_bytes_per_token(config, elem, (prompt_len + response_len) / response_len)
@@ -133,7 +131,8 @@ def memory_plan(config, args, free_bytes=None, device=None, dtype=None, checkpoi
     def loss(n_seqs, ckpt):  # the larger of two moments of the P(y|x) backward; + autocast's bf16 weight copies
         n_prompts, head = min(n_seqs, math.ceil(n_seqs / group) + 1), vocab * config.hidden_size
         start = (activation_bytes(config, n_seqs, n_prompts, prompt_len, args.max_new_tokens, elem, ckpt)
-                 + CHUNK_COPIES * args.logprob_chunk * vocab * 4 + (4 + elem) * head)
+                 + CHUNK_COPIES * args.logprob_chunk * vocab * 4
+                 + (4 + elem) * head)  # a chunk's output-weight gradient and its fp32 copy on the way into .grad
         # After the response pass's backward, every weight's gradient waits in autograd's buffers for the prompt
         # pass's backward (it runs last); with checkpointing this moment is the peak (bench/plan_vs_measured.py).
         layer = layer_bytes_per_token(config, elem, 1)
@@ -213,7 +212,8 @@ def plan_run(args, model_name, device, dtype, error=ValueError):
         plan = memory_plan(config, args, free_device_memory(device), device, dtype)
     except AttributeError as e:  # a config without the decoder sizes the formulas read (not Qwen/Llama-like)
         if args.plan:
-            raise error(f"no memory plan for {model_name}: its config has no {e.name} (a Qwen/Llama-style config is needed)")
+            raise error(f"no memory plan for {model_name}: its config has no {e.name} (a Qwen/Llama-style decoder "
+                        "config is needed)")
         return {"gen_batch_size": args.gen_batch_size or args.prompts_per_step * args.group_size}
     print(format_plan(plan, model_name), file=sys.stderr)
     if args.plan:

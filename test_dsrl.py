@@ -1859,7 +1859,7 @@ def test_course_grader_catches_each_classic_student_bug(tmp_path, exercise):
     source = open(os.path.join(HERE, "dsrl.py")).read()
     assert source.count(good) == 1, good
     (tmp_path / "dsrl.py").write_text(source.replace(good, bad))
-    for name in ("eval.py", "grader.py"):
+    for name in ("eval.py", "grader.py", "scale.py"):
         shutil.copy(os.path.join(HERE, name), tmp_path / name)
     res = run_grade(tmp_path / "dsrl.py", exercise)
     lines = res.stdout.strip().splitlines()

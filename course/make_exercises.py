@@ -22,7 +22,7 @@ EXERCISES = [
     (7, "dsrl.py", "phase_for_step", "the DSRL schedule: NSR-PreRL for steps 1..W, then GRPO (W = D - 1)"),
     (8, "eval.py", "pass_at_k", "the unbiased pass@k estimator from n samples with c right"),
 ]
-COPIED = ["grader.py", "test_dsrl.py", "requirements.txt", "testdata", "course"]
+COPIED = ["grader.py", "scale.py", "test_dsrl.py", "requirements.txt", "testdata", "course"]
 
 
 def cut_bodies(source: str, cuts: dict) -> str:
