@@ -34,8 +34,7 @@ Departures from the official code (the same list is in README.md, "Departures"):
     The official `pretrain_loss_disable_step=D` runs steps 1..D-1 in P(y), so W = D - 1 (default 19).
  8. Rows with an empty ground truth are skipped (4 in the official MATH file). The official run keeps them:
     they only add A = 0 samples to the GRPO denominator of their step; dropping them shifts the data order.
- 9. Gradient checkpointing (official: on) is on with CUDA, off on CPU (flag: either way). The prompt forward shared
-    by a group's P(y|x) passes is not checkpointed: it writes the KV cache the response pass reads. Same gradients.
+ 9. Gradient checkpointing (official: on) is on with CUDA, off on CPU; P(y|x)'s shared prompt forward is not checkpointed.
 """
 
 import argparse, copy, dataclasses, functools, glob, inspect, json, math, os  # noqa: E401 (standard library)
@@ -50,8 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-import grader  # the answer checker behind --reward math: equivalence of two LaTeX answers
-import scale  # where a run fits: the memory plan and gradient checkpointing
+import grader, scale  # noqa: E401 (the reward's answer checker; where a run fits: memory plan, checkpointing)
 
 SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 START_TOKEN = "<|im_start|>"   # the one token that stands in for the prompt in P(y) space
@@ -724,10 +722,7 @@ def resolve_device(name: str) -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
 
 def resolve_dtype(name: str, device: str):  # auto: bf16 where the GPU has it natively, else fp32 (CPU, T4)
-    auto = torch.bfloat16 if resolve_device(device).startswith("cuda") and scale.bf16_supported() else torch.float32
-    if name == "bfloat16" and resolve_device(device).startswith("cuda") and not scale.bf16_supported():
-        raise UsageError(f"--dtype bfloat16: {torch.cuda.get_device_name()} has no native bf16; use --dtype auto (fp32)")
-    return auto if name == "auto" else getattr(torch, name)
+    return scale.compute_dtype(name, resolve_device(device), UsageError)
 
 def load_model_and_tokenizer(name_or_path: str, device: str = "cpu"):
     """fp32 master weights (an AdamW update at lr 1e-6 vanishes in bf16 weights); compute runs in

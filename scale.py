@@ -89,11 +89,15 @@ def activation_bytes(config, n_seqs, n_prompts, prompt_len, response_len, elem, 
     return prompt + body + recompute + outside + mask
 
 
-def compute_dtype(args, device):
-    """bf16 compute where the device has it (CUDA with native bf16, or asked for), else fp32."""
-    if args.dtype != "auto":
-        return getattr(torch, args.dtype)
-    return torch.bfloat16 if str(device).startswith("cuda") and bf16_supported() else torch.float32
+def compute_dtype(name, device, error=ValueError):
+    """--dtype: auto = bf16 on a GPU with native bf16, else fp32 (CPU, or a T4: fp32 compute works there, bf16
+    would be emulated). bf16 asked of a GPU without it raises `error` with one line, before anything loads."""
+    cuda = str(device).startswith("cuda")
+    if name == "bfloat16" and cuda and not bf16_supported():
+        raise error(f"--dtype bfloat16: {torch.cuda.get_device_name()} has no native bf16; use --dtype auto (fp32)")
+    if name != "auto":
+        return getattr(torch, name)
+    return torch.bfloat16 if cuda and bf16_supported() else torch.float32
 
 
 def bf16_supported():
@@ -117,7 +121,7 @@ def memory_plan(config, args, free_bytes=None, device=None, dtype=None, checkpoi
     device, dtype, checkpointing: as resolved for the run (default: from args and this machine)."""
     if device is None:
         device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    dtype = dtype or compute_dtype(args, device)
+    dtype = dtype or compute_dtype(args.dtype, device)
     checkpointing = use_checkpointing(args, device) if checkpointing is None else checkpointing
     n_params = n_params or count_parameters(config)
     elem, group, vocab = torch.tensor([], dtype=dtype).element_size(), args.group_size, config.vocab_size

@@ -2224,7 +2224,7 @@ def test_bf16_on_a_gpu_without_bf16_stops_with_one_line_and_auto_picks_fp32(tiny
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla T4")
     monkeypatch.setattr(scale, "bf16_supported", lambda: False)
     assert dsrl.resolve_dtype("auto", "cuda") == torch.float32
-    assert scale.compute_dtype(dsrl.Args(), "cuda") == torch.float32
+    assert scale.compute_dtype("auto", "cuda") == torch.float32
     rc = dsrl.main(["--model", tiny_model_dir, "--device", "cuda", "--dtype", "bfloat16", "--output-dir", str(tmp_path)])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err == "error: --dtype bfloat16: Tesla T4 has no native bf16; use --dtype auto (fp32)"

@@ -57,9 +57,10 @@ def reset_peak():
 def settings(a):
     """Args for the plan, at the sizes the children measure."""
     import dsrl
-    return dsrl.Args(group_size=a.group_size, prompts_per_step=a.gen_prompts, gen_batch_size=a.gen_prompts * a.group_size,
-                     max_prompt_tokens=a.prompt_tokens, max_new_tokens=a.gen_tokens, micro_batch_size=1,
-                     logprob_chunk=a.chunk, device="cpu", dtype="float32")
+    return dsrl.Args(group_size=a.group_size, prompts_per_step=a.gen_prompts,
+                     gen_batch_size=a.gen_prompts * a.group_size, max_prompt_tokens=a.prompt_tokens,
+                     max_new_tokens=a.gen_tokens, micro_batch_size=1, logprob_chunk=a.chunk, device="cpu",
+                     dtype="float32")
 
 
 def child(part, a):
@@ -113,7 +114,8 @@ def plan_numbers(a):
     bf16 = scale.memory_plan(config, args, None, "cpu", torch.bfloat16, False)
     loss_args = settings(a)
     loss_args.max_new_tokens = a.response_tokens
-    loss = {ck: scale.memory_plan(config, loss_args, None, "cpu", torch.float32, ck)["activations"] for ck in (False, True)}
+    loss = {ck: scale.memory_plan(config, loss_args, None, "cpu", torch.float32, ck)["activations"]
+            for ck in (False, True)}
     return {"state": fp32["training_state"], "copy": bf16["sampling_copy"], "kv": fp32["kv_cache"],
             "loss": loss[False], "loss+ckpt": loss[True]}
 
@@ -122,7 +124,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--parts", default="state,copy,kv,loss,loss+ckpt")
     ap.add_argument("--prompt-tokens", type=int, default=128)
-    ap.add_argument("--response-tokens", type=int, default=896, help="loss pass: response tokens (prompt + these = 1,024)")
+    ap.add_argument("--response-tokens", type=int, default=896,
+                    help="loss pass: response tokens (prompt + these = 1,024)")
     ap.add_argument("--gen-prompts", type=int, default=4, help="kv: prompts per generate call")
     ap.add_argument("--group-size", type=int, default=2, help="kv: samples per prompt")
     ap.add_argument("--gen-tokens", type=int, default=128, help="kv: new tokens per sample (forced)")
