@@ -1,7 +1,6 @@
 """dsrl.py - Dual Space RL (DSRL) for math reasoning, in one file.
 
-Paper:    From P(y|x) to P(y): Investigating Reinforcement Learning in Pre-train Space
-          (Tan et al., 2026, arXiv 2604.14142).
+Paper:    From P(y|x) to P(y): Investigating Reinforcement Learning in Pre-train Space (Tan et al., 2026, 2604.14142).
 Official: github.com/Trae1ounG/Pretrain_Space_RLVR (a verl fork). Semantics reproduced here are
           the ones of that code (ray_trainer.py, dp_actor.py, core_algos.py, run_code/DSRL_qwen3-4b.sh).
 
@@ -34,6 +33,7 @@ Departures from the official code (the same list is in README.md, "Departures"):
     The official `pretrain_loss_disable_step=D` runs steps 1..D-1 in P(y), so W = D - 1 (default 19).
  8. Rows with an empty ground truth are skipped (4 in the official MATH file). The official run keeps them:
     they only add A = 0 samples to the GRPO denominator of their step; dropping them shifts the data order.
+ 9. Gradient checkpointing (official: on) is on with CUDA, off on CPU; P(y|x)'s shared prompt forward is not checkpointed.
 """
 
 import argparse, copy, dataclasses, functools, glob, inspect, json, math, os  # noqa: E401 (standard library)
@@ -48,7 +48,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-import grader  # the answer checker behind --reward math: equivalence of two LaTeX answers
+sys.modules.setdefault("dsrl", sys.modules[__name__])  # as a script too, `import dsrl` (scale, eval) finds this module
+import grader, scale  # noqa: E401 (the reward's answer checker; where a run fits: memory plan, checkpointing)
 
 SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 START_TOKEN = "<|im_start|>"   # the one token that stands in for the prompt in P(y) space
@@ -80,7 +81,7 @@ class Args:
     clip_dual: float = field(default=10.0, metadata={"help": "dual-clip constant c for negative advantages"})
     grad_clip: float = field(default=1.0, metadata={"help": "gradient-norm clip"})
     micro_batch_size: int = field(default=8, metadata={"help": "sequences per forward/backward (gradient accumulation, exact)"})
-    gen_batch_size: int = field(default=0, metadata={"help": "sequences per generate call (rounded down to whole groups), 0 = all at once"})
+    gen_batch_size: int = field(default=0, metadata={"help": "sequences per generate call (rounded down to whole groups), 0 = auto: the most groups that fit"})
     kv_cache: str = field(default="dynamic", metadata={"help": "generate's KV cache: dynamic, static (compiled decode on GPU) or compile (static + torch.compile on any device)"})
     logprob_chunk: int = field(default=256, metadata={"help": "tokens per chunk of the vocabulary projection (memory ~ 4 x chunk x vocab x 4 bytes)"})
     reward: str = field(default="math", metadata={"help": "math (equivalence checker) or official (exact official string scorer)"})
@@ -95,13 +96,15 @@ class Args:
     eval_k: int = field(default=4, metadata={"help": "samples per problem for --eval-every (official: 20)"})
     eval_before_train: bool = field(default=True, metadata={"help": "with --eval-every, evaluate before step 1 too (a step-0 row) (official: off in the DSRL script, on in the GRPO baseline's)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
-    dtype: str = field(default="auto", metadata={"help": "compute dtype: auto (bf16 on GPU, fp32 on CPU), bfloat16 or float32; weights stay fp32"})
+    dtype: str = field(default="auto", metadata={"help": "compute dtype: auto (bf16 on a GPU that has it, else fp32), bfloat16 or float32; weights stay fp32"})
+    gradient_checkpointing: bool = field(default=None, metadata={"help": "recompute each layer's activations in the loss backward (official: on); unset = on with CUDA, off on CPU"})
     deterministic: bool = field(default=False, metadata={"help": "torch's deterministic algorithms (for GPU runs; CPU runs repeat bit for bit without it)"})
     print_verl_command: bool = field(default=False, metadata={"help": "print the official multi-GPU launch of this experiment (verl) and exit"})
+    plan: bool = field(default=False, metadata={"help": "print the memory plan of these flags on this device and exit (reads only the model's config.json)"})
 
 RESUMABLE_CHANGES = {"steps", "output_dir", "resume", "save_every", "save_total_limit", "device", "micro_batch_size",
                      "gen_batch_size", "kv_cache", "logprob_chunk", "max_bad_steps", "eval_every", "eval_benchmarks",
-                     "eval_k", "eval_before_train", "deterministic"}  # may change on --resume: the run stays the same
+                     "eval_k", "eval_before_train", "deterministic", "gradient_checkpointing", "plan"}  # may change on --resume: the run stays the same
 
 class UsageError(Exception):
     """Bad input: reported as one line on stderr, exit code 2, no traceback."""
@@ -117,8 +120,8 @@ def build_parser():
         kw = {"help": f.metadata["help"] + f" (default: {f.default})"}
         if f.name == "resume":
             kw.update(nargs="?", const="latest")
-        elif isinstance(f.default, bool):  # --deterministic / --no-deterministic; the print command is an action
-            kw["action"] = "store_true" if f.name == "print_verl_command" else argparse.BooleanOptionalAction
+        elif isinstance(f.default, bool) or f.default is None:  # --deterministic / --no-deterministic; None: by device
+            kw["action"] = "store_true" if f.name in ("print_verl_command", "plan") else argparse.BooleanOptionalAction
         elif f.name in CHOICES:
             kw["choices"] = CHOICES[f.name]
         else:
@@ -337,9 +340,6 @@ def reward(response, gold, kind="math"):
         return official, "right" if official else ("no_box" if last_boxed(response) is None else "wrong")
     return grader.grade(last_boxed(response), gold, official_equal=official == 1.0)
 
-def math_reward(response, gold):
-    return reward(response, gold)[0]
-
 def score(responses, golds, kind: str = "math"):
     """Rewards (list of float) and outcome counts for a batch of responses."""
     results = [reward(response, gold, kind) for response, gold in zip(responses, golds)]
@@ -457,7 +457,7 @@ def token_logprobs(model, states, targets, target_mask, temperature, chunk):
     logp = torch.zeros(targets.shape, dtype=torch.float32, device=targets.device)  # (N, T)
     return logp.masked_scatter(target_mask, torch.cat(parts)) if parts else logp
 
-def logprob_y_given_x(model, prompt_ids, response_ids, pad, temperature=1.0, chunk=256, share_prompt=True):
+def logprob_y_given_x(model, prompt_ids, response_ids, pad, temperature=1.0, chunk=256, share_prompt=True, checkpointing=False):
     """log pi(y_t | x, y_<t) for each response token: the standard RL space. -> (logp, mask), (N, T). Prompts left-
     padded, responses right-padded, positions from the attention mask. Samples of one prompt share one forward of it:
     its KV cache is repeated per sample, gradients flow back through it (exact: the prompt does not see y)."""
@@ -477,13 +477,14 @@ def logprob_y_given_x(model, prompt_ids, response_ids, pad, temperature=1.0, chu
         layer.keys, layer.values = layer.keys.index_select(0, idx), layer.values.index_select(0, idx)
     mask = torch.cat([x_mask[idx], y_mask.long()], 1)  # (N, P+T)
     positions = x_mask.sum(1)[idx, None] + torch.arange(y.shape[1], device=device)  # continue after the prompt
-    hidden = model.base_model(input_ids=y, attention_mask=mask, position_ids=positions, **{cache_key: prefix[cache_key]},
-                              use_cache=True).last_hidden_state  # (N, T, H)
+    with scale.checkpointed_layers(model, checkpointing):  # the response pass only: it reads, never appends to, the cache
+        hidden = model.base_model(input_ids=y, attention_mask=mask, position_ids=positions, use_cache=False,
+                                  **{cache_key: scale.read_only_cache(prefix[cache_key])}).last_hidden_state  # (N, T, H)
     # the last prompt state predicts y_0; the state of y_t predicts y_{t+1}
     states = torch.cat([prefix.last_hidden_state[idx, -1:], hidden[:, :-1]], 1)  # (N, T, H)
     return token_logprobs(model, states, y, y_mask, temperature, chunk), y_mask
 
-def logprob_y(model, start_id, response_ids, pad, temperature=1.0, chunk=256):
+def logprob_y(model, start_id, response_ids, pad, temperature=1.0, chunk=256, checkpointing=False):
     """log pi(y_t | <|im_start|>, y_<t): the pre-train space P(y). Input [<|im_start|>] + y, positions 0..|y|.
     -> (logp, mask), (N, T)."""
     device = next(model.parameters()).device
@@ -492,7 +493,8 @@ def logprob_y(model, start_id, response_ids, pad, temperature=1.0, chunk=256):
     ids = torch.cat([start, y], 1)  # (N, 1+T)
     mask = torch.cat([torch.ones_like(start), y_mask.long()], 1)
     positions = torch.arange(ids.shape[1], device=device).expand_as(ids)  # 0..|y| (pads are masked)
-    hidden = model.base_model(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state
+    with scale.checkpointed_layers(model, checkpointing):
+        hidden = model.base_model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).last_hidden_state
     return token_logprobs(model, hidden[:, :-1], y, y_mask, temperature, chunk), y_mask  # state t predicts y_t
 
 
@@ -565,15 +567,16 @@ def policy_loss_backward(model, batch: Batch, phase: Phase, args, start_id, pad)
     by_length = (lambda i: len(ys_all[i])) if phase.space == "y" else (lambda i: (batch.prompt_ids[i], len(ys_all[i])))
     active = sorted((i for i in kept if adv[i] != 0), key=by_length)
     total, device, dtype = 0.0, next(model.parameters()).device, resolve_dtype(args.dtype, args.device)
+    ckpt = scale.use_checkpointing(args, device.type)
     for s in range(0, len(active), args.micro_batch_size):
         mb = active[s:s + args.micro_batch_size]
         ys = [ys_all[i] for i in mb]
         with autocast(device, dtype):
             if phase.space == "y":
-                logp, mask = logprob_y(model, start_id, ys, pad, args.temperature, args.logprob_chunk)
+                logp, mask = logprob_y(model, start_id, ys, pad, args.temperature, args.logprob_chunk, ckpt)
             else:
                 logp, mask = logprob_y_given_x(model, [batch.prompt_ids[i] for i in mb], ys, pad, args.temperature,
-                                               args.logprob_chunk)
+                                               args.logprob_chunk, checkpointing=ckpt)
         a = adv[mb].to(device)[:, None]  # (n, 1)
         # One update per batch: old log-probs equal the current ones, so the ratio is exactly 1.
         per_token = ppo_clip_loss(logp, logp.detach(), a, args.clip_low, args.clip_high, args.clip_dual)
@@ -620,6 +623,7 @@ class Run:
     dtype: object       # compute dtype (autocast)
     first_step: int
     bad_in_row: int     # non-finite steps in a row (stop at --max-bad-steps)
+    gen_batch_size: int = 0  # sequences per generate call, as the memory plan resolved --gen-batch-size
 
 def rollout(run: Run, args, step: int):
     """Steps 1-2 of the loop: the step's prompts, G samples each from P(y|x), and their rewards."""
@@ -627,7 +631,7 @@ def rollout(run: Run, args, step: int):
     batch = [run.examples[i] for i in idx]
     prompt_ids = [build_prompt(run.tokenizer, ex["messages"], args.max_prompt_tokens) for ex in batch]
     responses, truncated = sample_responses(run.gen_model, run.tokenizer, prompt_ids, args.group_size,
-                                            args.max_new_tokens, args.temperature, args.top_p, args.gen_batch_size,
+                                            args.max_new_tokens, args.temperature, args.top_p, run.gen_batch_size,
                                             dtype=run.dtype, kv_cache=args.kv_cache)
     texts = run.tokenizer.batch_decode(responses, skip_special_tokens=True)
     golds = [ex["answer"] for ex in batch for _ in range(args.group_size)]
@@ -715,9 +719,8 @@ def resolve_device(name: str) -> str:
         raise UsageError(f"--device {name}: no CUDA device is available (use --device cpu)")
     return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
 
-def resolve_dtype(name: str, device: str):
-    auto = torch.bfloat16 if resolve_device(device).startswith("cuda") else torch.float32
-    return auto if name == "auto" else getattr(torch, name)
+def resolve_dtype(name: str, device: str):  # auto: bf16 where the GPU has it natively, else fp32 (CPU, T4)
+    return scale.compute_dtype(name, resolve_device(device), UsageError)
 
 def load_model_and_tokenizer(name_or_path: str, device: str = "cpu"):
     """fp32 master weights (an AdamW update at lr 1e-6 vanishes in bf16 weights); compute runs in
@@ -765,6 +768,7 @@ def start_run(args: Args, resume=None) -> Run:
     check_args(args)
     device, (resume_path, state) = resolve_device(args.device), resume or (None, None)
     dtype = resolve_dtype(args.dtype, device)
+    plan = scale.plan_run(args, resume_path or args.model, device, dtype, UsageError)  # printed; --plan exits here
     prepare_output_dir(args, resume_path)
     if args.deterministic:  # before CUDA starts: cuBLAS needs a fixed workspace to repeat its sums
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -775,7 +779,7 @@ def start_run(args: Args, resume=None) -> Run:
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
-    run = Run(model, None, tokenizer, optimizer, examples, start_id, pad, dtype, first_step=1, bad_in_row=0)
+    run = Run(model, None, tokenizer, optimizer, examples, start_id, pad, dtype, 1, 0, plan["gen_batch_size"])
     logs = [os.path.join(args.output_dir, name) for name in ("metrics.jsonl", "samples.jsonl")]
     if resume_path:
         optimizer.load_state_dict(state["optimizer"])
@@ -911,7 +915,6 @@ def main(argv=None):
     try:
         args, explicit = parse_args(argv)
         if args.print_verl_command:  # nothing is loaded: the same experiment on the official multi-GPU engine
-            import scale  # here only: the launch translation is not the method, and training never needs it
             print(scale.verl_command(args))
             return 0
         args, resume = resolve_resume(args, explicit)
@@ -924,5 +927,4 @@ def main(argv=None):
         return 130
 
 if __name__ == "__main__":
-    sys.modules["dsrl"] = sys.modules[__name__]  # `import dsrl` in scale.py, eval.py: this module, not a second copy
     sys.exit(main())

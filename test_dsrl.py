@@ -501,11 +501,13 @@ def test_pass_at_k_random_against_subset_enumeration():
 def decoded_logprobs(model, context, response, temperature=1.0):
     """log pi(y_t | context, y_<t) by feeding the tokens one at a time through the model's KV cache, as generation
     does: the positions come from the cache, so a wrong prompt/response offset in the code under test shows."""
+    import inspect
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # renamed
     out = model(input_ids=torch.tensor([list(context)]), use_cache=True)
     logps = []
     for token in response:
         logps.append((out.logits[0, -1] / temperature).log_softmax(-1)[token])
-        out = model(input_ids=torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True)
+        out = model(input_ids=torch.tensor([[token]]), use_cache=True, **{cache_kw: out.past_key_values})
     return torch.stack(logps)
 
 
@@ -1998,7 +2000,7 @@ BUG_ROUNDS = [[bug for n, bug in enumerate(STUDENT_BUGS) if [b[0] for b in STUDE
 @pytest.mark.parametrize("round_", range(len(BUG_ROUNDS)))
 def test_course_grader_catches_each_plausible_student_bug(tmp_path, round_):
     bugs = BUG_ROUNDS[round_]
-    for name in ("dsrl.py", "eval.py", "grader.py"):
+    for name in ("dsrl.py", "eval.py", "grader.py", "scale.py"):
         source = open(os.path.join(HERE, name)).read()
         for _, file, good, bad in bugs:
             if file == name:
@@ -2123,7 +2125,7 @@ def test_print_verl_command_maps_every_flag_at_non_default_values():
                 "trainer.experiment_name": "run7"}
     assert {k: keys.get(k) for k in expected} == expected
     import scale
-    listed = {name for name in scale.VERL_KEYS} | {"print_verl_command"}
+    listed = {name for name in scale.VERL_KEYS} | {"print_verl_command", "plan"}  # the two actions
     for f in dsrl.dataclasses.fields(dsrl.Args):  # every flag is in the mapping or named in a comment
         assert f.name in listed or any(re.match(f"# --{f.name.replace('_', '-')}[ :]", c) for c in comments), f.name
     assert any("7500 rows assumed" in c for c in comments)  # the default hub dataset: its size is assumed
@@ -2548,3 +2550,207 @@ def test_gpu_check_tiny_mode_writes_every_section(tmp_path):
         assert "plan: not available" in md
     else:
         assert {"training_state", "sampling_copy", "kv_cache", "activations", "peak", "gen_batch_size"} <= set(p["plan"])
+
+
+# ---- Memory plan and gradient checkpointing (scale.py) ----
+import scale  # noqa: E402
+
+
+def _saved_bytes(model, fn):
+    """Bytes of the tensors autograd keeps for backward while `fn()` runs (parameters excluded, shared storage once),
+    and the inputs of each decoder layer, which a checkpointed layer holds for its recompute (saved-tensor hooks
+    do not see those; without checkpointing they are saved tensors of the layer's first norm anyway)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+    def layer_input(module, args):
+        pack(args[0])
+    hooks = [m.register_forward_pre_hook(layer_input) for m in model.model.layers]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = fn()
+    finally:
+        for h in hooks:
+            h.remove()
+    return sum(seen.values()), out
+
+
+@pytest.mark.parametrize("space", ["y|x", "y"])
+def test_gradient_checkpointing_gives_the_same_gradients_bit_for_bit(tiny, space):
+    """fp32 on CPU: the recomputed forward runs the same kernels on the same inputs, so the gradients are the same
+    bits; and checkpointing really happened: far fewer activations kept, the layers restored afterwards."""
+    model, tok = tiny
+    prompts, responses = _rollouts(tok)
+    prompts = [p[-n:] for p, n in zip([prompts[0], prompts[1], prompts[0], prompts[2], prompts[1]], (6, 8, 6, 5, 8))]
+    responses = [r * 4 for r in (responses[0], responses[1], responses[2], responses[1], responses[0])]  # the long part
+    start, pad = dsrl.token_id(tok, "<|im_start|>"), dsrl.pad_id(tok)
+    out = {}
+    for ckpt in (False, True):
+        model.zero_grad(set_to_none=True)
+        kept, (logp, _) = _saved_bytes(model, lambda: dsrl.logprob_y_given_x(
+            model, prompts, responses, pad, chunk=4, checkpointing=ckpt) if space == "y|x" else
+            dsrl.logprob_y(model, start, responses, pad, chunk=4, checkpointing=ckpt))
+        (logp * torch.arange(1.0, 6.0)[:, None]).sum().backward()
+        out[ckpt] = kept, logp.detach(), _grads(model)
+    assert torch.equal(out[True][1], out[False][1])
+    for name, g in out[False][2].items():
+        assert torch.equal(out[True][2][name], g), name
+    assert out[True][0] < 0.6 * out[False][0]
+    assert not any("forward" in vars(layer) for layer in model.model.layers)  # the layers are restored
+
+
+def test_gradient_checkpointing_flag_reaches_the_loss_and_keeps_the_gradient(tiny):
+    model, tok = tiny
+    prompts, responses, rewards = _batch(tok)
+    adv = dsrl.group_advantages(rewards, 4, use_std=True)
+    keep = dsrl.sample_mask(adv, "all")
+    start, pad = dsrl.token_id(tok, "<|im_start|>"), dsrl.pad_id(tok)
+    out = {}
+    for ckpt in (False, True):
+        model.zero_grad(set_to_none=True)
+        args = small_args(micro_batch_size=3, gradient_checkpointing=ckpt)
+        kept, loss = _saved_bytes(model, lambda: loss_backward(model, "y|x", prompts, responses, adv, keep, 1.0, args,
+                                                               start, pad))
+        out[ckpt] = kept, loss, _grads(model)
+    assert out[True][1] == out[False][1]
+    assert all(torch.equal(out[True][2][n], g) for n, g in out[False][2].items())
+    assert out[True][0] < 0.8 * out[False][0]  # the prompts (long here) are never checkpointed
+
+
+def test_gradient_checkpointing_default_is_on_with_cuda_off_on_cpu():
+    parsed = [dsrl.parse_args(flag)[0].gradient_checkpointing for flag in
+              ([], ["--gradient-checkpointing"], ["--no-gradient-checkpointing"])]
+    assert parsed == [None, True, False]
+    assert scale.use_checkpointing(dsrl.Args(), "cuda:0") and not scale.use_checkpointing(dsrl.Args(), "cpu")
+    assert scale.use_checkpointing(dsrl.Args(gradient_checkpointing=True), "cpu")
+    assert not scale.use_checkpointing(dsrl.Args(gradient_checkpointing=False), "cuda")
+
+
+def _tiny_plan_args(**kw):
+    base = dict(group_size=2, prompts_per_step=3, max_prompt_tokens=10, max_new_tokens=30, micro_batch_size=4,
+                logprob_chunk=16, gen_batch_size=6)
+    base.update(kw)
+    return dsrl.Args(**base)
+
+
+def test_plan_state_copy_and_kv_cache_are_the_bytes_of_the_real_tensors(tiny):
+    """Exact byte counts from the actual tensors: weights + grads + AdamW moments after one step, the bf16 copy,
+    and the KV cache that generate's forward fills (prompt 10 + 30 new tokens, 6 sequences), fp32 and bf16."""
+    model, tok = tiny
+    config = model.config
+    assert scale.count_parameters(config) == sum(p.numel() for p in model.parameters())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(input_ids=torch.tensor([[3, 4, 5]]), labels=torch.tensor([[3, 4, 5]])).loss.backward()
+    opt.step()
+    state = sum(t.nbytes for p in model.parameters() for t in (p, p.grad, opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"]))
+    for dtype in (torch.float32, torch.bfloat16):
+        plan = scale.memory_plan(config, _tiny_plan_args(), None, "cpu", dtype, False)
+        assert plan["training_state"] == state and plan["gen_batch_size"] == 6
+        copy = dsrl.generation_copy(model, dtype)
+        assert plan["sampling_copy"] == (0 if copy is model else sum(p.nbytes for p in copy.parameters()))
+        with torch.no_grad(), dsrl.autocast("cpu", dtype):  # the sampler: the bf16 copy under autocast, as generate
+            cache = copy(input_ids=torch.full((6, 40), 7), use_cache=True).past_key_values
+        kv = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+        logits = 6 * config.vocab_size * 4 * scale.SAMPLER_LOGIT_COPIES
+        assert plan["kv_cache"] == kv + logits
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_plan_activations_match_what_autograd_keeps(tiny, dtype, ckpt):
+    """The activation formula against the bytes autograd actually keeps for a P(y|x) micro-batch of 4 samples of 3
+    prompts (10 + 30 tokens), within 10 % (the formula leaves out small index tensors and counts every weight's bf16
+    autocast copy, of which the embeddings' are not made). The one recomputed layer is transient, not kept."""
+    model, tok = tiny
+    config, P, T = model.config, 10, 30
+    args = _tiny_plan_args()
+    prompts = [[7 + i] * P for i in (0, 1, 1, 2)]  # 3 prompts: the plan assumes a micro-batch straddles groups
+    responses = [[9 + (i + j) % 30 for j in range(T)] for i in range(4)]
+    with dsrl.autocast("cpu", dtype):
+        kept, _ = _saved_bytes(model, lambda: dsrl.logprob_y_given_x(model, prompts, responses, 0, 1.0, 10 ** 6,
+                                                                     checkpointing=ckpt))
+    elem = 2 if dtype == torch.bfloat16 else 4
+    formula = scale.activation_bytes(config, 4, 3, P, T, elem, ckpt)
+    if ckpt:  # one layer recomputed in backward: transient, not kept
+        formula -= 4 * T * scale.layer_bytes_per_token(config, elem, (P + T) / T)
+    bf16_weights = scale.memory_plan(config, args, None, "cpu", dtype, ckpt)["sampling_copy"]
+    assert formula + bf16_weights == pytest.approx(kept, rel=0.10)
+
+
+def test_auto_gen_batch_size_is_the_most_whole_groups_that_fit(tiny):
+    config = tiny[0].config
+    args = _tiny_plan_args(gen_batch_size=0, prompts_per_step=5)
+    everything = scale.memory_plan(config, args, None, "cpu", torch.float32, False)
+    assert everything["gen_batch_size"] == 10  # no limit known (CPU): all groups at once
+    one_group = scale.memory_plan(config, _tiny_plan_args(gen_batch_size=2), None, "cpu", torch.float32, False)
+    base = one_group["training_state"] + one_group["sampling_copy"]
+    per_group = one_group["kv_cache"]
+    fits_three = base + 3 * per_group + per_group // 2
+    plan = scale.memory_plan(config, args, fits_three, "cpu", torch.float32, False)
+    assert plan["gen_batch_size"] == 6 and plan["kv_cache"] == 3 * per_group
+    explicit = scale.memory_plan(config, _tiny_plan_args(gen_batch_size=5, prompts_per_step=5), fits_three, "cpu",
+                                 torch.float32, False)
+    assert explicit["gen_batch_size"] == 4  # kept as given, rounded down to whole groups of 2
+    small = dict(prompts_per_step=40, micro_batch_size=1)  # sampling, not the loss, is the limit here
+    one = scale.memory_plan(config, _tiny_plan_args(gen_batch_size=2, **small), None, "cpu", torch.float32, False)
+    free = base + max(one["activations"], 20 * one["kv_cache"])
+    too_big = scale.memory_plan(config, _tiny_plan_args(gen_batch_size=80, **small), free, "cpu", torch.float32, False)
+    assert not too_big["fits"] and too_big["suggestion"] == "--gen-batch-size 0"
+    assert scale.memory_plan(config, _tiny_plan_args(gen_batch_size=0, **small), free, "cpu", torch.float32)["fits"]
+
+
+def test_run_that_cannot_fit_stops_before_the_data_with_the_flags_that_fit(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """A fake free-memory value (the seam scale.free_device_memory): exit 2 in seconds with one line naming flags
+    that fit, before the dataset (a missing file here) is even read; the named flags then fit."""
+    flags = ["--model", tiny_model_dir, "--dataset", str(tmp_path / "missing.parquet"), "--output-dir", str(tmp_path / "o"),
+             "--micro-batch-size", "8", "--max-new-tokens", "400", "--prompts-per-step", "2", "--group-size", "4"]
+    args = dsrl.parse_args(flags)[0]
+    config = scale.model_config(tiny_model_dir)
+    full = scale.memory_plan(config, args, None, "cpu", torch.float32, False)
+    free = full["training_state"] + (full["activations"] + full["kv_cache"]) // 2
+    monkeypatch.setattr(scale, "free_device_memory", lambda device: free)
+    t0 = time.time()
+    assert dsrl.main(flags) == 2
+    assert time.time() - t0 < 10
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[-1].startswith("error: this run does not fit"), err
+    suggestion = re.search(r"; use (--[-a-z0-9 ]+) \(see python dsrl.py --plan\)$", err[-1]).group(1)
+    assert "--micro-batch-size" in suggestion or "--gradient-checkpointing" in suggestion
+    assert not os.path.exists(tmp_path / "o")
+    fixed = dsrl.parse_args(flags + suggestion.split())[0]
+    assert scale.memory_plan(config, fixed, free, "cpu", torch.float32)["fits"]
+
+
+def test_bf16_on_a_gpu_without_bf16_stops_with_one_line_and_auto_picks_fp32(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla T4")
+    monkeypatch.setattr(scale, "bf16_supported", lambda: False)
+    assert dsrl.resolve_dtype("auto", "cuda") == torch.float32
+    assert scale.compute_dtype("auto", "cuda") == torch.float32
+    rc = dsrl.main(["--model", tiny_model_dir, "--device", "cuda", "--dtype", "bfloat16", "--output-dir", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err == "error: --dtype bfloat16: Tesla T4 has no native bf16; use --dtype auto (fp32)"
+    monkeypatch.setattr(scale, "bf16_supported", lambda: True)
+    assert dsrl.resolve_dtype("auto", "cuda") == torch.bfloat16
+
+
+@pytest.mark.slow
+def test_plan_flag_prints_the_plan_from_a_config_alone(tiny_model_dir, tmp_path):
+    """--plan reads config.json only: a folder without weights or tokenizer is enough, and nothing is written."""
+    only_config = tmp_path / "config_only"
+    only_config.mkdir()
+    shutil.copy(os.path.join(tiny_model_dir, "config.json"), only_config)
+    res = run_cli(["--plan", "--model", only_config, "--output-dir", tmp_path / "out", "--gen-batch-size", "6",
+                   "--group-size", "2", "--micro-batch-size", "3", "--no-gradient-checkpointing"])
+    assert res.returncode == 0, res.stderr[-2000:]
+    n_params = scale.count_parameters(scale.model_config(str(only_config)))
+    assert f"{n_params / 1e9:.2f} B parameters" in res.stdout
+    for part in ("training state", "sampling copy", "KV cache", "--gen-batch-size 6", "--micro-batch-size 3",
+                 "gradient checkpointing off", "peak"):
+        assert part in res.stdout, part
+    assert not os.path.exists(tmp_path / "out")

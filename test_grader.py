@@ -20,7 +20,7 @@ CODE = os.path.dirname(os.path.abspath(os.environ.get("DSRL_UNDER_TEST") or os.p
 sys.path.insert(0, CODE)
 import dsrl  # noqa: E402
 import grader  # noqa: E402
-from dsrl import last_boxed, math_reward, official_reward, strip_string  # noqa: E402
+from dsrl import last_boxed, official_reward, strip_string  # noqa: E402
 
 GRADER_PY = os.path.join(CODE, "grader.py")
 SLOW_S = 3.0  # a bound on one grading call, well above grader.TIME_BUDGET_S (0.5 s): a busy machine must not fail it
@@ -33,6 +33,11 @@ def read_jsonl(path):
 
 def reward_outcome(response, gold):
     return dsrl.reward(response, gold, "math")
+
+
+def math_reward(response, gold):
+    """The trainer's default reward r (--reward math), without its outcome label."""
+    return reward_outcome(response, gold)[0]
 
 
 def box(s):
@@ -384,15 +389,15 @@ def test_empty_gold_is_never_matched():
 # ---------------------------------------------------------------- rule 2: \left. ... \right. (invisible delimiters)
 def test_invisible_left_right_delimiters_are_dropped():
     assert dsrl.reward(box('\\left. \\frac{3}{4} \\right.'), '\\frac34') == (1.0, 'right')
-    assert dsrl.math_reward(box('\\left. 2\\sqrt{3} \\right.'), '\\sqrt{12}') == 1.0
-    assert dsrl.math_reward(box('\\left. \\frac{1}{2} \\right|'), '0.5') == 1.0  # evaluation bar
-    assert dsrl.math_reward(box('\\left| \\frac{1}{2} \\right.'), '0.5') == 1.0
+    assert math_reward(box('\\left. 2\\sqrt{3} \\right.'), '\\sqrt{12}') == 1.0
+    assert math_reward(box('\\left. \\frac{1}{2} \\right|'), '0.5') == 1.0  # evaluation bar
+    assert math_reward(box('\\left| \\frac{1}{2} \\right.'), '0.5') == 1.0
     assert grader.grade('\\left\\{ 1, 2 \\right.', '\\{1,2\\}') == (1.0, 'right')  # (boxed, dsrl.last_boxed
     # counts "\\{" as a brace, finds the box unbalanced and gives no_box: so this form is checked on the grader alone)
-    assert dsrl.math_reward(box('\\left. (1,2] \\right.'), '[1,2]') == 0.0
-    assert dsrl.math_reward(box('\\left. 7 \\right.'), '8') == 0.0
-    assert dsrl.math_reward(box('\\left| -3 \\right|'), '3') == 1.0  # a visible pair is kept: |-3|
-    assert dsrl.math_reward(box('\\left| -3 \\right|'), '-3') == 0.0
+    assert math_reward(box('\\left. (1,2] \\right.'), '[1,2]') == 0.0
+    assert math_reward(box('\\left. 7 \\right.'), '8') == 0.0
+    assert math_reward(box('\\left| -3 \\right|'), '3') == 1.0  # a visible pair is kept: |-3|
+    assert math_reward(box('\\left| -3 \\right|'), '-3') == 0.0
 
 
 # ---------------------------------------------------------------- rule 3: array matrices in brackets
@@ -405,13 +410,13 @@ def test_array_matrix_in_brackets_equals_pmatrix():
                    '\\left[ \\begin{matrix} 1 & 2 \\\\ 3 & 4 \\end{matrix} \\right]',
                    '\\begin{bmatrix} 1 & 2 \\\\ 3 & 4 \\end{bmatrix}'):
         assert dsrl.reward(box(answer), pmatrix) == (1.0, 'right'), answer
-    assert dsrl.math_reward(box('\\left[\\begin{array}{cc} 1 & 2 \\\\ 3 & 4 \\end{array}\\right]'),
+    assert math_reward(box('\\left[\\begin{array}{cc} 1 & 2 \\\\ 3 & 4 \\end{array}\\right]'),
                             '\\begin{pmatrix}1&2\\3&4\\end{pmatrix}') == 1.0  # a normalised MATH gold
-    assert dsrl.math_reward(box('\\left[\\begin{array}{cc} 1 & 2 \\\\ 3 & 5 \\end{array}\\right]'), pmatrix) == 0.0
-    assert dsrl.math_reward(box('\\left|\\begin{array}{cc} 1 & 2 \\\\ 3 & 4 \\end{array}\\right|'), pmatrix) == 0.0
+    assert math_reward(box('\\left[\\begin{array}{cc} 1 & 2 \\\\ 3 & 5 \\end{array}\\right]'), pmatrix) == 0.0
+    assert math_reward(box('\\left|\\begin{array}{cc} 1 & 2 \\\\ 3 & 4 \\end{array}\\right|'), pmatrix) == 0.0
     # shapes must agree: the same four entries as 1x4 or 2x2 are different matrices
-    assert dsrl.math_reward(box('\\begin{pmatrix} 1 & 2 & 3 & 4 \\end{pmatrix}'), pmatrix) == 0.0
-    assert dsrl.math_reward(box('\\begin{pmatrix} 1 & 2 \\end{pmatrix}'),
+    assert math_reward(box('\\begin{pmatrix} 1 & 2 & 3 & 4 \\end{pmatrix}'), pmatrix) == 0.0
+    assert math_reward(box('\\begin{pmatrix} 1 & 2 \\end{pmatrix}'),
                             '\\begin{pmatrix}1\\\\2\\end{pmatrix}') == 1.0  # vectors: row = column
 
 
@@ -420,12 +425,12 @@ def test_digit_groups_are_one_number():
     for answer in ('1,\\!234,\\!567', '1\\,234\\,567', '1{,}234{,}567', '1,\\! 234,\\! 567', '1 234 567',
                    '1\\ 234\\ 567', '1,234,567'):
         assert dsrl.reward(box(answer), '1234567') == (1.0, 'right'), answer
-    assert dsrl.math_reward(box('1{,}234'), '1234') == 1.0
-    assert dsrl.math_reward(box('(1,\\!234, 5)'), '(1234, 5)') == 1.0  # also inside a tuple
-    assert dsrl.math_reward(box('1 234'), '234') == 0.0  # a space between groups is no product
-    assert dsrl.math_reward(box('1,\\!234,\\!576'), '1234567') == 0.0
-    assert dsrl.math_reward(box('1,\\! 23'), '123') == 0.0  # not a group of three
-    assert dsrl.math_reward(box('1,\\!000'), '1') == 0.0
+    assert math_reward(box('1{,}234'), '1234') == 1.0
+    assert math_reward(box('(1,\\!234, 5)'), '(1234, 5)') == 1.0  # also inside a tuple
+    assert math_reward(box('1 234'), '234') == 0.0  # a space between groups is no product
+    assert math_reward(box('1,\\!234,\\!576'), '1234567') == 0.0
+    assert math_reward(box('1,\\! 23'), '123') == 0.0  # not a group of three
+    assert math_reward(box('1,\\!000'), '1') == 0.0
 
 
 # ---------------------------------------------------------------- rule 5: "or" between inequalities is a union
@@ -434,18 +439,18 @@ def test_inequalities_joined_by_or_are_a_union():
     for answer in ('x \\le 2 \\text{ or } x > 5', 'x \\leq 2 or x > 5', 'x > 5 \\text{ or } x \\le 2',
                    'x \\le 2 \\quad\\text{or}\\quad x > 5', 'x \\le 2 \\cup x > 5', '2 \\ge x \\text{ or } 5 < x'):
         assert dsrl.reward(box(answer), union) == (1.0, 'right'), answer
-    assert dsrl.math_reward(box(union), 'x \\le 2 \\text{ or } x > 5') == 1.0  # the gold may be the inequalities
-    assert dsrl.math_reward(box('x \\le 2 \\text{ or } x \\ge 5'), union) == 0.0  # endpoint
-    assert dsrl.math_reward(box('x \\le 2 \\text{ or } y > 5'), union) == 0.0  # two variables
-    assert dsrl.math_reward(box('x < 1 \\text{ or } x = 3'), '(-\\infty,1)\\cup\\{3\\}') == 1.0
-    assert dsrl.math_reward(box('x \\le 2,\\ \\text{or}\\ x > 5'), union) == 1.0  # comma before "or"
-    assert dsrl.math_reward(box('x \\le 2 \\textrm{or} x > 5'), union) == 1.0
-    assert dsrl.math_reward(box('1, 2, \\text{or } 3'), '1, 2, 3') == 1.0  # Oxford comma in a list of roots
+    assert math_reward(box(union), 'x \\le 2 \\text{ or } x > 5') == 1.0  # the gold may be the inequalities
+    assert math_reward(box('x \\le 2 \\text{ or } x \\ge 5'), union) == 0.0  # endpoint
+    assert math_reward(box('x \\le 2 \\text{ or } y > 5'), union) == 0.0  # two variables
+    assert math_reward(box('x < 1 \\text{ or } x = 3'), '(-\\infty,1)\\cup\\{3\\}') == 1.0
+    assert math_reward(box('x \\le 2,\\ \\text{or}\\ x > 5'), union) == 1.0  # comma before "or"
+    assert math_reward(box('x \\le 2 \\textrm{or} x > 5'), union) == 1.0
+    assert math_reward(box('1, 2, \\text{or } 3'), '1, 2, 3') == 1.0  # Oxford comma in a list of roots
     # "or" between numbers (or equations alone) stays a hedge: wrong against one value and against the union
     assert dsrl.reward(box('2 \\text{ or } 5'), '2') == (0.0, 'wrong')
-    assert dsrl.math_reward(box('2 \\text{ or } 5'), union) == 0.0
-    assert dsrl.math_reward(box('x = 2 \\text{ or } x = 5'), '2') == 0.0
-    assert dsrl.math_reward(box('x = 2 \\text{ or } x = 5'), '2, 5') == 1.0
+    assert math_reward(box('2 \\text{ or } 5'), union) == 0.0
+    assert math_reward(box('x = 2 \\text{ or } x = 5'), '2') == 0.0
+    assert math_reward(box('x = 2 \\text{ or } x = 5'), '2, 5') == 1.0
 
 
 # ---------------------------------------------------------------- rule 6: all real numbers
@@ -454,10 +459,10 @@ def test_all_reals():
     for answer in ('\\mathbb{R}', '\\mathbb R', '\\R', '\\text{all real numbers}', '\\text{All real numbers}',
                    'x \\in \\mathbb{R}', '\\text{all real } x', '(-\\infty, +\\infty)', '-\\infty < x < \\infty'):
         assert dsrl.reward(box(answer), everything) == (1.0, 'right'), answer
-    assert dsrl.math_reward(box(everything), '\\mathbb{R}') == 1.0
+    assert math_reward(box(everything), '\\mathbb{R}') == 1.0
     for answer in ('\\mathbb{R}^+', '\\mathbb{R}^2', '\\mathbb{Z}', '[0,\\infty)', '\\mathbb{R} \\setminus \\{0\\}',
                    '\\text{all real numbers except } 2'):
-        assert dsrl.math_reward(box(answer), everything) == 0.0, answer
+        assert math_reward(box(answer), everything) == 0.0, answer
 
 
 # ---------------------------------------------------------------- the new rules stay fast on hostile input

@@ -9,8 +9,8 @@ Each exercise is graded by the spec tests of test_dsrl.py that pin its function 
 tensors with expected values, and log-probs and gradients on a tiny model built in the test, checked against an
 independent computation. Never against the reference implementation.
 
-How: the student's dsrl.py, the eval.py beside it and grader.py are copied into a fresh folder, and the tests
-import that folder (DSRL_UNDER_TEST), so nothing of the reference is imported in their place. Without an
+How: the student's dsrl.py, the eval.py beside it, grader.py and scale.py are copied into a fresh folder, and
+the tests import that folder (DSRL_UNDER_TEST), so nothing of the reference is imported in their place. Without an
 eval.py beside dsrl.py, the eval.py exercise is not graded (FAIL, with the reason). Each exercise runs in its
 own pytest process (forked from the grader after it imported torch and transformers, on Linux), one thread
 each, with a time limit (an endless loop is that exercise's FAIL); two run at a time by default (--jobs).
@@ -70,9 +70,9 @@ def stage(dsrl_path: str, folder: str) -> dict:
                 out.write(cut_bodies(fh.read(), cuts))
     else:
         shutil.copy(os.path.join(student, "eval.py"), os.path.join(folder, "eval.py"))
-    grader = os.path.join(student, "grader.py")  # the answer checker; not an exercise, the project's will do
-    grader = grader if os.path.isfile(grader) else os.path.join(ROOT, "grader.py")
-    shutil.copy(grader, os.path.join(folder, "grader.py"))
+    for name in ("grader.py", "scale.py"):  # modules dsrl.py imports; not exercises, the project's will do
+        source = os.path.join(student, name)
+        shutil.copy(source if os.path.isfile(source) else os.path.join(ROOT, name), os.path.join(folder, name))
     return {"dsrl": os.path.join(folder, "dsrl.py"), "missing_eval": missing_eval}
 
 

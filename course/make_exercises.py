@@ -27,7 +27,7 @@ EXERCISES = [
 ]
 # Copied unchanged (paths from the project root; a missing optional one is skipped). An allow-list, so that a new
 # instructor file cannot reach the students by accident.
-STUDENT_FILES = ["README.md", "grader.py", "test_dsrl.py", "requirements.txt", "testdata", "course/ASSIGNMENT.md",
+STUDENT_FILES = ["README.md", "grader.py", "scale.py", "test_dsrl.py", "requirements.txt", "testdata", "course/ASSIGNMENT.md",
                  "course/grade.py", "course/make_exercises.py", "course/tiny_task.py", "course/run_experiments.sh",
                  "course/summarize.py", "course/run_junk_experiment.sh", "course/junk_summary.py"]
 OPTIONAL = {"pytest.ini"}  # the root pytest configuration (markers), when the project has one
