@@ -212,6 +212,24 @@ def format_plan(plan, model_name="") -> str:
     return "\n".join(lines)
 
 
+CARDS_GB = (16, 24, 40, 80)  # the single GPUs users have: T4/V100-16, RTX 3090/4090/A10G/L4, A100-40, A100/H100-80
+CUDA_CONTEXT = GiB  # what the CUDA context and the allocator keep of a card before the run allocates anything
+
+
+def format_cards(config, args) -> str:
+    """--plan on a machine without a GPU: the same flags on one GPU of each common size (bf16 compute,
+    checkpointing as the flag says, on by default there). The answer to "will it fit my card?" before renting one."""
+    ckpt = args.gradient_checkpointing is not False
+    lines = [f"on one GPU with bf16 (gradient checkpointing {'on' if ckpt else 'off'}; free = card - 1 GiB):"]
+    for gb in CARDS_GB:
+        free = int(gb * 1e9) - CUDA_CONTEXT
+        plan = memory_plan(config, args, free, "cuda", torch.bfloat16, ckpt)
+        verdict = (f"fits, peak {plan['peak'] / GiB:.1f} GiB, --gen-batch-size {plan['gen_batch_size']}" if plan["fits"]
+                   else f"does NOT fit; use {plan['suggestion']}" if plan["suggestion"] else "does NOT fit even at --micro-batch-size 1: lower --max-new-tokens")
+        lines.append(f"  {gb:3d} GB card: {verdict}")
+    return "\n".join(lines)
+
+
 def free_device_memory(device):
     """Free bytes on a CUDA device now; None on CPU (memory there is rarely the limit, compute is)."""
     return torch.cuda.mem_get_info(torch.device(device))[0] if str(device).startswith("cuda") else None
@@ -232,6 +250,8 @@ def plan_run(args, model_name, device, dtype, error=ValueError):
         return {"gen_batch_size": args.gen_batch_size or args.prompts_per_step * args.group_size}
     print(format_plan(plan, model_name))  # stdout, with the step lines: stderr keeps the one-line errors
     if args.plan:
+        if not str(device).startswith("cuda"):
+            print(format_cards(config, args))
         sys.exit(0)
     if not plan["fits"]:
         fix = (f"use {plan['suggestion']}" if plan["suggestion"] else "even one group at --micro-batch-size 1 "

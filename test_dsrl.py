@@ -1626,8 +1626,8 @@ def test_bad_input_in_a_real_process_has_no_traceback(tmp_path):
     res = run_cli(["--model", "/no/such/model", "--output-dir", tmp_path / "o",
                    "--dataset", tmp_path / "missing.jsonl"])
     assert res.returncode == 2 and "Traceback" not in res.stderr
-    assert res.stderr.strip().splitlines() == [f"error: dataset file not found: {tmp_path / 'missing.jsonl'} "
-                                               "(give an existing .parquet/.jsonl file or a hub id)"]
+    assert res.stderr.strip().splitlines() == ["error: model path not found or without a config.json: /no/such/model "
+                                               "(give a model directory or a hub id)"]
 
 
 def test_malformed_rows_are_skipped_and_counted(tmp_path):
@@ -1976,8 +1976,8 @@ STUDENT_BUGS = [  # (exercise, file, reference line, the same line with a plausi
     (3, "dsrl.py", "return token_logprobs(model, states, y, y_mask, temperature, chunk), y_mask",  # full vocabulary
      "return (model.lm_head(states).float() / temperature).log_softmax(-1).gather(-1, y[..., None]).squeeze(-1) * y_mask, y_mask"),
     (4, "dsrl.py", "start = torch.full((y.shape[0], 1), start_id,", "start = torch.full((y.shape[0], 1), pad,"),  # wrong token
-    (4, "dsrl.py", "hidden = model.base_model(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state",
-     "hidden = model.base_model(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state.detach()"),
+    (4, "dsrl.py", "position_ids=positions, use_cache=False).last_hidden_state",
+     "position_ids=positions, use_cache=False).last_hidden_state.detach()"),
     (4, "dsrl.py", "return token_logprobs(model, hidden[:, :-1], y, y_mask, temperature, chunk), y_mask",  # full vocabulary
      "return (model.lm_head(hidden[:, :-1]).float() / temperature).log_softmax(-1).gather(-1, y[..., None]).squeeze(-1) * y_mask, y_mask"),
     (5, "dsrl.py", "dual = torch.minimum(loss, -adv * clip_dual)", "dual = loss"),  # no dual clip
@@ -2754,3 +2754,25 @@ def test_plan_flag_prints_the_plan_from_a_config_alone(tiny_model_dir, tmp_path)
                  "gradient checkpointing off", "peak"):
         assert part in res.stdout, part
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_plan_without_a_gpu_answers_for_common_cards(tmp_path, capsys):
+    """--plan on a machine without CUDA also plans the flags on one GPU of each common size (bf16, checkpointing on):
+    the question "will it fit my 24 GB card?" before renting one. The real Qwen3-0.6B config (written here, no
+    weights): the state alone is 16 bytes a parameter, so 9.5 GB; every card that fits shows a peak under its size,
+    a bigger card never does worse, and the 80 GB card runs all 128 sequences of the default step in one call."""
+    from transformers import Qwen3Config
+    Qwen3Config(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                num_key_value_heads=8, head_dim=128, tie_word_embeddings=True).save_pretrained(tmp_path / "q06")
+    with pytest.raises(SystemExit) as stop:
+        dsrl.main(["--plan", "--model", str(tmp_path / "q06"), "--device", "cpu", "--output-dir", str(tmp_path / "o")])
+    assert stop.value.code == 0
+    out = capsys.readouterr().out
+    cards = re.findall(r"^\s+(\d+) GB card: (fits, peak ([\d.]+) GiB, --gen-batch-size (\d+)|does NOT fit.*)$", out, re.M)
+    assert [int(c[0]) for c in cards] == [16, 24, 40, 80], out
+    fits = [c[1].startswith("fits") for c in cards]
+    assert fits == sorted(fits) and fits[-1], out  # once a card fits, every bigger one does
+    for gb, _, peak, batch in (c for c in cards if c[1].startswith("fits")):
+        assert float(peak) * 2 ** 30 <= int(gb) * 1e9 and int(batch) % 8 == 0, (gb, peak, batch)
+    assert cards[-1][3] == "128"
+    assert not os.path.exists(tmp_path / "o")
