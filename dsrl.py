@@ -458,9 +458,9 @@ def token_logprobs(model, states, targets, target_mask, temperature, chunk):
     return logp.masked_scatter(target_mask, torch.cat(parts)) if parts else logp
 
 def logprob_y_given_x(model, prompt_ids, response_ids, pad, temperature=1.0, chunk=256, share_prompt=True, checkpointing=False):
-    """log pi(y_t | x, y_<t) for each response token: the standard RL space. -> (logp, mask), (N, T). Prompts left-
-    padded, responses right-padded, positions from the attention mask. Samples of one prompt share one forward of it:
-    its KV cache is repeated per sample, gradients flow back through it (exact: the prompt does not see y)."""
+    """log pi(y_t | x, y_<t) per response token (the standard RL space) -> (logp, mask), (N, T). Prompts left-padded,
+    responses right-padded, positions from the mask. The samples of a prompt share one forward of it (its KV cache,
+    repeated per sample; exact: x does not see y). checkpointing: the response pass under scale.checkpointed_layers."""
     device = next(model.parameters()).device
     y, y_mask = right_pad(response_ids, pad, device)  # (N, T)
     rows = {}
@@ -486,7 +486,7 @@ def logprob_y_given_x(model, prompt_ids, response_ids, pad, temperature=1.0, chu
 
 def logprob_y(model, start_id, response_ids, pad, temperature=1.0, chunk=256, checkpointing=False):
     """log pi(y_t | <|im_start|>, y_<t): the pre-train space P(y). Input [<|im_start|>] + y, positions 0..|y|.
-    -> (logp, mask), (N, T)."""
+    -> (logp, mask), (N, T). checkpointing: the body's layers recompute in backward (scale.checkpointed_layers)."""
     device = next(model.parameters()).device
     y, y_mask = right_pad(response_ids, pad, device)  # (N, T)
     start = torch.full((y.shape[0], 1), start_id, dtype=torch.long, device=device)
