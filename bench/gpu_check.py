@@ -115,7 +115,8 @@ def memory_plan(config, args, device):
     except ImportError:
         return None
     import torch
-    free = torch.cuda.mem_get_info()[0] if device.startswith("cuda") else None
+    # the weights are on the device already: the plan counts them itself, so give it the memory before them
+    free = torch.cuda.mem_get_info()[0] + torch.cuda.memory_allocated() if device.startswith("cuda") else None
     return scale.memory_plan(config, args, free_bytes=free)
 
 
