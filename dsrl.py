@@ -1,8 +1,7 @@
 """dsrl.py - Dual Space RL (DSRL) for math reasoning, in one file.
 
 Paper:    From P(y|x) to P(y): Investigating Reinforcement Learning in Pre-train Space (Tan et al., 2026, 2604.14142).
-Official: github.com/Trae1ounG/Pretrain_Space_RLVR (a verl fork). Semantics reproduced here are
-          the ones of that code (ray_trainer.py, dp_actor.py, core_algos.py, run_code/DSRL_qwen3-4b.sh).
+Official: github.com/Trae1ounG/Pretrain_Space_RLVR, a verl fork whose semantics this file reproduces (see README).
 
 The idea in four lines. Sample G answers per problem from the policy P(y|x) and score them (0/1).
 NSR-PreRL: push DOWN log P(y) = sum_t log pi(y_t | <|im_start|>, y_<t) of the wrong answers, i.e. the
@@ -646,7 +645,8 @@ def train(args: Args, resume=None):
     run = start_run(args, resume)
     if args.eval_every and args.eval_before_train and run.first_step == 1:  # the curve's starting point: step 0
         append_jsonl(os.path.join(args.output_dir, "metrics.jsonl"),
-                     [{"step": 0, **evaluator.metrics_for_training(run.gen_model, run.tokenizer, args, run.dtype)}])
+                     [{"step": 0, **evaluator.metrics_for_training(run.gen_model, run.tokenizer, args, run.dtype,
+                                                                   run.gen_batch_size)}])
     bar = tqdm(range(run.first_step, args.steps + 1), initial=run.first_step - 1, total=args.steps, dynamic_ncols=True)
     for step in bar:
         t0 = time.time()
@@ -668,7 +668,7 @@ def train(args: Args, resume=None):
         # 5. log
         row = metrics_row(step, phase, ro, adv, stats, run.optimizer, t_gen, time.time() - t0)
         if args.eval_every and step % args.eval_every == 0:
-            row.update(evaluator.metrics_for_training(run.gen_model, run.tokenizer, args, run.dtype))
+            row.update(evaluator.metrics_for_training(run.gen_model, run.tokenizer, args, run.dtype, run.gen_batch_size))
         append_jsonl(os.path.join(args.output_dir, "metrics.jsonl"), [row])
         append_jsonl(os.path.join(args.output_dir, "samples.jsonl"), sample_rows(step, ro, adv, keep, args.group_size))
         tqdm.write(console_line(row))

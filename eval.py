@@ -236,11 +236,13 @@ def evaluate_accuracy(model, tokenizer, benchmarks, k, max_new_tokens, temperatu
     return results
 
 
-def metrics_for_training(model, tokenizer, args, dtype) -> dict:
-    """dsrl.py --eval-every: evaluate_accuracy on --eval-benchmarks, flattened to `eval/<bench>/<key>` metrics."""
+def metrics_for_training(model, tokenizer, args, dtype, gen_batch_size=None) -> dict:
+    """dsrl.py --eval-every: evaluate_accuracy on --eval-benchmarks, flattened to `eval/<bench>/<key>` metrics.
+    gen_batch_size: the sequences per generate call the trainer's memory plan resolved (default: --gen-batch-size)."""
+    batch = args.gen_batch_size if gen_batch_size is None else gen_batch_size
     results = evaluate_accuracy(model, tokenizer, [b for b in args.eval_benchmarks.split(",") if b], k=args.eval_k,
                                 max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                                dtype=dtype, gen_batch_size=args.gen_batch_size, reward=args.reward)
+                                dtype=dtype, gen_batch_size=batch, reward=args.reward)
     return {f"eval/{bench}/{key}": value for bench, res in results.items() for key, value in res.items()
             if isinstance(value, (int, float))}
 

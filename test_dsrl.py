@@ -2776,3 +2776,21 @@ def test_plan_without_a_gpu_answers_for_common_cards(tmp_path, capsys):
         assert float(peak) * 2 ** 30 <= int(gb) * 1e9 and int(batch) % 8 == 0, (gb, peak, batch)
     assert cards[-1][3] == "128"
     assert not os.path.exists(tmp_path / "o")
+
+
+def test_trainer_evaluates_with_the_sampling_batch_its_memory_plan_resolved(tiny_model_dir, tiny_data, tmp_path,
+                                                                              monkeypatch, capsys):
+    """Catches --eval-every sampling with the raw --gen-batch-size 0 ("all at once") instead of the batch the memory
+    plan resolved for the run (auto on CPU: every sequence of a step, here 2 prompts x 2 = 4 per call)."""
+    seen = []
+    real = dsrl.sample_responses
+
+    def spy(*a, **kw):
+        seen.append(kw.get("batch_size", a[7] if len(a) > 7 else None))
+        return real(*a, **kw)
+    monkeypatch.setattr(dsrl, "sample_responses", spy)
+    code, err = run_main(cli_args(tiny_model_dir, tiny_data, tmp_path / "run", steps=1, **{
+        "prompts-per-step": 2, "group-size": 2, "micro-batch-size": 2, "warmup-steps": 1, "eval-every": 1,
+        "eval-benchmarks": tiny_data, "eval-k": 2}), capsys)
+    assert code == 0, err[-2000:]
+    assert len(seen) == 3 and set(seen) == {4}, f"generate batch sizes (eval, step 1, eval): {seen}"
