@@ -720,7 +720,7 @@ def resolve_device(name: str) -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
 
 def resolve_dtype(name: str, device: str):  # auto: bf16 where the GPU has it natively, else fp32 (CPU, T4)
-    return scale.compute_dtype(name, resolve_device(device), UsageError)
+    return scale.compute_dtype(name, resolve_device(device))
 
 def load_model_and_tokenizer(name_or_path: str, device: str = "cpu"):
     """fp32 master weights (an AdamW update at lr 1e-6 vanishes in bf16 weights); compute runs in
@@ -768,7 +768,7 @@ def start_run(args: Args, resume=None) -> Run:
     check_args(args)
     device, (resume_path, state) = resolve_device(args.device), resume or (None, None)
     dtype = resolve_dtype(args.dtype, device)
-    plan = scale.plan_run(args, resume_path or args.model, device, dtype, UsageError)  # printed; --plan exits here
+    plan = scale.plan_run(args, resume_path or args.model, device, dtype)  # printed; --plan exits here
     prepare_output_dir(args, resume_path)
     if args.deterministic:  # before CUDA starts: cuBLAS needs a fixed workspace to repeat its sums
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")

@@ -100,12 +100,13 @@ def activation_bytes(config, n_seqs, n_prompts, prompt_len, response_len, elem, 
     return prompt + body + recompute + outside + mask
 
 
-def compute_dtype(name, device, error=ValueError):
+def compute_dtype(name, device):
     """--dtype: auto = bf16 on a GPU with native bf16, else fp32 (CPU, or a T4: fp32 compute works there, bf16
-    would be emulated). bf16 asked of a GPU without it raises `error` with one line, before anything loads."""
+    would be emulated). bf16 asked of a GPU without it is a UsageError (one line), before anything loads."""
     cuda = str(device).startswith("cuda")
     if name == "bfloat16" and cuda and not bf16_supported():
-        raise error(f"--dtype bfloat16: {torch.cuda.get_device_name()} has no native bf16; use --dtype auto (fp32)")
+        raise dsrl.UsageError(f"--dtype bfloat16: {torch.cuda.get_device_name()} has no native bf16; "
+                              "use --dtype auto (fp32)")
     if name != "auto":
         return getattr(torch, name)
     return torch.bfloat16 if cuda and bf16_supported() else torch.float32
@@ -130,8 +131,7 @@ def memory_plan(config, args, free_bytes=None, device=None, dtype=None, checkpoi
     (activations) each come on top of the training state and the sampling copy. `--gen-batch-size 0` resolves to
     the most whole groups whose sampling phase fits `free_bytes` (all of them when free_bytes is None).
     device, dtype, checkpointing: as resolved for the run (default: from args and this machine)."""
-    if device is None:
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = device or dsrl.resolve_device(args.device)
     dtype = dtype or compute_dtype(args.dtype, device)
     checkpointing = use_checkpointing(args, device) if checkpointing is None else checkpointing
     n_params = n_params or count_parameters(config)
@@ -225,7 +225,8 @@ def format_cards(config, args) -> str:
         free = int(gb * 1e9) - CUDA_CONTEXT
         plan = memory_plan(config, args, free, "cuda", torch.bfloat16, ckpt)
         verdict = (f"fits, peak {plan['peak'] / GiB:.1f} GiB, --gen-batch-size {plan['gen_batch_size']}" if plan["fits"]
-                   else f"does NOT fit; use {plan['suggestion']}" if plan["suggestion"] else "does NOT fit even at --micro-batch-size 1: lower --max-new-tokens")
+                   else f"does NOT fit; use {plan['suggestion']}" if plan["suggestion"]
+                   else "does NOT fit even at --micro-batch-size 1: lower --max-new-tokens")
         lines.append(f"  {gb:3d} GB card: {verdict}")
     return "\n".join(lines)
 
@@ -235,18 +236,19 @@ def free_device_memory(device):
     return torch.cuda.mem_get_info(torch.device(device))[0] if str(device).startswith("cuda") else None
 
 
-def plan_run(args, model_name, device, dtype, error=ValueError):
-    """Print the plan of this run. --plan: then exit 0, like --help. A run that cannot fit raises `error` with one
-    line naming flags that fit, before any data or weights are loaded. -> the plan"""
+def plan_run(args, model_name, device, dtype):
+    """Print the plan of this run. --plan: then exit 0, like --help. A run that cannot fit raises a UsageError with
+    one line naming flags that fit, before any data or weights are loaded. -> the plan"""
     config = model_config(model_name)
     if config is None:
-        raise error(f"model path not found or without a config.json: {model_name} (give a model directory or a hub id)")
+        raise dsrl.UsageError(f"model path not found or without a config.json: {model_name} (give a model directory "
+                              "or a hub id)")
     try:
         plan = memory_plan(config, args, free_device_memory(device), device, dtype)
     except AttributeError as e:  # a config without the decoder sizes the formulas read (not Qwen/Llama-like)
         if args.plan:
-            raise error(f"no memory plan for {model_name}: its config has no {e.name} (a Qwen/Llama-style decoder "
-                        "config is needed)")
+            raise dsrl.UsageError(f"no memory plan for {model_name}: its config has no {e.name} "
+                                  "(a Qwen/Llama-style decoder config is needed)")
         return {"gen_batch_size": args.gen_batch_size or args.prompts_per_step * args.group_size}
     print(format_plan(plan, model_name))  # stdout, with the step lines: stderr keeps the one-line errors
     if args.plan:
@@ -256,8 +258,8 @@ def plan_run(args, model_name, device, dtype, error=ValueError):
     if not plan["fits"]:
         fix = (f"use {plan['suggestion']}" if plan["suggestion"] else "even one group at --micro-batch-size 1 "
                "--gradient-checkpointing does not fit: use a smaller --model or --max-new-tokens")
-        raise error(f"this run does not fit: needs {plan['peak'] / GiB:.1f} GiB, {plan['free_bytes'] / GiB:.1f} GiB "
-                    f"free on {device}; {fix} (see python dsrl.py --plan)")
+        raise dsrl.UsageError(f"this run does not fit: needs {plan['peak'] / GiB:.1f} GiB, "
+                              f"{plan['free_bytes'] / GiB:.1f} GiB free on {device}; {fix} (see python dsrl.py --plan)")
     return plan
 
 
@@ -364,7 +366,7 @@ def train_rows(a: "dsrl.Args"):
             return sum(1 for line in fh if line.strip()), a.dataset
     except Exception as e:
         raise dsrl.UsageError(f"cannot read dataset file {a.dataset}: {type(e).__name__} "
-                         "(is it a valid parquet/jsonl file?)")
+                              "(is it a valid parquet/jsonl file?)")
 
 
 def val_files(a: "dsrl.Args") -> list:
@@ -455,8 +457,9 @@ def verl_command(a: "dsrl.Args") -> str:
     assumed = rows is None
     rows = MATH_ROWS if assumed else rows
     if rows < a.prompts_per_step:
-        raise dsrl.UsageError(f"--prompts-per-step {a.prompts_per_step} exceeds the {rows} rows of {a.dataset}: verl drops "
-                         "the last partial batch, so it would have no batch at all; use fewer prompts per step")
+        raise dsrl.UsageError(f"--prompts-per-step {a.prompts_per_step} exceeds the {rows} rows of {a.dataset}: "
+                              "verl drops the last partial batch, so it would have no batch at all; "
+                              "use fewer prompts per step")
     values = verl_values(a, rows, train_file)
     lines = ["python3 -m verl.trainer.main_ppo"] + [f"{k}={shlex.quote(str(v))}" for k, v in values.items()]
     return "\n".join(verl_comments(a, rows, assumed, values) + [" \\\n    ".join(lines)])
