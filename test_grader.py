@@ -498,3 +498,76 @@ def test_vectors_and_explicit_base_ten():
     assert math_reward("\\boxed{\\langle 1,2\\rangle}", "(1,2)") == 1.0
     assert math_reward("\\boxed{\\langle 1,2\\rangle}", "(2,1)") == 0.0
     assert math_reward("\\boxed{5_{10}}", "5") == 1.0
+
+
+# ---------------------------------------------------------------- eight classes of answers the checker had never seen
+PMATRIX = '\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}'
+UNSEEN_CLASSES = {  # (answer, gold, right?): right answers accepted AND near misses refused, per class
+    'negative_mixed_number': [  # -3 1/8 is -(3 + 1/8), never -3 x 1/8
+        ('-\\frac{25}{8}', '-3\\frac{1}{8}', 1), ('-3.125', '-3\\frac{1}{8}', 1), ('-3\\frac18', '-\\frac{25}{8}', 1),
+        ('-15.6', '-15\\frac{3}{5}', 1), ('-2\\tfrac{1}{4}', '-\\frac94', 1), ('- 1 \\frac{1}{2}', '-1.5', 1),
+        ('(-3\\frac{1}{8}, 2)', '(-\\frac{25}{8}, 2)', 1), ('5-3\\frac{1}{8}', '\\frac{15}{8}', 1),
+        ('-\\frac{3}{8}', '-3\\frac{1}{8}', 0), ('-\\frac{23}{8}', '-3\\frac{1}{8}', 0), ('\\frac{25}{8}', '-3\\frac18', 0),
+        ('-0.375', '-3\\frac{1}{8}', 0), ('-\\frac{3x}{8}', '-3\\frac{x}{8}', 1)],  # with a variable: a product
+    'comma_list_or_thousands': [  # a plain "30,150" gold is read both ways: a list of answers or one number
+        ('150^\\circ, 30^\\circ', '30,150', 1), ('150,30', '30,150', 1), ('30, 150', '30,150', 1),
+        ('\\{315, 45, 225, 135\\}', '45,135,225,315', 1), ('256, 81', '81,256', 1), ('1657', '1,657', 1),
+        ('12650', '12,650', 1), ('1{,}000{,}000', '1,000,000', 1), ('1,386', '1386', 1), ('120^\\circ, 60^\\circ', '60,120', 1),
+        ('30', '30,150', 0), ('150, 30, 0', '30,150', 0), ('30, 151', '30,150', 0), ('3015', '30,150', 0),
+        ('1, 0', '1,000', 0), ('1,000', '1, 0', 0), ('60, 120', '60,121', 0)],
+    'qualifier_words': [  # a bound or an estimate is not the value; a unit or "exactly" still goes
+        ('\\text{at least } 12', '12', 0), ('\\text{at most } 12', '12', 0), ('\\text{about } 12', '12', 0),
+        ('\\text{approximately } 3.5', '3.5', 0), ('\\text{more than } 100', '100', 0), ('\\text{fewer than }5', '5', 0),
+        ('\\text{At least } 12', '12', 0), ('12', '\\text{at least } 12', 0), ('\\text{at least } 12', '\\text{at most } 12', 0),
+        ('\\text{roughly } 7 \\text{ cm}', '7', 0), ('12 \\text{ at most}', '12', 0),
+        ('\\text{at least } 12', '\\text{at least } 12', 1), ('\\text{at least }12', 'at least 12', 1),
+        ('12 \\text{ apples}', '12', 1), ('\\approx 3.14', '3.14', 1), ('\\text{exactly } 12', '12', 1),
+        ('12\\text{ cm}', '12', 1)],
+    'choice_letter_with_value': [  # "(C) 17" is the choice C and the value 17
+        ('\\textbf{(C)}\\ 17', '17', 1), ('(C) 17', '17', 1), ('(B)\\ \\frac{1}{2}', '0.5', 1),
+        ('\\text{(E) } 2\\sqrt{3}', '\\sqrt{12}', 1), ('17', '\\textbf{(C)}\\ 17', 1), ('\\textbf{(C)}\\ 17', 'C', 1),
+        ('\\textbf{(C)}\\ 18', '17', 0), ('\\textbf{(C)}', '17', 0), ('C', '17', 0), ('(C) 17', 'D', 0),
+        ('(C) 17', '(D) 17', 0), ('\\textbf{(A)}\\ 0.5', '\\frac13', 0)],
+    'lower_case_choice': [  # (b) is the choice B against a choice; alone, b stays a variable
+        ('\\text{(b)}', 'B', 1), ('(b)', '(B)', 1), ('\\textbf{(e)}', '\\textbf{(E)}', 1), ('(c) 17', 'C', 1),
+        ('(d)', 'D', 1), ('(b)', 'b', 1),
+        ('\\text{(b)}', 'C', 0), ('(a)', 'B', 0), ('b', 'B', 0), ('(b)', 'c', 0), ('\\text{(d)}', '(E)', 0)],
+    'segment_and_arc': [  # \overline{PQ} and the arc marks over point names are the name PQ
+        ('\\overline{PQ}', 'PQ', 1), ('PQ', '\\overline{PQ}', 1), ('\\overline{AB}', '\\overline{AB}', 1),
+        ('\\overarc{AB}', 'AB', 1), ('\\wideparen{ABC}', 'ABC', 1), ('\\overset{\\frown}{AC}', 'AC', 1),
+        ("\\overline{A'B'}", "A'B'", 1), ('\\overline{AB} = 5', '5', 1),
+        ('\\overline{PQ}', 'QP', 0), ('\\overline{PQ}', 'PR', 0), ('\\overline{z}', 'z', 0),
+        ('0.\\overline{3}', '0.3', 0), ('\\overarc{AB}', 'AC', 0)],
+    'scalar_times_matrix': [  # c M is the matrix of c times each entry
+        ('\\frac{1}{2}\\begin{pmatrix}2&4\\\\6&8\\end{pmatrix}', PMATRIX, 1),
+        ('2\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}', '\\begin{pmatrix}2&4\\\\6&8\\end{pmatrix}', 1),
+        ('-\\begin{pmatrix}1\\\\-2\\end{pmatrix}', '\\begin{pmatrix}-1\\\\2\\end{pmatrix}', 1),
+        ('\\frac{1}{5} \\begin{bmatrix} 5 & 10 \\end{bmatrix}', '(1, 2)', 1),
+        ('3 \\cdot \\begin{pmatrix} 1 \\\\ 0 \\end{pmatrix}', '\\begin{pmatrix}3\\\\0\\end{pmatrix}', 1),
+        ('\\frac12 \\left[\\begin{array}{cc} 2 & 4 \\\\ 6 & 8 \\end{array}\\right]', PMATRIX, 1),
+        (PMATRIX, '\\frac{1}{2}\\begin{pmatrix}2&4\\\\6&8\\end{pmatrix}', 1),
+        ('A = ' + PMATRIX, PMATRIX, 1),
+        ('\\frac{1}{2}\\begin{pmatrix}2&4\\\\6&8\\end{pmatrix}', '\\begin{pmatrix}2&4\\\\6&8\\end{pmatrix}', 0),
+        ('2' + PMATRIX, PMATRIX, 0), ('-' + PMATRIX, PMATRIX, 0),
+        ('x\\begin{pmatrix}1\\\\1\\end{pmatrix}', '(1, 1)', 0),
+        ('\\frac{1}{2}\\begin{pmatrix}2&4&6&8\\end{pmatrix}', PMATRIX, 0)],
+    'base_subscript': [  # the digits must agree; when both sides name a base, the values too
+        ('3', '3_8', 1), ('1', '1_7', 1), ('3_8', '3', 1), ('3_{8}', '3', 1), ('204', '204_5', 1),
+        ('1011', '1011_2', 1), ('3_{10}', '3_8', 1), ('5_{10}', '5', 1), ('5_{10}', '\\frac{10}{2}', 1),
+        ('4', '3_8', 0), ('11', '1011_2', 0), ('3', '13_8', 0), ('12_{10}', '12_8', 0), ('1011_3', '1011_2', 0),
+        ('8', '10_8', 0), ('3_8', '4', 0)],
+}
+
+
+@pytest.mark.parametrize('kind', sorted(UNSEEN_CLASSES))
+def test_unseen_answer_classes_both_directions(kind):
+    wrong = [(answer, gold, want) for answer, gold, want in UNSEEN_CLASSES[kind]
+             if math_reward(box(answer), gold) != float(want)]
+    assert wrong == [], kind
+
+
+def test_unseen_answer_classes_through_the_official_shortcut():
+    """A qualified value is a hedge: the official scorer's "\\text{ " cut does not make it right."""
+    assert official_reward(box('12 \\text{ at most}'), '12') == 1.0
+    assert reward_outcome(box('12 \\text{ at most}'), '12') == (0.0, 'wrong')
+    assert grader.grade('\\text{about } 12', '\\text{about } 12', official_equal=True) == (1.0, 'right')
