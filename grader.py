@@ -82,7 +82,9 @@ Rules for ambiguous cases
   through the official shortcut: any answer is "wrong" (no box: "no_box"), reward 0.
 * \\pm: one \\pm (or \\mp) is the list of both values (\\pm 3 = "3, -3"; 3 != \\pm 3).
 * Empty set: \\emptyset, \\varnothing, \\{\\}, "empty", "none" (any case) are all the empty set.
-* Numbers: 2\\frac14 is a mixed number (9/4); 3.2e7 = 3.2 \\times 10^7; a \\over b = \\frac{a}{b}.
+* Numbers: 2\\frac14 is a mixed number (9/4), and so is a negative one: -3\\frac18 = -(3 + 1/8) = -25/8, never
+  -3 x 1/8 (a fraction of letters stays a product: -3\\frac{x}{8} = -3x/8); 3.2e7 = 3.2 \\times 10^7;
+  a \\over b = \\frac{a}{b}.
 * Limits: an answer or gold over MAX_ANSWER_CHARS is "unparseable" (only the official shortcut can
   make it right), as is an overflow or a division by zero; a scalar that does not parse is "wrong".
 """
@@ -466,10 +468,13 @@ class _LatexParser:
 
     def term(self):
         node = self.unary()
-        if node[0] == 'num' and node[1].denominator == 1 and self.peek() == ('cmd', 'frac'):
+        negative = node[0] == 'neg' and node[1][0] == 'num'  # -3\frac18 = -(3 + 1/8), not -3 * 1/8
+        whole = node[1] if negative else node
+        if whole[0] == 'num' and whole[1].denominator == 1 and self.peek() == ('cmd', 'frac'):
             fraction = self.power()  # mixed number 2\frac14 = 2 + 1/4
-            both_numbers = fraction[1][0] == fraction[2][0] == 'num'
-            return ('add', node, fraction) if both_numbers else ('mul', node, fraction)
+            if fraction[1][0] == fraction[2][0] == 'num':
+                return ('neg', ('add', whole, fraction)) if negative else ('add', whole, fraction)
+            return ('mul', node, fraction)
         while True:
             kind, value = self.peek()
             if value == '*' or (kind == 'cmd' and value in ('cdot', 'times', 'ast')):
