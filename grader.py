@@ -49,9 +49,19 @@ Rules for ambiguous cases
   Digit groups of three after 1-3 leading digits, joined by ",\\!", "{,}", "\\,", "\\!", "\\ ", "~" or a
   space, are one number anywhere, also inside a tuple: 1,\\!234,\\!567 = 1\\,234\\,567 = 1 234 567 =
   1234567, (1,\\!234, 5) = (1234, 5); "1 234" != 234. A bare "1,234" inside brackets still separates.
+* Ambiguous: a plain comma between digit groups of three ("30,150", "1,657") is a thousands number or a
+  list of two answers, and only the problem's wording tells which (in MATH train 42 of 45 such golds are
+  numbers, 3 are lists of angles or roots). Both readings are accepted, on either side: "30150",
+  "150, 30" and "150^\\circ, 30^\\circ" all equal "30,150"; refused are what matches neither ("30",
+  "3015", "30, 151"). So the one number 30150 stays right against a gold that meant two angles: refusing
+  it would also refuse the 93 % of such golds that are numbers. A group starting with 0 ("1,000") or a
+  decimal ("306,956.63") is a number only; "1{,}000", "1,\\!000" and "1, 000" are what they say.
 * Lists: a bare comma list is a set of answers, unordered ("1, 2" = "2, 1"), as is \\{1, 2\\}; a
   ';' list is ordered; tuples and intervals are ordered and their brackets matter ((1,2) != [1,2]);
-  one root of several is wrong. A union of intervals is unordered.
+  one root of several is wrong. A union of intervals is unordered. Ambiguous: a ranking or sequence
+  written as a bare list ("3, 1, 2") is ordered only in the problem's wording, which the checker does
+  not see: it is compared as a set, so a ranking in another order is accepted. Bare lists in golds
+  are mostly "enter all solutions, separated by commas", where any order is right.
 * Intervals and inequalities: a one-variable inequality equals its interval ("x < 1" =
   (-\\infty, 1), "2 < x \\le 5" = (2, 5]). Two inequalities with two sides each are compared after
   turning > into < (2 \\le x = x \\ge 2), and also match when right minus left of one is a positive
@@ -368,13 +378,20 @@ def _clean_answer(s):
     if _DOUBT_RE.search(s.lower()):
         return None
     s = _peel(_rewrite_notation(_unwrap_text_commands(s)))
-    if _THOUSANDS_RE.match(s):
-        s = s.replace(',', '')
     if s.lower() in EMPTY_WORDS or s in ('\\{ \\}', '\\{\\}'):
         s = '\\emptyset'
     if _ALL_REALS_RE.fullmatch(s):
         s = _ALL_REALS
     return s or None
+
+
+def _comma_readings(s):
+    """"30,150" is one number with a thousands comma and also the list "30, 150": both readings; "1,000" is
+    only a number (a list member is not written "000"), and "1, 2" or "1{,}000" only what they are."""
+    if not _THOUSANDS_RE.match(s):
+        return [s]
+    number = s.replace(',', '')
+    return [number] if re.search(r',0|\.', s) else [number, s]
 
 
 def _text_form(s):
@@ -1057,10 +1074,11 @@ def _compare(answer, gold):
     parts = [p for p in _APPROX_RE.split(cleaned) if p.strip()] if cleaned else []
     if not parts:
         return 0.0, 'wrong'
+    # "x \approx 2.45" or "\sqrt{6} \approx 2.45": the exact form or the stated value may match
+    readings = [r for p in parts[:2] + parts[-1:] for r in _comma_readings(p)]
     for variant in _gold_variants(gold):
         cleaned_gold = _clean_answer(variant)
-        # "x \approx 2.45" or "\sqrt{6} \approx 2.45": the exact form or the stated value may match
-        if cleaned_gold and any(_answers_equal(p, cleaned_gold) for p in parts[:2] + parts[-1:]):
+        if cleaned_gold and any(_answers_equal(r, g) for g in _comma_readings(cleaned_gold) for r in readings):
             return 1.0, 'right'
     return 0.0, 'wrong'
 
