@@ -35,7 +35,13 @@ Rules for ambiguous cases
   C; when either side is a choice, only the letters are compared. "(A)+(B)" is not a choice.
 * Percent: p\\%, "p percent" and p% equal both p and p/100 (50\\% = 50 = 0.5).
 * Units and words after a number are dropped: 5\\text{ cm}^2 = 5, "125 miles" = 125, "5 apples" = 5,
-  \\$5.00 = 5. Other \\text{} wrappers are unwrapped.
+  \\$5.00 = 5, "exactly 12" = 12. Other \\text{} wrappers are unwrapped.
+* Qualifiers: a bound or an estimate (QUALIFIER_WORDS: at least, at most, more/less/fewer than, up to,
+  about, approximately, roughly, nearly, ...) is not the value: "\\text{at least } 12", "about 12" and
+  "12 \\text{ at most}" are wrong against 12, and 12 is wrong against a gold "at least 12". The words
+  must be the same on both sides (then they go like units: "\\text{at least }12" = "at least 12"). Like
+  a hedge, a qualified answer gets no official shortcut. The sign \\approx is no qualifier: it states a
+  rounded value (below).
 * Approximations: "x \\approx 2.45" or "\\sqrt{6} \\approx 2.45" matches by its exact form or by the
   stated value; a gold written two ways ("\\frac23 \\approx 0.67", "0.56=56") accepts either way.
   A rounded value never equals an exact irrational (1.414 != \\sqrt2, 0.33 != 1/3).
@@ -133,6 +139,9 @@ UNIT_WORDS = ('units', 'unit', 'square', 'sq', 'cubic', 'cm', 'mm', 'km', 'meter
               'ways', 'times', 'points', 'pages', 'cups', 'm', 'g', 's', 'min', 'hr')
 HEDGE_WORDS = ('or', 'and')            # "42 or 43" becomes the list "42, 43"
 DOUBT_WORDS = ('maybe', 'possibly', 'either', 'probably', '?')   # "maybe 42" is wrong
+QUALIFIER_WORDS = ('no more than', 'no less than', 'no fewer than', 'not more than', 'not less than', 'at least',
+                   'at most', 'more than', 'less than', 'fewer than', 'greater than', 'smaller than', 'up to',
+                   'approximately', 'approx', 'about', 'around', 'roughly', 'nearly', 'almost', 'circa')
 FUNCTIONS = ('arcsin', 'arccos', 'arctan', 'sinh', 'cosh', 'tanh', 'sin', 'cos', 'tan', 'sec',
              'csc', 'cot', 'ln', 'log', 'exp')
 GREEK = ('alpha', 'beta', 'gamma', 'delta', 'theta', 'phi', 'varphi', 'lambda', 'mu', 'omega',
@@ -163,6 +172,8 @@ _ALL_REALS = '(-\\infty,\\infty)'
 _PERCENT_RE = re.compile(r'\\%|\\text\{\s*percent\s*\}|\s*percent\b')
 _DOUBT_RE = re.compile(r'(?<![a-z])(?:%s)(?![a-z])' % '|'.join(re.escape(w) for w in DOUBT_WORDS))
 _HEDGE_RE = re.compile(r'(?<![a-zA-Z])(?:%s)(?![a-zA-Z])' % '|'.join(HEDGE_WORDS + DOUBT_WORDS[:-1]))
+_QUALIFIER_RE = re.compile(r'(?i)(?<![a-zA-Z\\])(?:%s)(?![a-zA-Z])' % '|'.join(
+    w.replace(' ', r'\s+') for w in QUALIFIER_WORDS))  # "\approx" is a sign, not the word
 _LONG_UNIT_RE = re.compile(r'(?<=[\d}\s)])\s*(?:%s)\.?(?:\^\{?[23]\}?)?\s*$' % '|'.join(
     w for w in UNIT_WORDS if len(w) > 1))
 _SHORT_UNIT_RE = re.compile(r'(?<=\d)\s+(?:%s)\s*$' % '|'.join(w for w in UNIT_WORDS if len(w) == 1))
@@ -1062,6 +1073,11 @@ def _gold_variants(gold):
     return out or [gold]
 
 
+def _qualifiers(s):
+    """The bound and estimate words of s ("at least 12" -> ['at least']): a qualified value is not the value."""
+    return sorted(' '.join(m.lower().split()) for m in _QUALIFIER_RE.findall(s))
+
+
 def _is_hedge(s):
     """A list of guesses joined by "or"/"and", or a doubt word ("maybe 42"). The official scorer cuts
     "\\text{ or } 43" away as a unit and would reward the hedge; the labels (and we) call it wrong."""
@@ -1070,15 +1086,16 @@ def _is_hedge(s):
 
 def _compare(answer, gold):
     """(reward, outcome) of the equivalence check alone, under the running deadline."""
-    cleaned = _clean_answer(answer)
+    qualifiers = _qualifiers(answer)  # "at least 12" is only "at least 12"; the words then go like units
+    cleaned = _clean_answer(_QUALIFIER_RE.sub(' ', answer))
     parts = [p for p in _APPROX_RE.split(cleaned) if p.strip()] if cleaned else []
     if not parts:
         return 0.0, 'wrong'
     # "x \approx 2.45" or "\sqrt{6} \approx 2.45": the exact form or the stated value may match
     readings = [r for p in parts[:2] + parts[-1:] for r in _comma_readings(p)]
     for variant in _gold_variants(gold):
-        cleaned_gold = _clean_answer(variant)
-        if cleaned_gold and any(_answers_equal(r, g) for g in _comma_readings(cleaned_gold) for r in readings):
+        cleaned_gold = _clean_answer(_QUALIFIER_RE.sub(' ', variant))
+        if cleaned_gold and _qualifiers(variant) == qualifiers and any(_answers_equal(r, g) for g in _comma_readings(cleaned_gold) for r in readings):
             return 1.0, 'right'
     return 0.0, 'wrong'
 
@@ -1095,7 +1112,8 @@ def grade(answer, gold, official_equal=False):
     try:
         # The official scorer reads "42 \text{ or } 43" as "42" plus units; a hedge skips that shortcut
         # and is compared as the list it is (right against a gold "42, 43", wrong against "42").
-        hedged = answer is not None and _is_hedge(answer) and not _is_hedge(gold)
+        hedged = answer is not None and (_is_hedge(answer) and not _is_hedge(gold)
+                                         or _qualifiers(answer) != _qualifiers(gold))  # "12 \text{ at most}"
         if not _EMPTY_GOLD_RE.sub('', gold):  # no label: nothing matches it, not even the official scorer
             return 0.0, 'no_box' if answer is None else 'wrong'
         if official_equal and not hedged:
