@@ -32,7 +32,11 @@ Rules for ambiguous cases
   hedges itself ("\\text{A or B}") keeps the official shortcut. A doubt word (maybe, possibly,
   either, probably, "?") makes the answer wrong.
 * Multiple choice: a letter A-E alone, "(C)", "\\textbf{(C)}" or "(C) 12" (also "(C)12") is the choice
-  C; when either side is a choice, only the letters are compared. "(A)+(B)" is not a choice.
+  C; when both sides are choices, only the letters are compared ("(C) 17" = C != "(D) 17"). A choice
+  with its value also equals the value alone: "\\textbf{(C)}\\ 17" = 17, "(C) 18" != 17, and a bare
+  "(C)" or "C" never equals a value. A lower-case "(b)" or "\\text{(b)}" is the choice B against a
+  choice ("(b)" = B); against anything else it stays the variable b in brackets ("(b)" = b), so
+  "(c) 17" != 17 (it reads as 17c), and a bare "b" is never a choice. "(A)+(B)" is not a choice.
 * Percent: p\\%, "p percent" and p% equal both p and p/100 (50\\% = 50 = 0.5).
 * Units and words after a number are dropped: 5\\text{ cm}^2 = 5, "125 miles" = 125, "5 apples" = 5,
   \\$5.00 = 5, "exactly 12" = 12. Other \\text{} wrappers are unwrapped.
@@ -411,10 +415,12 @@ def _text_form(s):
     return s.lower() if re.fullmatch(r'[A-Za-z]{2,}', s) else s
 
 
-def _choice_letter(s):
-    """A multiple-choice answer: "C", "(C)" or "(C) 12" (spaces may be gone: "(C)12") -> "C"."""
-    m = re.fullmatch(r'\(([A-E])\)(?!\s*[-+*/^=,]|.*\([A-E]\)).*|([A-E])', s.strip(), re.S)  # not "(A)+(B)"
-    return (m.group(1) or m.group(2)) if m else None
+def _choice(s, lower_case=False):
+    """A multiple-choice answer: "C", "(C)" or "(C) 12" (spaces may be gone: "(C)12") -> ("C", "12" or None).
+    A lower-case "(c)" only when lower_case (against another choice: alone it is the variable c)."""
+    letters = 'A-Ea-e' if lower_case else 'A-E'
+    m = re.fullmatch(r'\(([%s])\)(?!\s*[-+*/^=,]|.*\([A-Ea-e]\))\s*(.*)|([A-E])' % letters, s.strip(), re.S)
+    return ((m.group(1) or m.group(3)).upper(), m.group(2) or None) if m else None  # not "(A)+(B)"
 
 
 # ---------------------------------------------------------------- LaTeX -> tuple tree
@@ -1043,9 +1049,13 @@ def _percent_readings(s):
 
 
 def _scalars_equal(a, b):
-    letter_a, letter_b = _choice_letter(a), _choice_letter(b)
-    if letter_a or letter_b:
-        return letter_a == letter_b
+    choice_a, choice_b = _choice(a), _choice(b)
+    if choice_a or choice_b:  # against a choice, "(b)" is the choice B too
+        choice_a, choice_b = choice_a or _choice(a, lower_case=True), choice_b or _choice(b, lower_case=True)
+        if choice_a and choice_b:
+            return choice_a[0] == choice_b[0]
+        (_, value), other = (choice_a, b) if choice_a else (choice_b, a)
+        return value is not None and _answers_equal(value, other)  # "(C) 17" against 17
     if '%' in a + b:
         return any(_scalars_equal(x, y) for x in _percent_readings(a) for y in _percent_readings(b))
     number_a, number_b = _leading_number(a), _leading_number(b)
