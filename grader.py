@@ -87,6 +87,10 @@ Rules for ambiguous cases
 * Equations: "x = 5" against "5" compares the right-hand side; two equations are equal when their
   sides match or one is a non-zero multiple of the other (2x+2y=2 = x+y=1). A leading "x \\in" is
   dropped.
+* Segments and arcs: \\overline{PQ}, \\overarc{AB}, \\wideparen{ABC}, \\overset{\\frown}{AC} over the names
+  of two or more points (capitals, primes allowed) are the name itself: \\overline{PQ} = PQ. The letters
+  keep their order (\\overline{PQ} != QP: a name cannot be told from a code word); \\overline over
+  anything else stays what it was (\\overline{z} is a conjugate, 0.\\overline{3} a repeating decimal).
 * Multi-letter words are text, compared without case ("Sunday"), never as a product of variables
   (LQXS != LQSX); a single letter is a variable, except e and i (Euler's number, imaginary unit).
 * Free variables are sampled at positive points (0.25 to 2.25), so \\sqrt{x^2} = x and |x| = x.
@@ -181,6 +185,9 @@ _QUALIFIER_RE = re.compile(r'(?i)(?<![a-zA-Z\\])(?:%s)(?![a-zA-Z])' % '|'.join(
 _LONG_UNIT_RE = re.compile(r'(?<=[\d}\s)])\s*(?:%s)\.?(?:\^\{?[23]\}?)?\s*$' % '|'.join(
     w for w in UNIT_WORDS if len(w) > 1))
 _SHORT_UNIT_RE = re.compile(r'(?<=\d)\s+(?:%s)\s*$' % '|'.join(w for w in UNIT_WORDS if len(w) == 1))
+_POINT_NAMES = r"\s*([A-Z]'*(?:\s*[A-Z]'*)+)\s*"  # names of two or more points: AB, A'B', ABC
+_SEGMENT_RE = re.compile(r'\\(?:overline|overarc|wideparen|overparen|arc)\s*\{%s\}|'
+                         r'\\(?:overset|stackrel)\s*\{\s*\\frown\s*\}\s*\{%s\}' % (_POINT_NAMES, _POINT_NAMES))
 _REPEATING_RE = re.compile(r'(\d*)\.(\d*)\\overline\{(\d{1,30})\}')
 _APPROX_RE = re.compile(r'\\approx|≈')
 _THOUSANDS_RE = re.compile(r'^[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?$')
@@ -363,8 +370,9 @@ def _normalise_symbols(s):
 
 def _rewrite_notation(s):
     """\\over, trailing units, "x \\in", 3.2e7, repeating decimals, \\langle\\rangle, base 10."""
-    if '\\over' in s and '\\overline' not in s:
-        numerator, denominator = s.split('\\over', 1)
+    s = _SEGMENT_RE.sub(lambda m: re.sub(r'\s', '', m.group(1) or m.group(2)), s)  # \overline{PQ} -> PQ
+    if re.search(r'\\over(?![a-zA-Z])', s):
+        numerator, denominator = re.split(r'\\over(?![a-zA-Z])', s, maxsplit=1)
         s = '\\frac{%s}{%s}' % (numerator, denominator)
     s = _LONG_UNIT_RE.sub('', s)
     s = _SHORT_UNIT_RE.sub('', s)
