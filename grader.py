@@ -99,6 +99,9 @@ Rules for ambiguous cases
   inside ( ) or [ ] is that matrix: \\left[\\begin{array}{cc}1&2\\\\3&4\\end{array}\\right] = the pmatrix or
   bmatrix, with or without the column spec; \\hline is ignored. Shapes must agree (1x4 != 2x2) unless
   both are vectors (a row equals the column of the same entries); | | around an array is a determinant.
+  A scalar factor in front is multiplied into every entry: \\frac12\\begin{pmatrix}2&4\\\\6&8\\end{pmatrix} =
+  \\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}, -\\begin{pmatrix}1\\\\-2\\end{pmatrix} = (-1, 2), 2M != M; the factor must
+  parse as a scalar ("A = M" stays an equation), and never scales a determinant (c|M| != |cM|).
 * Invisible delimiters: a \\left/\\right pair with a '.' side is decoration and is dropped whole, its
   other side too: \\left. 5 \\right. = 5, \\left. \\frac12 \\right| = 1/2, \\left\\{ 1, 2 \\right. = "1, 2".
   A visible pair stays (\\left| -3 \\right| = 3).
@@ -841,13 +844,37 @@ def _matrix_rows(body):
     return [[cell.strip() for cell in row.split('&')] for row in rows]
 
 
+def _matrix_factor(s):
+    """"c \\begin{pmatrix}.." -> ("c", "\\begin{pmatrix}.."): a scalar factor in front of a matrix, else (None, s)."""
+    start = s.find('\\begin{')
+    if start <= 0:
+        return None, s
+    head, body = s[:start].rstrip(), s[start:]
+    if head[-1:] in ('(', '['):  # the matrix's own bracket: \frac12 [\begin{array}..]
+        head, body = head[:-1].rstrip(), head[-1] + body
+    head = re.sub(r'\\(?:cdot|times)$', '', head).strip()
+    head = {'-': '-1', '+': '1'}.get(head, head)
+    if not head:
+        return None, s
+    try:
+        _parse(head)  # only a scalar is a factor: "A = \begin{pmatrix}.." is an equation
+    except _Unparseable:
+        return None, s
+    return head, body
+
+
 def _matrix_match(s):
-    """\\begin{pmatrix}..\\end{pmatrix}, also inside ( ) or [ ] (\\left[\\begin{array}{cc}..\\end{array}\\right])."""
+    """(match, factor) of \\begin{pmatrix}..\\end{pmatrix}, also inside ( ) or [ ]
+    (\\left[\\begin{array}{cc}..\\end{array}\\right]), maybe after a scalar factor (\\frac12\\begin{pmatrix}..)."""
+    factor, s = _matrix_factor(s)
     bracketed = _BRACKETED_MATRIX_RE.match(s)
     if bracketed:
         inner = bracketed.group(1) or bracketed.group(2)
         s = inner if inner.count('\\begin{') == 1 else s
-    return _MATRIX_RE.match(s)
+    m = _MATRIX_RE.match(s)
+    if factor and m and m.group(1) in ('vmatrix', 'Vmatrix'):
+        return None, None  # c|M| is not |cM|: a scaled determinant is no matrix
+    return m, factor
 
 
 def _point_or_interval(sides, relations):
@@ -878,9 +905,10 @@ def _inequality_union(s):
 def _answer_structure(s):
     """(kind, payload): matrix / union / set / bracketed (tuple or interval) / ordered_list / list /
     relation / scalar. Bare comma lists are answer sets (unordered), ';' lists are ordered."""
-    m = _matrix_match(s)
+    m, factor = _matrix_match(s)
     if m:
-        return 'matrix', _matrix_rows(m.group(2))
+        rows = _matrix_rows(m.group(2))
+        return 'matrix', [['(%s)(%s)' % (factor, cell) for cell in row] for row in rows] if factor else rows
     intervals = _inequality_union(s)
     if intervals:
         return 'union', intervals
