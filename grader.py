@@ -54,7 +54,11 @@ Rules for ambiguous cases
   90^\\circ != \\pi/2.
 * Vectors: \\langle 1, 2\\rangle is the tuple (1, 2); a one-row or one-column matrix equals the tuple
   of its entries.
-* Bases: an explicit base 10 is dropped (5_{10} = 5); another base (1011_2) is compared as text only.
+* Bases: a number with a base subscript (1011_2, 3_{8}, A2_{11}) is compared by its digits, and when
+  both sides name a base, also by value: the subscript only names the base the problem asked for, so
+  the same digits without it are right (3 = 3_8, 1011 = 1011_2, 5 = 5_{10}), the same value in other
+  digits is not (11 != 1011_2, 8 != 10_8), nor the same digits in another base (12_{10} != 12_8, though
+  3_{10} = 3_8). An explicit base 10 is also its decimal value (5_{10} = \\frac{10}{2}).
 * Thousands separators: 1,386 = 1{,}386 = 1\\,386 = 1386, also inside a scalar (\\frac{1}{29,322,216}).
   Digit groups of three after 1-3 leading digits, joined by ",\\!", "{,}", "\\,", "\\!", "\\ ", "~" or a
   space, are one number anywhere, also inside a tuple: 1,\\!234,\\!567 = 1\\,234\\,567 = 1 234 567 =
@@ -372,7 +376,7 @@ def _normalise_symbols(s):
 
 
 def _rewrite_notation(s):
-    """\\over, trailing units, "x \\in", 3.2e7, repeating decimals, \\langle\\rangle, base 10."""
+    """\\overline{PQ}, \\over, trailing units, "x \\in", 3.2e7, repeating decimals, \\langle\\rangle."""
     s = _SEGMENT_RE.sub(lambda m: re.sub(r'\s', '', m.group(1) or m.group(2)), s)  # \overline{PQ} -> PQ
     if re.search(r'\\over(?![a-zA-Z])', s):
         numerator, denominator = re.split(r'\\over(?![a-zA-Z])', s, maxsplit=1)
@@ -382,8 +386,7 @@ def _rewrite_notation(s):
     s = re.sub(r'^[a-zA-Z]\s*\\in(?![a-zA-Z])\s*', '', s.replace('{,}', ',').strip())
     s = re.sub(r'^([-+]?\d+(?:\.\d+)?)[eE]([-+]?\d+)$', r'\1\\times10^{\2}', s)
     s = _REPEATING_RE.sub(_repeating_decimal_as_fraction, s)
-    s = re.sub(r'\\langle(?![a-zA-Z])', '(', re.sub(r'\\rangle(?![a-zA-Z])', ')', s))
-    return re.sub(r'^(\d+)_\{?10\}?$', r'\1', s)  # an explicit base 10 changes nothing
+    return re.sub(r'\\langle(?![a-zA-Z])', '(', re.sub(r'\\rangle(?![a-zA-Z])', ')', s))
 
 
 def _peel(s):
@@ -1078,6 +1081,30 @@ def _leading_number(s):
     return m.group(1) if m and re.search(r'[A-Za-z]{3}', m.group(2)) else None
 
 
+def _based_literal(s):
+    """"1011_2", "3_{8}", "A2_{11}" -> (digits, base) when the digits (0-9, A-Z above ten, one 0-9 at least)
+    are valid in a base 2-36; else None ("x_1" is a variable)."""
+    m = re.fullmatch(r'([0-9A-Z]*\d[0-9A-Z]*)_\{?(\d{1,2})\}?', s.replace(' ', ''))
+    if not m or not 2 <= int(m.group(2)) <= 36:
+        return None
+    try:
+        int(m.group(1), int(m.group(2)))  # at most MAX_ANSWER_CHARS digits: cheap
+    except ValueError:  # a digit too big for the base: 9_8
+        return None
+    return m.group(1).lstrip('0') or '0', int(m.group(2))
+
+
+def _based_equal(based_a, a, based_b, b):
+    """A number in a named base: the digits must agree (3 = 3_8, 1011 = 1011_2, 11 != 1011_2), and when
+    both sides name a base, the values too (3_{10} = 3_8, 12_{10} != 12_8). 5_{10} = \\frac{10}{2}."""
+    if based_a and based_b:
+        return based_a[0] == based_b[0] and int(*based_a) == int(*based_b)
+    (digits, base), other = (based_a, b.strip()) if based_a else (based_b, a.strip())
+    if re.fullmatch(r'[0-9A-Z]+', other):
+        return digits == (other.lstrip('0') or '0')
+    return base == 10 and _scalars_equal(digits, other)
+
+
 def _percent_readings(s):
     """p% reads as p and as p/100; without a % sign, only as itself."""
     bare = s.replace('%', '')
@@ -1094,6 +1121,9 @@ def _scalars_equal(a, b):
         return value is not None and _answers_equal(value, other)  # "(C) 17" against 17
     if '%' in a + b:
         return any(_scalars_equal(x, y) for x in _percent_readings(a) for y in _percent_readings(b))
+    based_a, based_b = _based_literal(a), _based_literal(b)
+    if based_a or based_b:
+        return _based_equal(based_a, a, based_b, b)
     number_a, number_b = _leading_number(a), _leading_number(b)
     if number_a or number_b:  # drop the trailing words, then compare again
         return _scalars_equal(number_a or a, number_b or b)
