@@ -471,6 +471,9 @@ HOSTILE = [
     '\\left(' * 160 + '\\right.' * 100, '\\right|' * 140, 'x<1 \\text{ or } ' * 60 + 'x>2', 'x<1 or ' * 140,
     '\\mathbb' + ' ' * 900 + 'R', 'all' + ' ' * 900 + 'real', '[' * 400 + '\\begin{array}' + ']' * 400,
     '(\\begin{array}' * 70 + ')' * 70, '1{,} ' * 190 + '123', '\\left[\\begin{array}{' + 'c' * 900 + '}',
+    '1,' + ','.join(['234'] * 240), '-3\\frac{1}{8}' * 70, '\\frac12' * 140 + '\\begin{pmatrix}' + '1&' * 200 + '\\end{pmatrix}',
+    '\\text{at least }' * 58, 'at ' * 330, '(b)' * 330, '(C) ' + '(' * 400, '1' * 900 + '_2', '\\overline{' + 'AB' * 400 + '}',
+    '-' * 900 + '\\begin{pmatrix}1\\end{pmatrix}', '2\\begin{pmatrix}' * 60,
 ]
 
 
