@@ -13,7 +13,7 @@ Command line, to see why a response got its reward:   python grader.py RESPONSE 
 
 Design (why it is safe and fast)
 * Whatever the official string scorer accepts is right (the caller passes its verdict), except a
-  hedge (below). Otherwise the answer and the gold are cleaned (units, \\text, \\left, degrees, \\$ ...),
+  hedge or a qualified value ("at least 12", below). Otherwise the answer and the gold are cleaned (units, \\text, \\left, degrees, \\$ ...),
   split into their structure (matrix / union / set / bracketed tuple or interval / list / relation /
   scalar), and each scalar is parsed into a tuple tree.
 * Scalars are compared exactly when both are rational, otherwise numerically at 60 digits, at three
@@ -58,7 +58,9 @@ Rules for ambiguous cases
   both sides name a base, also by value: the subscript only names the base the problem asked for, so
   the same digits without it are right (3 = 3_8, 1011 = 1011_2, 5 = 5_{10}), the same value in other
   digits is not (11 != 1011_2, 8 != 10_8), nor the same digits in another base (12_{10} != 12_8, though
-  3_{10} = 3_8). An explicit base 10 is also its decimal value (5_{10} = \\frac{10}{2}).
+  3_{10} = 3_8). An explicit base 10 is also its decimal value (5_{10} = \\frac{10}{2}). Without the
+  problem the checker trusts the digits: a bare 1011 against 1011_2 is almost surely the base-2 answer
+  with its subscript left out, hardly the decimal one thousand and eleven.
 * Thousands separators: 1,386 = 1{,}386 = 1\\,386 = 1386, also inside a scalar (\\frac{1}{29,322,216}).
   Digit groups of three after 1-3 leading digits, joined by ",\\!", "{,}", "\\,", "\\!", "\\ ", "~" or a
   space, are one number anywhere, also inside a tuple: 1,\\!234,\\!567 = 1\\,234\\,567 = 1 234 567 =
