@@ -560,7 +560,7 @@ class _LatexParser:
     def single_digit(self):
         """LaTeX takes one character as an ungrouped argument: \\frac34, x^23."""
         kind, value = self.peek()
-        if kind == 'num' and len(value) > 1:
+        if kind == 'num' and len(value) > 1 and value[0] != '.':
             self.tokens[self.position] = ('num', value[1:])
             return ('num', Fraction(value[0]))
         return None
@@ -599,8 +599,8 @@ class _LatexParser:
         return node
 
     def number(self, literal):
-        if self.peek()[1] == '_':
-            raise _Unparseable()  # base-n literal such as 10001_2: compared as text only
+        if self.peek()[1] == '_' or not literal.strip('.'):
+            raise _Unparseable()  # base-n literal such as 10001_2 (compared by its digits), or the '.' of "\frac1."
         return ('num', Fraction(literal.rstrip('.') if literal.endswith('.') else literal))
 
     def variable(self, name):

@@ -223,6 +223,13 @@ def test_never_raises_on_junk():
         assert isinstance(r[0], float) and r[1] in ('right', 'wrong', 'no_box', 'unparseable', 'timeout')
 
 
+def test_a_decimal_point_as_an_ungrouped_argument():
+    """LaTeX takes ".9" whole after \\sqrt: no stray '.' literal (it once escaped as a ValueError)."""
+    assert grader.grade('\\sqrt.9', '\\sqrt{0.9}') == (1.0, 'right')
+    assert grader.grade('\\frac.5 2', '0.25') == (1.0, 'right')
+    assert grader.grade('\\frac1.', '1') == (0.0, 'wrong')
+
+
 def test_thread_safety_matches_serial():
     serial = [math_reward(c['response'], c['gold']) for c in DEV_CASES]
     out = {}
