@@ -13,9 +13,9 @@ Command line, to see why a response got its reward:   python grader.py RESPONSE 
 
 Design (why it is safe and fast)
 * Whatever the official string scorer accepts is right (the caller passes its verdict), except a
-  hedge or a qualified value ("at least 12", below). Otherwise the answer and the gold are cleaned (units, \\text, \\left, degrees, \\$ ...),
-  split into their structure (matrix / union / set / bracketed tuple or interval / list / relation /
-  scalar), and each scalar is parsed into a tuple tree.
+  hedge or a qualified value ("at least 12", below). Otherwise the answer and the gold are cleaned
+  (units, \\text, \\left, degrees, \\$ ...), split into their structure (matrix / union / set / bracketed
+  tuple or interval / list / relation / scalar), and each scalar is parsed into a tuple tree.
 * Scalars are compared exactly when both are rational, otherwise numerically at 60 digits, at three
   fixed points when free variables appear. Identities agree to ~1e-55 and equality asks for 1e-40
   (relative), so a rounded decimal never equals an irrational.
@@ -1173,7 +1173,8 @@ def _compare(answer, gold):
     readings = [r for p in parts[:2] + parts[-1:] for r in _comma_readings(p)]
     for variant in _gold_variants(gold):
         cleaned_gold = _clean_answer(_QUALIFIER_RE.sub(' ', variant))
-        if cleaned_gold and _qualifiers(variant) == qualifiers and any(_answers_equal(r, g) for g in _comma_readings(cleaned_gold) for r in readings):
+        if cleaned_gold and _qualifiers(variant) == qualifiers and any(
+                _answers_equal(r, g) for g in _comma_readings(cleaned_gold) for r in readings):
             return 1.0, 'right'
     return 0.0, 'wrong'
 
