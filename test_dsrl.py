@@ -221,20 +221,6 @@ def test_group_advantages_with_unbiased_std():
     assert adv[4:8].tolist() == [0.0] * 4 and adv[12:].tolist() == [0.0] * 4, "an all-equal group must give A = 0"
 
 
-def test_group_advantages_hints_name_the_mistake():
-    """The course grader's hint for exercise 1 names the formula the student used: a per-batch std is told apart
-    from a biased per-group one (torch, against the plain-Python variants of the hint)."""
-    r = torch.tensor(REWARDS, dtype=torch.float32).view(-1, 4)
-    centred = r - r.mean(1, keepdim=True)
-    per_batch = (centred / (r.std() + 1e-6)).flatten().tolist()
-    biased = (centred / (r.std(1, keepdim=True, unbiased=False) + 1e-6)).flatten().tolist()
-    batch_mean = (r - r.mean()).flatten().tolist()
-    assert advantage_mistake(per_batch, REWARDS, 4, True) == ADVANTAGE_MISTAKES[("group", "batch", True)]
-    assert advantage_mistake(biased, REWARDS, 4, True) == ADVANTAGE_MISTAKES[("group", "group", False)]
-    assert advantage_mistake(batch_mean, REWARDS, 4, False) == ADVANTAGE_MISTAKES[("batch", None, True)]
-    assert "unbiased std of the group" in advantage_mistake([0.0] * 16, REWARDS, 4, True)
-
-
 def test_sample_masks_nsr_psr_all():
     adv = torch.tensor([0.75, -0.25, -0.25, -0.25, 0, 0, 0, 0, -0.5, -0.5, 0.5, 0.5, 0, 0, 0, 0])  # A of REWARDS in P(y)
     neg = dsrl.sample_mask(adv, "neg").tolist()
