@@ -27,11 +27,11 @@ EXERCISES = [
     (7, "dsrl.py", "phase_for_step", "the DSRL schedule: NSR-PreRL for steps 1..W, then GRPO (W = D - 1)"),
     (8, "eval.py", "pass_at_k", "the unbiased pass@k estimator from n samples with c right"),
 ]
-# Copied unchanged (paths from the project root; a missing optional one is skipped). An allow-list, so that a new
-# instructor file cannot reach the students by accident.
-STUDENT_FILES = ["README.md", "grader.py", "scale.py", "test_dsrl.py", "test_grader.py", "requirements.txt", "testdata",
-                 "bench/README.md", "course/ASSIGNMENT.md", "course/WRITEUP.md", "course/grade.py", "course/make_exercises.py",
-                 "course/tiny_task.py", "course/run_experiments.sh", "course/summarize.py",
+# Copied (paths from the project root; a missing optional one is skipped; test_dsrl.py and README.md as
+# student_text gives them). An allow-list, so that a new instructor file cannot reach the students by accident.
+STUDENT_FILES = ["README.md", "grader.py", "scale.py", "test_dsrl.py", "test_grader.py", "requirements.txt",
+                 "testdata", "bench/README.md", "course/ASSIGNMENT.md", "course/WRITEUP.md", "course/grade.py",
+                 "course/make_exercises.py", "course/tiny_task.py", "course/run_experiments.sh", "course/summarize.py",
                  "course/run_junk_experiment.sh", "course/junk_summary.py"]
 OPTIONAL = {"pytest.ini"}  # the root pytest configuration (markers), when the project has one
 INSTRUCTOR_ONLY = ["course/INSTRUCTOR.md", "course/RUBRIC.md", "course/gradescope", "course/test_course.py",
@@ -40,7 +40,8 @@ INSTRUCTOR_ONLY = ["course/INSTRUCTOR.md", "course/RUBRIC.md", "course/gradescop
 # exercise 3's cache lines) and the reference's line budget (a student's solution may be longer). Left out of the
 # copy's test_dsrl.py; none of them is a spec test of the grader.
 REFERENCE_ONLY_TESTS = ["test_readme_install_and_test_lines_are_what_ci_runs",
-                        "test_dsrl_reads_in_the_papers_order_and_stays_short", "test_gpu_check_tiny_mode_writes_every_section"]
+                        "test_dsrl_reads_in_the_papers_order_and_stays_short",
+                        "test_gpu_check_tiny_mode_writes_every_section"]
 # The copy's README runs the tests the copy has (course/test_course.py stays with the instructor)
 README_IN_COPY = [("test_dsrl.py test_grader.py course/test_course.py   #", "test_dsrl.py test_grader.py   #")]
 

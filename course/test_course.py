@@ -13,6 +13,8 @@ import re
 import shutil
 import subprocess
 import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import pytest
 
@@ -175,6 +177,58 @@ def test_every_relative_link_in_the_copys_markdown_resolves(tmp_path):
             where = os.path.normpath(os.path.join(tmp_path / "copy", os.path.dirname(path), target.split("#")[0]))
             assert os.path.exists(where), f"{path} links to {target}, which the copy does not have"
     assert checked >= 3  # README's links to the sheet and to bench/README.md
+
+
+def test_copy_tests_name_only_files_the_copy_has(tmp_path):
+    """Every project file the copy's tests open by name (os.path.join(HERE, ...)) is in the copy; the tests of the
+    repository's own shape (REFERENCE_ONLY_TESTS) are not, and nothing else is left out."""
+    kit.make_copy(str(tmp_path / "copy"))
+    opened = []
+    for name in ("test_dsrl.py", "test_grader.py"):
+        text = (tmp_path / "copy" / name).read_text()
+        for args in re.findall(r"os\.path\.join\(HERE, ((?:\"[^\"]+\",\s*)*\"[^\"]+\")\)", text):
+            opened.append(os.path.join(*re.findall(r'"([^"]+)"', args)))
+            path = opened[-1]
+            assert path.startswith("..") or (tmp_path / "copy" / path).exists(), f"{name} opens {path}, not in the copy"
+    assert len(opened) >= 8, opened  # ../shared is outside any project: those tests skip without it
+    ours, theirs = (set(re.findall(r"^def (test_\w+)", (d / "test_dsrl.py").read_text(), re.M))
+                    for d in (Path(ROOT), tmp_path / "copy"))
+    assert ours - theirs == set(kit.REFERENCE_ONLY_TESTS) and theirs <= ours
+    assert not set(kit.REFERENCE_ONLY_TESTS) & {t for tests in grade.SPEC_TESTS.values() for t in tests}
+
+
+def junit_failures(report):
+    """{test id: failure message} of a pytest --junitxml report, and the number of tests it ran."""
+    cases = list(ET.parse(report).iter("testcase"))
+    failed = {c.get("name"): (c.find("failure") if c.find("failure") is not None else c.find("error")).get("message")
+              for c in cases if c.find("failure") is not None or c.find("error") is not None}
+    return failed, len(cases)
+
+
+@pytest.mark.slow
+def test_copy_pytest_passes_with_a_solution_and_fails_only_on_the_exercises(tmp_path):
+    """The copy's own pytest (quick tier, and the course test that grades the copy with its own kit): with the
+    exercises empty every failure is an exercise's NotImplementedError; with a correct solution that is longer
+    than the reference (a student's comments), nothing fails."""
+    copy = tmp_path / "copy"
+    kit.make_copy(str(copy))
+
+    def copy_pytest(report, *extra):
+        return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}",
+                               *extra], capture_output=True, text=True, timeout=1800, cwd=copy,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", "DSRL_UNDER_TEST": ""})
+    copy_pytest(tmp_path / "empty.xml", "-m", "not slow", "test_dsrl.py", "test_grader.py")
+    failed, ran = junit_failures(tmp_path / "empty.xml")
+    assert ran > 100 and failed, ran
+    others = {t: m for t, m in failed.items() if "NotImplementedError: Exercise" not in (m or "")}
+    assert not others, f"failures in the empty copy that are not an exercise's: {others}"
+    solution = reference("dsrl.py").replace('    """A_i = r_i - mean_g r,', "    # my notes\n" * 20 + '    """A_i = r_i - mean_g r,')
+    (copy / "dsrl.py").write_text(solution)  # 20 lines longer than the reference
+    shutil.copy(os.path.join(ROOT, "eval.py"), copy / "eval.py")
+    res = copy_pytest(tmp_path / "solved.xml", "test_dsrl.py", "test_grader.py", "-k",
+                      "not slow or test_course_reference_scores_full_and_the_exercise_copy_zero")
+    failed, ran = junit_failures(tmp_path / "solved.xml")
+    assert ran > 100 and not failed, (failed, res.stdout[-2000:])
 
 
 # ---- The grader ---------------------------------------------------------------------------------------------
@@ -360,6 +414,46 @@ def test_exercise_1_hints_name_the_mistake():
     assert spec.advantage_mistake(biased, spec.REWARDS, 4, True) == spec.ADVANTAGE_MISTAKES[("group", "group", False)]
     assert spec.advantage_mistake(batch_mean, spec.REWARDS, 4, False) == spec.ADVANTAGE_MISTAKES[("batch", None, True)]
     assert "unbiased std of the group" in spec.advantage_mistake([0.0] * 16, spec.REWARDS, 4, True)
+
+# ---- Gradescope: setup.sh and run_autograder in a folder laid out as Gradescope lays it out ---------------------
+def autograder(root):
+    """root/source: the autograder zip as INSTRUCTOR.md builds it (the student copy, setup.sh, run_autograder)."""
+    kit.make_copy(str(root / "source"))
+    for name in ("setup.sh", "run_autograder"):
+        shutil.copy(os.path.join(HERE, "gradescope", name), root / "source" / name)
+    env = {**os.environ, "AUTOGRADER_ROOT": str(root), "PYTHON": sys.executable, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    return env
+
+
+def submit(root, env, dsrl_source, eval_source):
+    """One submission: the files in root/submission, run_autograder -> results.json."""
+    shutil.rmtree(root / "submission", ignore_errors=True)
+    (root / "submission").mkdir()
+    (root / "submission" / "dsrl.py").write_text(dsrl_source)
+    (root / "submission" / "eval.py").write_text(eval_source)
+    res = subprocess.run(["bash", root / "source" / "run_autograder"], capture_output=True, text=True, env=env,
+                         timeout=1800)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return json.loads((root / "results" / "results.json").read_text())
+
+
+@pytest.mark.slow
+def test_gradescope_setup_and_run_autograder_grade_the_reference_and_the_empty_copy(tmp_path):
+    root = tmp_path / "autograder"
+    env = autograder(root)
+    # setup.sh installs with pip; here every package is already installed, so pip keeps them (no download)
+    res = subprocess.run(["bash", root / "source" / "setup.sh"], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0 and "Requirement already satisfied: torch" in res.stdout, res.stdout[-1000:] + res.stderr
+    full = submit(root, env, reference("dsrl.py"), reference("eval.py"))
+    assert (full["score"], full["max_score"]) == (100, 100), full
+    assert [t["name"] for t in full["tests"]] == [grade.title(p, name) for p, _, name in grade.parts()]
+    assert all(t["score"] == t["max_score"] == grade.POINTS[p] and t["output"] == "PASS"
+               for t, (p, *_) in zip(full["tests"], grade.parts()))
+    empty = submit(root, env, (root / "source" / "dsrl.py").read_text(), (root / "source" / "eval.py").read_text())
+    assert (empty["score"], empty["max_score"]) == (0, 100), empty
+    assert all(t["output"].startswith(f"FAIL (NotImplementedError: Exercise {n}:")
+               for t, (_, n, _) in zip(empty["tests"], grade.parts())), empty["tests"]
+
 
 # ---- Exercise 3: credit for the method by any route, then for the shared prompt forward --------------------------
 CONCATENATED = '''
