@@ -62,11 +62,10 @@ def cut_bodies(source: str, cuts: dict) -> str:
 
 
 def drop_functions(source: str, names: list) -> str:
-    """Remove the top-level functions named (with their decorators and the blank lines after them)."""
+    """Remove the top-level functions named (with their decorators and the blank lines after them); a name that
+    is not there is skipped (a copy made from a copy; test_course.py checks that the reference has them all)."""
     lines = source.splitlines(keepends=True)
     functions = [n for n in ast.parse(source).body if isinstance(n, ast.FunctionDef) and n.name in names]
-    if len(functions) != len(names):
-        raise SystemExit(f"error: {sorted(set(names) - {f.name for f in functions})} not found; the tests changed")
     for fn in sorted(functions, key=lambda f: -f.lineno):
         start, end = min([fn.lineno] + [d.lineno for d in fn.decorator_list]) - 1, fn.end_lineno
         while end < len(lines) and not lines[end].strip():
@@ -82,7 +81,7 @@ def student_text(name: str, text: str) -> str:
         return drop_functions(text, REFERENCE_ONLY_TESTS)
     if name == "README.md":
         for old, new in README_IN_COPY:
-            if text.count(old) != 1:
+            if text.count(old) != 1 and new not in text:  # (in a copy made from a copy, the new text is there)
                 raise SystemExit(f"error: README.md no longer holds {old!r} once; update README_IN_COPY")
             text = text.replace(old, new)
     return text

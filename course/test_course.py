@@ -179,7 +179,7 @@ def test_every_relative_link_in_the_copys_markdown_resolves(tmp_path):
     assert checked >= 3  # README's links to the sheet and to bench/README.md
 
 
-def test_copy_tests_name_only_files_the_copy_has(tmp_path):
+def test_copy_tests_name_only_files_the_copy_has(tmp_path, monkeypatch):
     """Every project file the copy's tests open by name (os.path.join(HERE, ...)) is in the copy; the tests of the
     repository's own shape (REFERENCE_ONLY_TESTS) are not, and nothing else is left out."""
     kit.make_copy(str(tmp_path / "copy"))
@@ -194,6 +194,12 @@ def test_copy_tests_name_only_files_the_copy_has(tmp_path):
     ours, theirs = (set(re.findall(r"^def (test_\w+)", (d / "test_dsrl.py").read_text(), re.M))
                     for d in (Path(ROOT), tmp_path / "copy"))
     assert ours - theirs == set(kit.REFERENCE_ONLY_TESTS) and theirs <= ours
+    readme = (tmp_path / "copy" / "README.md").read_text()  # its test line runs the tests the copy has
+    assert all(new in readme and old not in readme for old, new in kit.README_IN_COPY)
+    monkeypatch.setattr(kit, "ROOT", str(tmp_path / "copy"))  # a copy of the copy (its own course test makes one)
+    kit.make_copy(str(tmp_path / "copy2"))
+    for name in ("README.md", "test_dsrl.py", "dsrl.py", "eval.py"):
+        assert (tmp_path / "copy2" / name).read_text() == (tmp_path / "copy" / name).read_text(), name
     assert not set(kit.REFERENCE_ONLY_TESTS) & {t for tests in grade.SPEC_TESTS.values() for t in tests}
 
 
@@ -258,6 +264,13 @@ def test_grader_usage_errors_are_one_line_and_exit_2(tmp_path):
         res = run_grade(*args, timeout=60)
         assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
         assert res.stderr.strip().splitlines()[-1].startswith("grade.py: error: "), res.stderr
+
+
+def test_instructor_numbers_name_their_library_versions():
+    """The reference outcomes depend on the versions of torch and transformers (random streams, kernels)."""
+    guide = reference("course/INSTRUCTOR.md")
+    for library in ("torch", "transformers", "tokenizers", "Python"):
+        assert re.search(rf"{library} \d+\.\d+\.\d+", guide), f"INSTRUCTOR.md does not name the {library} version"
 
 
 def test_gradescope_json_adds_up_the_sheet_points():
