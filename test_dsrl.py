@@ -170,23 +170,53 @@ def small_args(**kw):
 # 1-2. Advantages and masks on hand-made rewards
 # ----------------------------------------------------------------------------------------------------
 REWARDS = [1, 0, 0, 0,  1, 1, 1, 1,  0, 0, 1, 1,  0, 0, 0, 0]  # 4 groups of G = 4
+ADVANTAGE_MISTAKES = {  # (mean over, std over (None: no std), std unbiased) of a wrong formula -> the hint
+    ("batch", None, True): "you subtracted the mean of the whole batch; subtract the mean of each group (G samples)",
+    ("group", "group", False): "your std divides by G (biased, like np.std); torch.std's unbiased std divides by G - 1",
+    ("group", "batch", True): "your std is over the whole batch; take it per group (over the G samples of one prompt)",
+    ("group", "batch", False): "your std is over the whole batch and biased; take it per group, unbiased (G - 1)",
+    ("batch", "batch", True): "your mean and std are over the whole batch; take both per group (G samples)",
+    ("batch", "group", True): "your mean is over the whole batch; subtract the mean of each group (G samples)",
+}
+
+
+def advantage_mistake(got, rewards, group_size, use_std):
+    """The hint for the wrong formula that `got` matches (plain Python), or a statement of the right one."""
+    def mean_std(xs, unbiased):
+        m = sum(xs) / len(xs)
+        return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - unbiased))
+    for (mean_over, std_over, unbiased), hint in ADVANTAGE_MISTAKES.items():
+        if (std_over is None) == use_std:
+            continue
+        want = []
+        for i, r in enumerate(rewards):
+            group = rewards[i // group_size * group_size:(i // group_size + 1) * group_size]
+            mean = mean_std(rewards if mean_over == "batch" else group, True)[0]
+            std = mean_std(rewards if std_over == "batch" else group, unbiased)[1] if std_over else None
+            want.append((r - mean) / (std + 1e-6) if std_over else r - mean)
+        if len(got) == len(want) and all(abs(a - b) < 1e-4 for a, b in zip(got, want)):
+            return hint
+    return ("A = r - group mean, divided by (unbiased std of the group + 1e-6)" if use_std else
+            "in P(y) A = r - group mean, no std")
 
 
 def test_group_advantages_without_std_is_reward_minus_group_mean():
     adv = dsrl.group_advantages(REWARDS, 4, use_std=False)
     expected = [0.75, -0.25, -0.25, -0.25, 0, 0, 0, 0, -0.5, -0.5, 0.5, 0.5, 0, 0, 0, 0]
     assert adv.tolist() == expected, (f"A = {[round(a, 3) for a in adv.tolist()[:4]]} for rewards [1,0,0,0] without "
-                                      "std, expected [0.75,-0.25,-0.25,-0.25]: in P(y) A = r - group mean, no std")
+                                      "std, expected [0.75,-0.25,-0.25,-0.25]: "
+                                      + advantage_mistake(adv.tolist(), REWARDS, 4, False))
 
 
 def test_group_advantages_with_unbiased_std():
     adv = dsrl.group_advantages(REWARDS, 4, use_std=True)
+    hint = advantage_mistake(adv.tolist(), REWARDS, 4, True)
     # group 1: mean 0.25, unbiased std = sqrt((0.75^2 + 3 * 0.25^2) / 3) = 0.5
     assert torch.allclose(adv[:4], torch.tensor([0.75, -0.25, -0.25, -0.25]) / (0.5 + 1e-6)), (
-        f"A = {adv[0].item():.3f} for rewards [1,0,0,0], expected 1.5: (r - mean) / (std + 1e-6), std unbiased")
+        f"A = {adv[0].item():.3f} for rewards [1,0,0,0], expected 1.5: {hint}")
     # group 3: std = sqrt(4 * 0.25 / 3)
     assert torch.allclose(adv[8:12], torch.tensor([-0.5, -0.5, 0.5, 0.5]) / (math.sqrt(1 / 3) + 1e-6)), (
-        f"A = {adv[8:12].tolist()} for rewards [0,0,1,1], expected -/+0.866: the std is per group")
+        f"A = {[round(a, 3) for a in adv[8:12].tolist()]} for rewards [0,0,1,1], expected -/+0.866: {hint}")
     # all-equal groups (all right, all wrong) are exactly zero, not 0/eps noise
     assert adv[4:8].tolist() == [0.0] * 4 and adv[12:].tolist() == [0.0] * 4, "an all-equal group must give A = 0"
 
@@ -291,7 +321,7 @@ def test_logprob_y_given_x_equals_models_own_cross_entropy(plain):
     model, tok = plain
     prompts, responses = _rollouts(tok)
     pad = dsrl.pad_id(tok)
-    logp, mask = dsrl.logprob_y_given_x(model, prompts, responses, pad, temperature=1.0, chunk=5)
+    logp, mask = dsrl.logprob_y_given_x(model, prompts, responses, pad, temperature=1.0, chunk=5, share_prompt=False)
     # independent: the model's full-vocabulary logits on the same left-padded batch, HF cross-entropy
     x, xm = dsrl.left_pad(prompts, pad, "cpu")
     y, ym = dsrl.right_pad(responses, pad, "cpu")
@@ -307,21 +337,23 @@ def test_logprob_y_given_x_equals_models_own_cross_entropy(plain):
     assert (logp[~mask] == 0).all(), "padding positions of log P(y|x) must be 0"
 
 
-@pytest.mark.parametrize("share", [True, False])
+@pytest.mark.parametrize("share", [True, False], ids=["shared", "separate"])
 def test_shared_prompt_forward_equals_separate_forwards(plain, share):
     """Samples of one prompt share its forward (KV cache repeated), or not (share_prompt=False): either way each
-    row's log-probs are those of the model on [prompt] + y alone, and the gradients those of that reference."""
+    row's log-probs are those of the model on [prompt] + y alone, and the gradients those of that reference.
+    The course grades [separate] with exercise 3a (any correct route) and [shared] with 3b (the optimisation)."""
     model, tok = plain
     prompts, responses = _rollouts(tok)
     prompts = [prompts[0], prompts[1], prompts[0], prompts[2], prompts[1]]  # repeated, different lengths
     responses = [responses[0], responses[1], responses[2], responses[1], responses[0]]
     weights = torch.arange(1.0, 6.0)  # a different weight per sample
     model.zero_grad(set_to_none=True)
-    logp, mask = dsrl.logprob_y_given_x(model, prompts, responses, dsrl.pad_id(tok), chunk=4, share_prompt=share)
+    logp, mask = dsrl.logprob_y_given_x(model, prompts, responses, dsrl.pad_id(tok), temperature=0.8, chunk=4,
+                                        share_prompt=share)
     ((logp * mask).sum(1) * weights).sum().backward()
     ours = _grads(model)
     model.zero_grad(set_to_none=True)
-    refs = [reference_logprobs(model, x, y) for x, y in zip(prompts, responses)]
+    refs = [reference_logprobs(model, x, y, temperature=0.8) for x, y in zip(prompts, responses)]
     sum(w * r.sum() for w, r in zip(weights, refs)).backward()
     for i, ref in enumerate(refs):
         assert torch.allclose(logp[i, :len(responses[i])], ref, atol=1e-5), (
@@ -362,7 +394,8 @@ def check_temperature(tiny, space):
     if space == "y":
         logp, _ = dsrl.logprob_y(model, start, responses[:1], dsrl.pad_id(tok), temperature=0.5)
     else:
-        logp, _ = dsrl.logprob_y_given_x(model, prompts[:1], responses[:1], dsrl.pad_id(tok), temperature=0.5)
+        logp, _ = dsrl.logprob_y_given_x(model, prompts[:1], responses[:1], dsrl.pad_id(tok), temperature=0.5,
+                                         share_prompt=False)
     with torch.no_grad():
         ref = reference_logprobs(model, [start] if space == "y" else prompts[0], responses[0], temperature=0.5)
     assert torch.allclose(logp[0, :len(responses[0])], ref, atol=1e-5), (
@@ -517,7 +550,8 @@ def test_logprob_y_given_x_continues_positions_after_the_prompt(plain):
     model, tok = plain
     prompts, responses = _rollouts(tok)
     with torch.no_grad():
-        logp, mask = dsrl.logprob_y_given_x(model, prompts, responses, dsrl.pad_id(tok), temperature=0.8, chunk=4)
+        logp, mask = dsrl.logprob_y_given_x(model, prompts, responses, dsrl.pad_id(tok), temperature=0.8, chunk=4,
+                                            share_prompt=False)
         for i in range(3):
             want = decoded_logprobs(model, prompts[i], responses[i], 0.8)
             assert torch.allclose(logp[i, :len(responses[i])], want, atol=1e-4), (
@@ -545,7 +579,8 @@ def check_gradient(tiny, space):
     if space == "y":
         logp, mask = dsrl.logprob_y(model, start, responses, dsrl.pad_id(tok), temperature=0.8, chunk=3)
     else:
-        logp, mask = dsrl.logprob_y_given_x(model, prompts, responses, dsrl.pad_id(tok), temperature=0.8, chunk=3)
+        logp, mask = dsrl.logprob_y_given_x(model, prompts, responses, dsrl.pad_id(tok), temperature=0.8, chunk=3,
+                                            share_prompt=False)
     assert logp.requires_grad, f"log P({space}) carries no gradient: do not compute it under torch.no_grad() or detach it"
     ((logp * mask).sum(1) * weights).sum().backward()
     ours = _grads(model)
@@ -580,16 +615,21 @@ def big_vocabulary_model(vocab=32_768):
 
 
 def test_logprob_y_given_x_memory_stays_flat_in_vocabulary_times_length():
-    check_memory("y|x")
+    check_memory("y|x", share=False)
+
+
+def test_logprob_y_given_x_runs_each_distinct_prompt_once():
+    check_memory("y|x", share=True)
 
 
 def test_logprob_y_memory_stays_flat_in_vocabulary_times_length():
     check_memory("y")
 
 
-def check_memory(space):
+def check_memory(space, share=False):
     """Qwen3's vocabulary is 151,936: a (N, T, vocab) tensor is ~40 GB per 64 x 1,024 micro-batch. Forward and
-    backward, no tensor may be larger than a few chunks x vocab; and in P(y|x) each distinct prompt runs once."""
+    backward, no tensor may be larger than a few chunks x vocab; and in P(y|x) with share_prompt each distinct
+    prompt runs once."""
     V, chunk, T = 32_768, 16, 120
     model = big_vocabulary_model(V)
     prompts = [list(range(3, 63)), list(range(5, 45))]
@@ -600,14 +640,14 @@ def check_memory(space):
         if space == "y":
             logp, mask = dsrl.logprob_y(model, 1, responses, 0, chunk=chunk)
         else:
-            logp, mask = dsrl.logprob_y_given_x(model, prompt_ids, responses, 0, chunk=chunk)
+            logp, mask = dsrl.logprob_y_given_x(model, prompt_ids, responses, 0, chunk=chunk, share_prompt=share)
         (logp * mask).sum().backward()
     hook.remove()
     assert probe.largest <= 4 * chunk * V, (
         f"log P({space}) created a tensor of {probe.largest:,} elements, {probe.largest / (chunk * V):.0f} x chunk x vocab: "
         f"compute the vocabulary projection `chunk` ({chunk}) tokens at a time (token_logprobs), never the full "
         "(N, T, vocab) logits or log_softmax")
-    if space == "y|x":
+    if share:
         most = 2 * 60 + 6 * max(map(len, responses))  # each distinct prompt once (padded to 60), then the responses
         assert sum(embedded) <= most, (
             f"{sum(embedded)} token positions went through the model for 2 distinct prompts x 3 samples; at most {most}: "
@@ -1942,19 +1982,21 @@ def run_grade(dsrl_path, *only):
 
 @pytest.mark.slow
 def test_course_reference_scores_full_and_the_exercise_copy_zero(tmp_path):
+    import course.grade as grade
     import course.make_exercises as kit
+    parts = grade.parts()  # the graded parts: one per exercise, two for exercise 3
     ref = run_grade(os.path.join(HERE, "dsrl.py"))
     lines = ref.stdout.strip().splitlines()
-    assert ref.returncode == 0 and lines[-1] == f"score={len(kit.EXERCISES)}/{len(kit.EXERCISES)}", ref.stdout + ref.stderr
-    assert lines[:-1] == [f"exercise {n} {name}: PASS" for n, _, name, _ in kit.EXERCISES]
+    assert ref.returncode == 0 and lines[-1] == f"score={len(parts)}/{len(parts)}", ref.stdout + ref.stderr
+    assert lines[:-1] == [f"{grade.title(part, name)}: PASS" for part, _, name in parts]
     res = subprocess.run([sys.executable, os.path.join(HERE, "course", "make_exercises.py"), tmp_path / "copy"],
                          capture_output=True, text=True, cwd=HERE)
     assert res.returncode == 0, res.stderr
     copy = run_grade(tmp_path / "copy" / "dsrl.py")
     lines = copy.stdout.strip().splitlines()
-    assert copy.returncode == 1 and lines[-1] == f"score=0/{len(kit.EXERCISES)}", copy.stdout + copy.stderr
-    for (n, filename, name, _), line in zip(kit.EXERCISES, lines):
-        assert line.startswith(f"exercise {n} {name}: FAIL (NotImplementedError: Exercise {n}:"), line
+    assert copy.returncode == 1 and lines[-1] == f"score=0/{len(parts)}", copy.stdout + copy.stderr
+    for (part, n, name), line in zip(parts, lines):
+        assert line.startswith(f"{grade.title(part, name)}: FAIL (NotImplementedError: Exercise {n}:"), line
     for filename in ("dsrl.py", "eval.py"):  # signatures and docstrings stay; only the bodies are gone
         ours, theirs = (ast.parse(open(os.path.join(d, filename)).read()) for d in (HERE, tmp_path / "copy"))
         for name in [e[2] for e in kit.EXERCISES if e[1] == filename]:
@@ -1962,57 +2004,6 @@ def test_course_reference_scores_full_and_the_exercise_copy_zero(tmp_path):
             assert ast.dump(a.args) == ast.dump(b.args) and ast.get_docstring(a) == ast.get_docstring(b), name
             assert isinstance(b.body[-1], ast.Raise) and len(b.body) == 2, name
     assert open(tmp_path / "copy" / "grader.py").read() == open(os.path.join(HERE, "grader.py")).read()
-
-
-STUDENT_BUGS = [  # (exercise, file, reference line, the same line with a plausible wrong solution)
-    (1, "dsrl.py", "adv = adv / (r.std(1, keepdim=True) + 1e-6)", "adv = adv / (r.std(1, keepdim=True, unbiased=False) + 1e-6)"),
-    (1, "dsrl.py", ".view(-1, group_size)  # (B, G)", ".view(group_size, -1)  # (B, G)"),  # groups mixed up
-    (2, "dsrl.py", '"neg": adv < 0', '"neg": adv <= 0'),  # NSR keeps A = 0 samples
-    (2, "dsrl.py", '"pos": adv > 0', '"pos": adv >= 0'),  # PSR keeps A = 0 samples
-    (3, "dsrl.py", "return token_logprobs(model, states, y, y_mask, temperature, chunk), y_mask",
-     "return token_logprobs(model, states, y, y_mask, 1.0, chunk), y_mask"),  # ignores the temperature
-    (3, "dsrl.py", "positions = x_mask.sum(1)[idx, None] + torch.arange(y.shape[1], device=device)",
-     "positions = x_mask.shape[1] + torch.arange(y.shape[1], device=device)[None].expand(len(idx), -1)"),  # counts pads
-    (3, "dsrl.py", "return token_logprobs(model, states, y, y_mask, temperature, chunk), y_mask",  # full vocabulary
-     "return (model.lm_head(states).float() / temperature).log_softmax(-1).gather(-1, y[..., None]).squeeze(-1) * y_mask, y_mask"),
-    (4, "dsrl.py", "start = torch.full((y.shape[0], 1), start_id,", "start = torch.full((y.shape[0], 1), pad,"),  # wrong token
-    (4, "dsrl.py", "position_ids=positions, use_cache=False).last_hidden_state",
-     "position_ids=positions, use_cache=False).last_hidden_state.detach()"),
-    (4, "dsrl.py", "return token_logprobs(model, hidden[:, :-1], y, y_mask, temperature, chunk), y_mask",  # full vocabulary
-     "return (model.lm_head(hidden[:, :-1]).float() / temperature).log_softmax(-1).gather(-1, y[..., None]).squeeze(-1) * y_mask, y_mask"),
-    (5, "dsrl.py", "dual = torch.minimum(loss, -adv * clip_dual)", "dual = loss"),  # no dual clip
-    (5, "dsrl.py", "ratio.clamp(1 - clip_low, 1 + clip_high)", "ratio.clamp(max=1 + clip_high)"),  # lower clamp dropped
-    (5, "dsrl.py", "ratio.clamp(1 - clip_low, 1 + clip_high)", "ratio.clamp(1 - clip_high, 1 + clip_low)"),  # swapped
-    (6, "dsrl.py", "return (per_token * mask).sum() / max(n_tokens, 1)",  # a mean per sequence
-     "return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()"),
-    (7, "dsrl.py", 'MODES["grpo" if mode == "dsrl" and step > warmup_steps else mode]',  # off by one
-     'MODES["grpo" if mode == "dsrl" and step >= warmup_steps else mode]'),
-    (7, "dsrl.py", 'coef=prerl_coef if space == "y" else 1.0', "coef=1.0"),  # the P(y) coefficient not applied
-    (8, "eval.py", "    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))",
-     "    return 1.0 - (1.0 - c / n) ** k"),  # biased pass@k
-]
-# One grading per round; a round holds at most one wrong solution per exercise, so each FAIL is its own bug's.
-BUG_ROUNDS = [[bug for n, bug in enumerate(STUDENT_BUGS) if [b[0] for b in STUDENT_BUGS[:n]].count(bug[0]) == r]
-              for r in range(max([b[0] for b in STUDENT_BUGS].count(e) for e in range(1, 9)))]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("round_", range(len(BUG_ROUNDS)))
-def test_course_grader_catches_each_plausible_student_bug(tmp_path, round_):
-    bugs = BUG_ROUNDS[round_]
-    for name in ("dsrl.py", "eval.py", "grader.py", "scale.py"):
-        source = open(os.path.join(HERE, name)).read()
-        for _, file, good, bad in bugs:
-            if file == name:
-                assert source.count(good) == 1, good
-                source = source.replace(good, bad)
-        (tmp_path / name).write_text(source)
-    res = run_grade(tmp_path / "dsrl.py", *[b[0] for b in bugs])
-    lines = res.stdout.strip().splitlines()
-    assert res.returncode == 1 and lines[-1] == f"score=0/{len(bugs)}", res.stdout + res.stderr
-    for (exercise, _, _, bad), line in zip(bugs, lines):
-        assert line.startswith(f"exercise {exercise} ") and " FAIL (" in line, (bad, line)
-        assert "NotImplementedError" not in line and "not run" not in line, (bad, line)
 
 
 @pytest.mark.slow

@@ -1,20 +1,20 @@
 """python course/grade.py PATH/TO/dsrl.py: grade a student's dsrl.py (and the eval.py beside it), offline, on CPU.
 
-    python course/grade.py student/dsrl.py                  # one line per exercise, then score=K/N
+    python course/grade.py student/dsrl.py                  # one line per graded part, then score=K/N
     python course/grade.py student/dsrl.py --only 3 4       # some exercises
     python course/grade.py student/dsrl.py --json out.json  # also Gradescope's results.json format
     python course/grade.py --all submissions/ [--json all.json]   # one sub-folder per student: a table
 
-Each exercise is graded by the spec tests of test_dsrl.py that pin its function down with numbers: hand-made
-tensors with expected values, and log-probs and gradients on a tiny model built in the test, checked against an
-independent computation. Never against the reference implementation.
+Each exercise (exercise 3 in two parts, 3a and 3b) is graded by the spec tests of test_dsrl.py that pin its
+function down with numbers: hand-made tensors with expected values, and log-probs and gradients on a tiny model
+built in the test, checked against an independent computation. Never against the reference implementation.
 
 How: the student's dsrl.py, the eval.py beside it, grader.py and scale.py are copied into a fresh folder, and
 the tests import that folder (DSRL_UNDER_TEST), so nothing of the reference is imported in their place. Without an
-eval.py beside dsrl.py, the eval.py exercise is not graded (FAIL, with the reason). Each exercise runs in its
+eval.py beside dsrl.py, the eval.py exercise is not graded (FAIL, with the reason). Each part runs in its
 own pytest process (forked from the grader after it imported torch and transformers, on Linux), one thread
 each, with a time limit (an endless loop is that exercise's FAIL); two run at a time by default (--jobs).
-Exit code 0 only when every chosen exercise passes; 2 for a usage problem.
+Exit code 0 only when every chosen part passes; 2 for a usage problem.
 """
 import argparse
 import importlib.util
@@ -33,27 +33,43 @@ sys.path.insert(0, HERE)
 from make_exercises import EXERCISES, cut_bodies  # noqa: E402  (one list of exercises for the copy and the grade)
 
 TESTS = os.path.join(ROOT, "test_dsrl.py")
-SPEC_TESTS = {  # exercise number -> the spec tests of test_dsrl.py that grade it
-    1: ["test_group_advantages_without_std_is_reward_minus_group_mean", "test_group_advantages_with_unbiased_std",
+# Graded parts: an exercise's number, or its number and a letter where it is graded in parts. Exercise 3 gives 3a's
+# points for right log-probs and gradients by any route (share_prompt=False), 3b's for sharing the prompt's forward.
+SPEC_TESTS = {  # part -> the spec tests of test_dsrl.py that grade it
+    "1": ["test_group_advantages_without_std_is_reward_minus_group_mean", "test_group_advantages_with_unbiased_std",
         "test_group_advantages_with_unequal_group_counts", "test_group_advantages_random_shapes_against_a_plain_python_oracle"],
-    2: ["test_sample_masks_nsr_psr_all", "test_sample_masks_random_advantages_against_a_plain_python_oracle"],
-    3: ["test_logprob_y_given_x_equals_models_own_cross_entropy", "test_shared_prompt_forward_equals_separate_forwards",
-        "test_temperature_divides_logits_given_x", "test_logprob_y_given_x_continues_positions_after_the_prompt",
-        "test_logprob_y_given_x_gradient_equals_token_by_token_decoding",
-        "test_logprob_y_given_x_memory_stays_flat_in_vocabulary_times_length"],
-    4: ["test_logprob_y_equals_hand_built_start_token_forward", "test_temperature_divides_logits_in_p_y",
+    "2": ["test_sample_masks_nsr_psr_all", "test_sample_masks_random_advantages_against_a_plain_python_oracle"],
+    "3a": ["test_logprob_y_given_x_equals_models_own_cross_entropy",
+           "test_shared_prompt_forward_equals_separate_forwards[separate]", "test_temperature_divides_logits_given_x",
+           "test_logprob_y_given_x_continues_positions_after_the_prompt",
+           "test_logprob_y_given_x_gradient_equals_token_by_token_decoding",
+           "test_logprob_y_given_x_memory_stays_flat_in_vocabulary_times_length"],
+    "3b": ["test_shared_prompt_forward_equals_separate_forwards[shared]",
+           "test_logprob_y_given_x_runs_each_distinct_prompt_once"],
+    "4": ["test_logprob_y_equals_hand_built_start_token_forward", "test_temperature_divides_logits_in_p_y",
         "test_logprob_y_gradient_equals_token_by_token_decoding", "test_logprob_y_memory_stays_flat_in_vocabulary_times_length"],
-    5: ["test_ppo_clip_loss_is_minus_advantage_at_ratio_one_and_clips_otherwise",
+    "5": ["test_ppo_clip_loss_is_minus_advantage_at_ratio_one_and_clips_otherwise",
         "test_ppo_clip_with_ratios_below_and_above_one_and_asymmetric_clip", "test_ppo_clip_random_ratios_against_a_plain_python_oracle"],
-    6: ["test_token_mean_loss_hand_values", "test_token_mean_random_masks_against_a_plain_python_oracle"],
-    7: ["test_phase_for_step_warmup_boundary", "test_phase_record_holds_std_and_coefficient"],
-    8: ["test_pass_at_k_hand_values", "test_pass_at_k_random_against_subset_enumeration"],
+    "6": ["test_token_mean_loss_hand_values", "test_token_mean_random_masks_against_a_plain_python_oracle"],
+    "7": ["test_phase_for_step_warmup_boundary", "test_phase_record_holds_std_and_coefficient"],
+    "8": ["test_pass_at_k_hand_values", "test_pass_at_k_random_against_subset_enumeration"],
 }
-POINTS = {1: 10, 2: 5, 3: 20, 4: 15, 5: 15, 6: 10, 7: 10, 8: 15}  # the sheet's points (course/ASSIGNMENT.md)
+POINTS = {"1": 10, "2": 5, "3a": 15, "3b": 5, "4": 15, "5": 15, "6": 10, "7": 10, "8": 15}  # the sheet's points
+PART_NAMES = {"3a": "log-probs and gradients", "3b": "the prompt's forward shared"}  # what a part's points are for
 # One thread per process: the tests are small, and on a busy machine torch's default threads fight for cores.
 PINNED = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "VECLIB_MAXIMUM_THREADS": "1",
           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 ERROR_LINES = 8  # how much of an import or syntax error to show
+
+
+def parts(only=None) -> list:
+    """The graded parts of the chosen exercises (all by default), in the sheet's order -> [(part, number, name)]."""
+    return [(part, n, name) for n, _, name, _ in EXERCISES if only is None or n in only
+            for part in SPEC_TESTS if part.rstrip("ab") == str(n)]
+
+
+def title(part: str, name: str) -> str:
+    return f"exercise {part} {name}" + (f" ({PART_NAMES[part]})" if part in PART_NAMES else "")
 
 
 # ---- The student's files ------------------------------------------------------------------------------------
@@ -108,14 +124,14 @@ def preload():
         pass
 
 
-def pytest_args(n: int, report: str) -> list:
+def pytest_args(n: str, report: str) -> list:
     # no gc.collect() after each test (unraisableexception): with torch loaded it costs about 0.4 s a time
     return ["-q", "-p", "no:cacheprovider", "-p", "no:unraisableexception", f"--junitxml={report}",
             *[f"{TESTS}::{name}" for name in SPEC_TESTS[n]]]
 
 
-def launch(n: int, dsrl_path: str, folder: str) -> dict:
-    """Start exercise n's pytest process -> {"report", "log", "poll": () -> exit code or None, "kill"}."""
+def launch(n: str, dsrl_path: str, folder: str) -> dict:
+    """Start part n's pytest process -> {"report", "log", "poll": () -> exit code or None, "kill"}."""
     report, log = os.path.join(folder, f"report_{n}.xml"), os.path.join(folder, f"output_{n}.txt")
     # no third-party pytest plugins: loading (and assert-rewriting) them cost about 2 s per process
     env = {**PINNED, "DSRL_UNDER_TEST": dsrl_path, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}
@@ -158,18 +174,18 @@ def error_lines(output: str) -> str:
     return "\n".join(dict.fromkeys(line.rstrip() for line in lines if line.strip()))
 
 
-def exercise_failure(n: int, code: int, report: str, output: str):
-    """None if every test of exercise n passed, else the first failure's message."""
+def exercise_failure(n: str, code: int, report: str, output: str):
+    """None if every test of part n passed, else the first failure's message."""
     results = {}
     if os.path.exists(report):
         for case in ET.parse(report).iter("testcase"):
             problem = case.find("failure") if case.find("failure") is not None else case.find("error")
             if case.find("skipped") is not None:
                 problem = case.find("skipped")  # a skipped spec test proves nothing
-            results.setdefault(case.get("name").split("[")[0], []).append(
+            results.setdefault(case.get("name"), []).append(
                 None if problem is None else first_line(problem.get("message")))
-    for name in SPEC_TESTS[n]:
-        found = results.get(name)
+    for name in SPEC_TESTS[n]:  # a name without [parameters] stands for every case of that test
+        found = [m for case, ms in results.items() if name in (case, case.split("[")[0]) for m in ms]
         if not found:
             error = error_lines(output).splitlines()
             return f"the tests could not run: {error[-1]}" if error else f"{name} did not run (exit code {code})"
@@ -186,7 +202,7 @@ def first_line(message) -> str:
 
 
 def run_exercises(dsrl_path: str, numbers: list, folder: str, timeout: float, jobs: int):
-    """Run the exercises' processes, at most `jobs` at a time -> ({n: None or message}, pytest output of each)."""
+    """Run the parts' processes, at most `jobs` at a time -> ({n: None or message}, pytest output of each)."""
     if FORK and numbers:
         preload()
     waiting, running, failures, outputs = list(numbers), {}, {}, {}
@@ -212,15 +228,16 @@ def run_exercises(dsrl_path: str, numbers: list, folder: str, timeout: float, jo
 
 # ---- Grading ------------------------------------------------------------------------------------------------
 def grade(dsrl_path: str, only=None, timeout: float = 300, jobs: int = 2, quiet: bool = False) -> list:
-    """Grade one dsrl.py -> [(number, function name, None or failure message)]; prints the lines unless quiet."""
-    chosen = [e for e in EXERCISES if only is None or e[0] in only]
+    """Grade one dsrl.py -> [(part, function name, None or failure message)]; prints the lines unless quiet."""
+    chosen = parts(only)
     say = (lambda *a, **k: None) if quiet else print
     with tempfile.TemporaryDirectory(prefix="grade_") as folder:
         staged = stage(dsrl_path, folder)
         broken = {f: syntax_error(os.path.join(folder, f)) for f in ("dsrl.py", "eval.py")}
         broken = {f: e for f, e in broken.items() if e}
-        skip = {n for n, f, _, _ in chosen if f == "eval.py" and staged["missing_eval"]}
-        run = [n for n, *_ in chosen if n not in skip] if not broken else []
+        in_eval = {n for n, f, _, _ in EXERCISES if f == "eval.py"}
+        skip = {part for part, n, _ in chosen if n in in_eval and staged["missing_eval"]}
+        run = [part for part, *_ in chosen if part not in skip] if not broken else []
         failures, outputs = run_exercises(staged["dsrl"], run, folder, timeout, jobs)
     for f, error in broken.items():
         say(f"error: {f} does not compile:\n{error}")
@@ -229,7 +246,7 @@ def grade(dsrl_path: str, only=None, timeout: float = 300, jobs: int = 2, quiet:
         first = next(o for o in outputs.values())
         say("error: the tests could not import your code:\n" + "\n".join(error_lines(first).splitlines()[:ERROR_LINES]))
     results = []
-    for n, _, name, _ in chosen:
+    for n, _, name in chosen:
         if n in skip:
             message = (f"not graded: no eval.py beside {dsrl_path}; put your eval.py in the same folder as "
                        "your dsrl.py")
@@ -237,7 +254,7 @@ def grade(dsrl_path: str, only=None, timeout: float = 300, jobs: int = 2, quiet:
             message = f"{', '.join(broken)} does not compile: {next(iter(broken.values())).splitlines()[0]}"
         else:
             message = failures[n]
-        say(f"exercise {n} {name}: " + ("PASS" if message is None else f"FAIL ({message})"))
+        say(f"{title(n, name)}: " + ("PASS" if message is None else f"FAIL ({message})"))
         results.append((n, name, message))
     say(f"score={sum(m is None for *_, m in results)}/{len(results)}")
     return results
@@ -245,11 +262,11 @@ def grade(dsrl_path: str, only=None, timeout: float = 300, jobs: int = 2, quiet:
 
 def gradescope(results: list) -> dict:
     """Gradescope's results.json: a tests list (name, score, max_score, output), score, max_score, output."""
-    tests = [{"name": f"exercise {n} {name}", "score": POINTS[n] if m is None else 0, "max_score": POINTS[n],
+    tests = [{"name": title(n, name), "score": POINTS[n] if m is None else 0, "max_score": POINTS[n],
               "output": "PASS" if m is None else f"FAIL ({m})"} for n, name, m in results]
     passed = sum(m is None for *_, m in results)
     return {"score": sum(t["score"] for t in tests), "max_score": sum(t["max_score"] for t in tests),
-            "output": f"{passed} of {len(results)} exercises pass", "tests": tests}
+            "output": f"{passed} of {len(results)} graded parts pass", "tests": tests}
 
 
 def submission_file(folder: str):
@@ -260,18 +277,20 @@ def submission_file(folder: str):
     return found[0] if len(found) == 1 else None
 
 
+def grade_submission(folder: str, only=None, timeout: float = 300, jobs: int = 2) -> list:
+    """Grade the dsrl.py of one submission folder quietly (a FAIL for every part without exactly one dsrl.py)."""
+    path = submission_file(folder)
+    if path is None:
+        return [(part, name, "no dsrl.py (or more than one) in the folder") for part, _, name in parts(only)]
+    return grade(path, only, timeout, jobs, quiet=True)
+
+
 def grade_all(folder: str, only, timeout: float, jobs: int) -> dict:
     """Grade every sub-folder of folder (one per student); prints one row per student -> {student: results.json}."""
-    numbers = [n for n, *_ in EXERCISES if only is None or n in only]
-    print("\t".join(["student"] + [f"ex{n}" for n in numbers] + ["points", "score"]))
+    print("\t".join(["student"] + [f"ex{part}" for part, *_ in parts(only)] + ["points", "score"]))
     everyone = {}
     for student in sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d))):
-        path = submission_file(os.path.join(folder, student))
-        if path is None:
-            results = [(n, name, "no dsrl.py (or more than one) in the folder") for n, _, name, _ in EXERCISES
-                       if n in numbers]
-        else:
-            results = grade(path, only, timeout, jobs, quiet=True)
+        results = grade_submission(os.path.join(folder, student), only, timeout, jobs)
         everyone[student] = gradescope(results)
         marks = ["PASS" if m is None else "FAIL" for *_, m in results]
         print("\t".join([student] + marks + [f"{everyone[student]['score']}/{everyone[student]['max_score']}",
