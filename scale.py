@@ -243,7 +243,7 @@ def _card_that_fits(config, args, resolved):
         plan = memory_plan(config, replace(args, gen_batch_size=0), free, "cuda", torch.bfloat16, True,
                            resolved["n_params"], resolved["prompt_tokens"], resolved["expands_kv"], advise=False)
         if plan["peak"] <= free * (1 - MARGIN):
-            return f"a {gb} GB GPU (planned peak {plan['peak'] / GiB:.1f} GiB there)"
+            return f"a GPU of {gb} GB (planned peak {plan['peak'] / GiB:.1f} GiB there)"
     return "more than one GPU: the official launch (python dsrl.py --print-verl-command)"
 
 

@@ -2704,6 +2704,116 @@ def test_auto_gen_batch_size_is_the_most_whole_groups_that_fit(tiny):
     assert scale.memory_plan(config, _tiny_plan_args(gen_batch_size=0, **small), free, "cpu", torch.float32)["fits"]
 
 
+def test_plan_is_for_the_longest_prompt_the_run_can_meet(tiny):
+    """Catches a plan for prompts of at most 512 tokens: the run cuts prompts at --max-prompt-tokens (1,024 by
+    default; MATH's longest prompts, up to 1,686 tokens with Qwen3's template, exceed it), so the KV cache and the
+    loss are planned at the cap; a caller that measured its data's longest prompt plans that, never above the cap.
+    KV bytes per token from the config (keys and values, every layer, fp32)."""
+    config = tiny[0].config
+    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 4
+    plan = lambda cap, **kw: scale.memory_plan(config, _tiny_plan_args(max_prompt_tokens=cap), None, "cpu",  # noqa: E731
+                                               torch.float32, False, **kw)
+    short = plan(10)  # byte for byte against the real cache in test_plan_state_copy_and_kv_cache_...
+    for cap in (700, 1024, 2048):
+        p = plan(cap)
+        assert p["prompt_tokens"] == cap and p["kv_cache"] - short["kv_cache"] == 6 * (cap - 10) * per_token
+        assert p["activations"] > plan(cap // 2)["activations"]  # the loss grows with the prompt too
+    assert plan(1024, prompt_tokens=80)["prompt_tokens"] == 80  # the data's longest, measured by a caller
+    assert plan(1024, prompt_tokens=5000)["prompt_tokens"] == 1024  # cut at the cap: never planned above it
+
+
+def test_auto_sizing_leaves_a_tenth_of_free_memory_unplanned():
+    """Catches --gen-batch-size 0 picking the largest batch whose planned peak equals free memory (step 29 of a
+    24 GB run then needed more than the card). Qwen3-0.6B's real sizes; any free memory from 12 to 80 GB: the
+    sampling phase of the auto batch stays within 90 % of it, and one more group would not."""
+    config = _qwen3_config("0.6B")
+    args = dsrl.Args()
+    for gb in range(12, 81, 4):
+        free = int(gb * 1e9) - scale.CUDA_CONTEXT
+        p = scale.memory_plan(config, args, free, "cuda", torch.bfloat16, True)
+        base, groups = p["training_state"] + p["sampling_copy"], p["gen_batch_size"] // args.group_size
+        if groups > 1:
+            assert base + p["kv_cache"] <= 0.9 * free, gb
+        if groups < args.prompts_per_step:
+            more = dsrl.dataclasses.replace(args, gen_batch_size=(groups + 1) * args.group_size)
+            assert base + scale.memory_plan(config, more, free, "cuda", torch.bfloat16, True)["kv_cache"] > 0.9 * free
+
+
+def test_plan_counts_a_decode_step_s_expanded_keys_and_values_where_transformers_expands_them(tiny, monkeypatch):
+    """A decode step of transformers before 5.23 (the official fork pins 4.56.0), or compiled (--kv-cache compile),
+    copies each layer's keys and values to every query head (repeat_kv) for a left-padded batch; 5.23 on does not.
+    Checked on the installed version by counting repeat_kv calls in the decode steps of the sampler (prompts of
+    unequal length); the plan's extra bytes for an expanding version are the bytes of one layer's two copies,
+    measured from repeat_kv's own outputs."""
+    from transformers.integrations import sdpa_attention
+    model, tok = tiny
+    assert scale.decode_expands_kv("dynamic", "4.56.0") and scale.decode_expands_kv("dynamic", "5.22.0")
+    assert not scale.decode_expands_kv("dynamic", "5.23.0") and not scale.decode_expands_kv("static", "5.25.0")
+    assert scale.decode_expands_kv("compile", "5.25.0")
+    real, calls, decoding, outputs = sdpa_attention.repeat_kv, {"decode": 0, "prefill": 0}, [False], []
+
+    def spy(hidden, n_rep):
+        out = real(hidden, n_rep)
+        calls["decode" if decoding[0] else "prefill"] += n_rep > 1
+        outputs.append(out.nbytes)
+        return out
+    monkeypatch.setattr(sdpa_attention, "repeat_kv", spy)
+    def mark(module, a, kw):
+        ids = kw.get("input_ids", a[0] if a else None)
+        decoding[0] = ids is not None and ids.shape[1] == 1
+    hook = model.register_forward_pre_hook(mark, with_kwargs=True)
+    prompts = [dsrl.build_prompt(tok, r["prompt"], 64) + [7] * i for i, r in enumerate(problem_rows(2))]
+    dsrl.sample_responses(model, tok, prompts, 2, 6, min_new_tokens=6)
+    hook.remove()
+    assert (calls["decode"] > 0) == scale.decode_expands_kv("dynamic"), calls
+    outputs.clear()  # a prefill of n sequences of L tokens with a padding mask expands on every version
+    mask = torch.ones(6, 40, dtype=torch.long)
+    mask[0, :3] = 0  # 6 sequences of 10 + 30 tokens, as _tiny_plan_args plans them
+    with torch.no_grad():
+        model.model(input_ids=torch.full((6, 40), 7), attention_mask=mask)
+    on, off = (scale.memory_plan(model.config, _tiny_plan_args(), None, "cpu", torch.float32, False,
+                                 expands_kv=e)["kv_cache"] for e in (True, False))
+    assert on - off == sum(outputs[:2])  # layer 0's keys and values, one copy each: one layer at a time
+
+
+QWEN3_SIZES = {"0.6B": (1024, 3072, 28, 16), "1.7B": (2048, 6144, 28, 16), "4B": (2560, 9728, 36, 32)}
+
+
+def _qwen3_config(size):
+    """The published Qwen3 configuration of one size (hidden, MLP, layers, query heads; 8 KV heads of 128), no weights."""
+    from transformers import Qwen3Config
+    hidden, inter, layers, heads = QWEN3_SIZES[size]
+    return Qwen3Config(vocab_size=151936, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True)
+
+
+@pytest.mark.parametrize("size", list(QWEN3_SIZES))
+def test_plan_advice_is_re_planned_and_fits_for_qwen3_on_common_cards(size):
+    """Catches advice that does not work (0.6B on 16 GB was told to lower --max-new-tokens, which never fits; 1.7B
+    on 24 GB too, though its training state alone exceeds the card). Walked as a user would: the default flags on
+    each card; where they do not fit, the proposed flags are parsed as a command line and planned again: they fit,
+    within the margin. Where nothing is proposed, the advice says so with the numbers, they hold (18 bytes a
+    parameter, counted here), and the card it names does fit."""
+    config, n_params = _qwen3_config(size), scale.count_parameters(_qwen3_config(size))
+    for gb in scale.CARDS_GB:
+        free = int(gb * 1e9) - scale.CUDA_CONTEXT
+        plan = scale.memory_plan(config, dsrl.Args(), free, "cuda", torch.bfloat16, True)
+        if plan["fits"]:
+            assert plan["peak"] <= free
+            continue
+        if plan["suggestion"]:
+            fixed = dsrl.parse_args(["--model", "m"] + plan["suggestion"].split())[0]
+            again = scale.memory_plan(config, fixed, free, "cuda", torch.bfloat16, True)
+            assert again["fits"] and again["peak"] <= 0.9 * free, (size, gb, plan["suggestion"])
+            continue
+        advice = plan["advice"]
+        assert advice.startswith("no flag fits") and "max-new-tokens" not in advice.split(";")[1], advice
+        if 18 * n_params > 0.9 * free:
+            assert f"alone take {18 * n_params / 2 ** 30:.1f} GiB" in advice, advice
+        card = int(re.search(r"a GPU of (\d+) GB", advice).group(1))
+        bigger = scale.memory_plan(config, dsrl.Args(), int(card * 1e9) - scale.CUDA_CONTEXT, "cuda", torch.bfloat16, True)
+        assert bigger["fits"] and card > gb, advice
+
 def test_run_that_cannot_fit_stops_before_the_data_with_the_flags_that_fit(tiny_model_dir, tmp_path, monkeypatch, capsys):
     """A fake free-memory value (the seam scale.free_device_memory): exit 2 in seconds with one line naming flags
     that fit, before the dataset (a missing file here) is even read; the named flags then fit."""
