@@ -2776,6 +2776,13 @@ def test_plan_counts_a_decode_step_s_expanded_keys_and_values_where_transformers
     assert on - off == sum(outputs[:2])  # layer 0's keys and values, one copy each: one layer at a time
 
 
+def test_requirements_allow_only_a_transformers_whose_decode_does_not_expand_keys_and_values():
+    """Catches transformers>=4.56 in requirements.txt: before 5.23 every decode step of a left-padded batch copies
+    each layer's keys and values to all query heads (see the test above), about twice the memory traffic per step."""
+    lines = open(os.path.join(HERE, "requirements.txt")).read().splitlines()
+    floor = next(re.match(r"transformers>=([\d.]+)", line).group(1) for line in lines if line.startswith("transformers"))
+    assert not scale.decode_expands_kv("dynamic", floor), floor
+
 QWEN3_SIZES = {"0.6B": (1024, 3072, 28, 16), "1.7B": (2048, 6144, 28, 16), "4B": (2560, 9728, 36, 32)}
 
 
@@ -2878,6 +2885,9 @@ def test_plan_without_a_gpu_answers_for_common_cards(tmp_path, capsys):
         dsrl.main(["--plan", "--model", str(tmp_path / "q06"), "--device", "cpu", "--output-dir", str(tmp_path / "o")])
     assert stop.value.code == 0
     out = capsys.readouterr().out
+    first = out.splitlines()[0]  # the block for this machine names it and its dtype, and compares with its RAM
+    assert first.startswith("memory plan on cpu") and "compute float32" in first, first
+    assert re.search(r"^  peak .* GiB of RAM available: (fits|does NOT fit)$", out, re.M), out
     cards = re.findall(r"^\s+(\d+) GB card: (fits, peak ([\d.]+) GiB, --gen-batch-size (\d+)|does NOT fit.*)$", out, re.M)
     assert [int(c[0]) for c in cards] == [16, 24, 40, 80], out
     fits = [c[1].startswith("fits") for c in cards]
