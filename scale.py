@@ -179,11 +179,12 @@ def memory_plan(config, args, free_bytes=None, device=None, dtype=None, checkpoi
 
 def decode_expands_kv(kv_cache="dynamic", version=None) -> bool:
     """Whether a decode step of `generate` copies every layer's keys and values to all query heads (repeat_kv):
-    on transformers before 5.23 with a padding mask (a batch of prompts of unequal length), and under torch.compile
-    (--kv-cache compile) on every version. Each copy lives for one layer: decode_step_bytes counts it."""
+    on transformers before 5.23 with a padding mask (a batch of prompts of unequal length), and on every version
+    under torch.compile (--kv-cache compile, and static, which generate compiles on a GPU). Each copy lives for one
+    layer: decode_step_bytes counts it."""
     import transformers
     major_minor = tuple(int(n) for n in re.findall(r"\d+", version or transformers.__version__)[:2])
-    return major_minor < GQA_DECODE_FROM or kv_cache == "compile"
+    return major_minor < GQA_DECODE_FROM or kv_cache != "dynamic"
 
 
 def decode_step_bytes(config, n_seqs, n_tokens, elem, expands):

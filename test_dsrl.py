@@ -2512,15 +2512,69 @@ def test_qwen3_both_spaces_train_and_eval_runs_on_the_checkpoint(qwen3_run, tmp_
     assert list(m.values())[0]["avg@4"] == pytest.approx(sum(r["reward"] for r in rows) / 4)
 
 
+def _bare_machine(tmp_path):
+    """The environment of a GPU machine with torch and transformers but neither pytest nor pyarrow, and python3
+    without `python`: a sitecustomize makes both modules unimportable (None in sys.modules: an import fails, a
+    find_spec says absent), in this process's children too; PATH holds python3 and dirname alone."""
+    blocker, bin_dir = tmp_path / "bare", tmp_path / "bin"
+    blocker.mkdir()
+    bin_dir.mkdir()
+    (blocker / "sitecustomize.py").write_text("import sys\nsys.modules.update(pytest=None, pyarrow=None)\n")
+    (bin_dir / "python3").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')  # a link would leave a venv
+    (bin_dir / "python3").chmod(0o755)
+    os.symlink(shutil.which("dirname"), bin_dir / "dirname")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHON", "PYTHONPATH")}
+    return {**env, "PYTHONPATH": str(blocker), "PATH": str(bin_dir), "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false"}
+
+
+def test_trainer_and_gpu_check_need_neither_pytest_nor_pyarrow_for_a_jsonl_dataset(tmp_path):
+    """Catches `import pyarrow.parquet` at the top of dsrl.py and scale.py and gpu_check's model built with
+    test_dsrl.py (pytest): with both unimportable, dsrl, scale, eval and the GPU check import, read a .jsonl
+    dataset, count its rows for the official launch, and build the check's tiny model."""
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps(r) + "\n" for r in problem_rows(3)))
+    code = (f"import sys; sys.path[:0] = [{HERE!r}, {os.path.join(HERE, 'bench')!r}]\n"
+            "import dsrl, scale, eval, gpu_check\n"
+            f"assert len(dsrl.read_rows({str(rows)!r})) == 3\n"
+            f"assert scale.train_rows(dsrl.Args(dataset={str(rows)!r}))[0] == 3\n"
+            f"gpu_check.offline_model.build({str(tmp_path / 'm')!r}, 'tiny')\n"
+            "assert 'pytest' not in sys.modules or sys.modules['pytest'] is None\n"
+            "print('bare ok')")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_bare_machine(tmp_path),
+                         timeout=300)
+    assert res.returncode == 0 and "bare ok" in res.stdout, res.stderr[-2000:]
+    assert os.path.exists(tmp_path / "m" / "config.json")
+
+
+def test_gpu_check_keeps_the_rows_of_a_section_that_crashes(tmp_path, monkeypatch):
+    """Catches a crashed section (a CUDA error kills its process) losing the rows it had written: run_section
+    returns them, marked partial, with the error line."""
+    sys.path.insert(0, os.path.join(HERE, "bench"))
+    import gpu_check
+    rows = {"batch": 8, "kv_cache": {"dynamic": {"status": "ok", "ms_per_step": 21.0}}}
+
+    def crash(cmd, **kw):  # the section's process: one row written, then killed by an illegal memory access
+        gpu_check.write_json(cmd[cmd.index("--result") + 1], rows)
+        return subprocess.CompletedProcess(cmd, 1, "", "Traceback ...\nRuntimeError: CUDA error: illegal memory access\n")
+    monkeypatch.setattr(gpu_check.subprocess, "run", crash)
+    o = __import__("types").SimpleNamespace(model_dir="m", device="cuda", work_dir=str(tmp_path), tiny=False)
+    got = gpu_check.run_section(o, "decode", 10)
+    assert got["kv_cache"] == rows["kv_cache"] and got["partial"] == "crashed: failed", got
+    assert got["error"] == "RuntimeError: CUDA error: illegal memory access"
+    assert gpu_check.SIZES["gpu"]["decode_tokens"] == dsrl.Args().max_new_tokens and gpu_check.DECODE_REPS >= 3
+
+
 @pytest.mark.slow
 def test_gpu_check_tiny_mode_writes_every_section(tmp_path):
-    """bench/gpu_check.sh --tiny runs the GPU check's code path on CPU: JSON and Markdown with every section."""
+    """bench/gpu_check.sh --tiny runs the GPU check's code path on CPU as on a bare GPU machine (python3 only,
+    neither pytest nor pyarrow importable): JSON and Markdown with every section, in --out-dir."""
     from transformers import Qwen3ForCausalLM
-    env = {**os.environ, "PYTHON": sys.executable, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    res = subprocess.run(["bash", os.path.join(HERE, "bench", "gpu_check.sh"), "--tiny", "--out-dir", str(tmp_path)],
-                         capture_output=True, text=True, timeout=900, env=env, cwd=HERE)
+    out = tmp_path / "collected"
+    res = subprocess.run([shutil.which("bash"), os.path.join(HERE, "bench", "gpu_check.sh"), "--tiny", "--out-dir",
+                          str(out)], capture_output=True, text=True, timeout=900, env=_bare_machine(tmp_path), cwd=HERE)
     assert res.returncode == 0, res.stderr[-3000:]
-    report = json.loads((tmp_path / "gpu-cpu-tiny.json").read_text())
+    report = json.loads((out / "gpu-cpu-tiny.json").read_text())
     s = report["sections"]
     assert list(s) == ["info", "phases", "decode", "deterministic-off", "deterministic-on", "trl", "headline"]
     assert all(s[name]["status"] == "ok" for name in s if name != "trl"), {k: v["status"] for k, v in s.items()}
@@ -2531,9 +2585,11 @@ def test_gpu_check_tiny_mode_writes_every_section(tmp_path):
     d = s["decode"]
     assert (d["weight_bytes"], d["kv_bytes_per_token"]) == (4 * n_params, 2 * 2 * 2 * 16 * 4)
     floor = 1000 * (d["weight_bytes"] + d["batch"] * d["mean_kv_len"] * d["kv_bytes_per_token"]) / (d["bandwidth_gbs"] * 1e9)
+    assert d["batch"] == 8 and d["new_tokens"] == 8  # the plan's batch on CPU: every sequence of the step
     for kv in ("dynamic", "static"):
         row = d["kv_cache"][kv]
-        assert row["floor_ms"] == pytest.approx(floor) and row["ms_per_step"] == pytest.approx(1000 * row["gen_s"] / 8)
+        assert row["floor_ms"] == pytest.approx(floor) and len(row["reps_ms_per_step"]) == 3
+        assert row["ms_per_step"] == statistics.median(row["reps_ms_per_step"]) and row["min_ms"] <= row["max_ms"]
     assert d["kv_cache"]["compile"]["status"].startswith("not run in --tiny")
     p = s["phases"]
     assert list(p["phases"]) == ["sampling", "loss", "optimizer"] and p["n_used"] > 0  # the hash reward mixes groups
@@ -2542,7 +2598,7 @@ def test_gpu_check_tiny_mode_writes_every_section(tmp_path):
     h = s["headline"]
     assert h["exit_code"] == 0 and h["steps_done"] == 2 and [r["step"] for r in h["steps"]] == list(range(1, h["steps_done"] + 1))
     assert all(r["space"] == "P(y)" for r in h["steps"])  # the default mode: DSRL, warm-up in P(y)
-    md = (tmp_path / "gpu-cpu-tiny.md").read_text()
+    md = (out / "gpu-cpu-tiny.md").read_text()
     for title in ("Decode ms per step", "One GRPO step", "`--deterministic` off and on", "Step time against TRL",
                   "The headline command"):
         assert title in md, title
@@ -2740,16 +2796,16 @@ def test_auto_sizing_leaves_a_tenth_of_free_memory_unplanned():
 
 
 def test_plan_counts_a_decode_step_s_expanded_keys_and_values_where_transformers_expands_them(tiny, monkeypatch):
-    """A decode step of transformers before 5.23 (the official fork pins 4.56.0), or compiled (--kv-cache compile),
-    copies each layer's keys and values to every query head (repeat_kv) for a left-padded batch; 5.23 on does not.
+    """A decode step of transformers before 5.23 (the official fork pins 4.56.0), or compiled (--kv-cache static on
+    a GPU, compile), copies each layer's keys and values to every query head (repeat_kv) for a left-padded batch; 5.23 on does not.
     Checked on the installed version by counting repeat_kv calls in the decode steps of the sampler (prompts of
     unequal length); the plan's extra bytes for an expanding version are the bytes of one layer's two copies,
     measured from repeat_kv's own outputs."""
     from transformers.integrations import sdpa_attention
     model, tok = tiny
     assert scale.decode_expands_kv("dynamic", "4.56.0") and scale.decode_expands_kv("dynamic", "5.22.0")
-    assert not scale.decode_expands_kv("dynamic", "5.23.0") and not scale.decode_expands_kv("static", "5.25.0")
-    assert scale.decode_expands_kv("compile", "5.25.0")
+    assert not scale.decode_expands_kv("dynamic", "5.23.0") and not scale.decode_expands_kv("dynamic", "5.25.0")
+    assert scale.decode_expands_kv("compile", "5.25.0") and scale.decode_expands_kv("static", "5.25.0")  # compiled
     real, calls, decoding, outputs = sdpa_attention.repeat_kv, {"decode": 0, "prefill": 0}, [False], []
 
     def spy(hidden, n_rep):
