@@ -2952,6 +2952,11 @@ def test_plan_without_a_gpu_answers_for_common_cards(tmp_path, capsys):
         assert float(peak) * 2 ** 30 <= int(gb) * 1e9 and int(batch) % 8 == 0, (gb, peak, batch)
     assert cards[-1][3] == "128"
     assert not os.path.exists(tmp_path / "o")
+    readme = open(os.path.join(HERE, "README.md")).read()  # its card line is this plan's
+    said = readme[readme.index("Default command: 24 GB"):readme.index("Qwen3-1.7B needs")]
+    for gb, verdict, peak, batch in cards:
+        assert (re.search(rf"{gb} GB[^;]*?{peak} GiB[^;]*?{batch}", said) if peak
+                else f"{gb} GB: no flag fits" in said and "no flag fits" in verdict), (gb, verdict, said)
 
 
 def test_trainer_evaluates_with_the_sampling_batch_its_memory_plan_resolved(tiny_model_dir, tiny_data, tmp_path,
