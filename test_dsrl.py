@@ -2556,7 +2556,7 @@ def test_gpu_check_keeps_the_rows_of_a_section_that_crashes(tmp_path, monkeypatc
 
     def crash(cmd, **kw):  # the section's process: one row written, then killed by an illegal memory access
         gpu_check.write_json(cmd[cmd.index("--result") + 1], rows)
-        return subprocess.CompletedProcess(cmd, 1, "", "Traceback ...\nRuntimeError: CUDA error: illegal memory access\n")
+        return subprocess.CompletedProcess(cmd, 1, "", "Traceback\nRuntimeError: CUDA error: illegal memory access\n")
     monkeypatch.setattr(gpu_check.subprocess, "run", crash)
     o = __import__("types").SimpleNamespace(model_dir="m", device="cuda", work_dir=str(tmp_path), tiny=False)
     got = gpu_check.run_section(o, "decode", 10)
@@ -2767,8 +2767,9 @@ def test_plan_is_for_the_longest_prompt_the_run_can_meet(tiny):
     KV bytes per token from the config (keys and values, every layer, fp32)."""
     config = tiny[0].config
     per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 4
-    plan = lambda cap, **kw: scale.memory_plan(config, _tiny_plan_args(max_prompt_tokens=cap), None, "cpu",  # noqa: E731
-                                               torch.float32, False, **kw)
+    def plan(cap, **kw):
+        args = _tiny_plan_args(max_prompt_tokens=cap)
+        return scale.memory_plan(config, args, None, "cpu", torch.float32, False, **kw)
     short = plan(10)  # byte for byte against the real cache in test_plan_state_copy_and_kv_cache_...
     for cap in (700, 1024, 2048):
         p = plan(cap)
@@ -2797,7 +2798,8 @@ def test_auto_sizing_leaves_a_tenth_of_free_memory_unplanned():
 
 def test_plan_counts_a_decode_step_s_expanded_keys_and_values_where_transformers_expands_them(tiny, monkeypatch):
     """A decode step of transformers before 5.23 (the official fork pins 4.56.0), or compiled (--kv-cache static on
-    a GPU, compile), copies each layer's keys and values to every query head (repeat_kv) for a left-padded batch; 5.23 on does not.
+    a GPU, compile), copies each layer's keys and values to every query head (repeat_kv) for a left-padded batch;
+    5.23 on does not.
     Checked on the installed version by counting repeat_kv calls in the decode steps of the sampler (prompts of
     unequal length); the plan's extra bytes for an expanding version are the bytes of one layer's two copies,
     measured from repeat_kv's own outputs."""
@@ -2836,14 +2838,14 @@ def test_requirements_allow_only_a_transformers_whose_decode_does_not_expand_key
     """Catches transformers>=4.56 in requirements.txt: before 5.23 every decode step of a left-padded batch copies
     each layer's keys and values to all query heads (see the test above), about twice the memory traffic per step."""
     lines = open(os.path.join(HERE, "requirements.txt")).read().splitlines()
-    floor = next(re.match(r"transformers>=([\d.]+)", line).group(1) for line in lines if line.startswith("transformers"))
+    floor = next(re.match(r"transformers>=([\d.]+)", s).group(1) for s in lines if s.startswith("transformers"))
     assert not scale.decode_expands_kv("dynamic", floor), floor
 
 QWEN3_SIZES = {"0.6B": (1024, 3072, 28, 16), "1.7B": (2048, 6144, 28, 16), "4B": (2560, 9728, 36, 32)}
 
 
 def _qwen3_config(size):
-    """The published Qwen3 configuration of one size (hidden, MLP, layers, query heads; 8 KV heads of 128), no weights."""
+    """The published Qwen3 configuration of one size (hidden, MLP, layers, query heads; 8 KV heads of 128)."""
     from transformers import Qwen3Config
     hidden, inter, layers, heads = QWEN3_SIZES[size]
     return Qwen3Config(vocab_size=151936, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
@@ -2874,7 +2876,8 @@ def test_plan_advice_is_re_planned_and_fits_for_qwen3_on_common_cards(size):
         if 18 * n_params > 0.9 * free:
             assert f"alone take {18 * n_params / 2 ** 30:.1f} GiB" in advice, advice
         card = int(re.search(r"a GPU of (\d+) GB", advice).group(1))
-        bigger = scale.memory_plan(config, dsrl.Args(), int(card * 1e9) - scale.CUDA_CONTEXT, "cuda", torch.bfloat16, True)
+        free_there = int(card * 1e9) - scale.CUDA_CONTEXT
+        bigger = scale.memory_plan(config, dsrl.Args(), free_there, "cuda", torch.bfloat16, True)
         assert bigger["fits"] and card > gb, advice
 
 def test_run_that_cannot_fit_stops_before_the_data_with_the_flags_that_fit(tiny_model_dir, tmp_path, monkeypatch, capsys):

@@ -279,7 +279,8 @@ def section_decode(o):
                             "floor_ms": floor_ms, "x_floor": med / floor_ms}
                 write_json(o.result, result)  # kept if a later repetition or mode crashes or outlasts the budget
         except Exception as e:  # noqa: BLE001
-            rows[kv] = {**rows[kv], "status": f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"}
+            first = str(e).splitlines()[0][:120] if str(e) else ""
+            rows[kv] = {**rows[kv], "status": f"failed: {type(e).__name__}: {first}"}
             write_json(o.result, result)
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
@@ -374,8 +375,8 @@ def run_section(o, name, budget_s, extra=()):
     if res.returncode or not os.path.exists(path):
         lines = [line for line in res.stderr.splitlines() if line.strip()]
         oom = "out of memory" in res.stderr.lower()
-        failed = {"status": "out of memory" if oom else "failed", "error": lines[-1] if lines else f"exit {res.returncode}",
-                  "section_s": time.time() - t0}
+        failed = {"status": "out of memory" if oom else "failed",
+                  "error": lines[-1] if lines else f"exit {res.returncode}", "section_s": time.time() - t0}
         if os.path.exists(path):  # the rows it finished before it crashed (decode: one per --kv-cache and repetition)
             with open(path) as fh:
                 return {**json.load(fh), **failed, "status": "ok", "partial": f"crashed: {failed['status']}"}
@@ -474,8 +475,8 @@ def md_decode(sec):
              f"median of {sec['reps']} calls after a warm-up; floor = ({sec['weight_bytes'] / 1e9:.2f} GB weights + KV "
              f"cache at {sec['mean_kv_len']:.0f} tokens) / {fmt(sec['bandwidth_gbs'], '.0f')} GB/s; prefill included "
              f"in ms/step{'; ' + sec['partial'] if sec.get('partial') else ''})", "",
-             "| `--kv-cache` | ms/step (median) | min-max | spread | floor ms | x floor | keys/values expanded per step "
-             "| first call s (warm-up, compile) |", "|---|---|---|---|---|---|---|---|"]
+             "| `--kv-cache` | ms/step (median) | min-max | spread | floor ms | x floor | keys/values expanded "
+             "per step | first call s (warm-up, compile) |", "|---|---|---|---|---|---|---|---|"]
     expands = sec.get("transformers_expands_kv", {})
     for kv, row in sec["kv_cache"].items():
         lines.append(f"| {kv} | {fmt(row.get('ms_per_step'))} | {fmt(row.get('min_ms'))}-{fmt(row.get('max_ms'))} | "
