@@ -41,7 +41,6 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
 from typing import NamedTuple
 
-import pyarrow.parquet as pq  # comes with datasets
 import safetensors
 import torch
 import torch.nn.functional as F
@@ -167,6 +166,7 @@ def read_rows(source: str, split: str = "train") -> list:
         raise UsageError(f"dataset file not found: {source} (give an existing .parquet/.jsonl file or a hub id)")
     try:
         if source.endswith(".parquet"):
+            import pyarrow.parquet as pq  # comes with datasets; only .parquet files need it
             return pq.read_table(source).to_pylist()
         with open(source, encoding="utf-8") as fh:
             return [_json_row(line, n) for n, line in enumerate(fh, 1) if line.strip()]

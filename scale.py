@@ -14,13 +14,13 @@ the two import in either order.
 
 import math
 import os
+import re
 import shlex
 import sys
 from contextlib import contextmanager
-from dataclasses import fields
+from dataclasses import fields, replace
 from functools import partial
 
-import pyarrow.parquet as pq  # comes with datasets
 import torch
 from torch.utils.checkpoint import checkpoint
 
@@ -28,11 +28,10 @@ import dsrl  # Args, MODES, UsageError, read when called: dsrl.py imports this m
 
 # ---- One GPU: the memory plan -------------------------------------------------------------------------------
 GiB = 2 ** 30
-# The prompt length the plan assumes: MATH prompts with the chat template are ~80-300 tokens, and a batch is
-# padded to its longest. The KV cache and the loss pass grow with it; --max-prompt-tokens caps it.
-PLANNED_PROMPT_TOKENS = 512
 SAMPLER_LOGIT_COPIES = 4  # generate's per-step fp32 logits, scores, probabilities and top-p mask: (n, vocab) each
 CHUNK_COPIES = 4          # the checkpointed vocabulary chunk in backward: logits, recomputed logits, softmax, grad
+MARGIN = 0.10  # auto sizing and the flags the plan proposes leave this share of free memory unplanned (fragmentation)
+GQA_DECODE_FROM = (5, 23)  # transformers from 5.23 attends a decode step's query to the KV heads as cached
 
 
 def model_config(name_or_path):
@@ -126,22 +125,28 @@ def use_checkpointing(args, device) -> bool:
     return str(device).startswith("cuda") if given is None else bool(given)
 
 
-def memory_plan(config, args, free_bytes=None, device=None, dtype=None, checkpointing=None, n_params=None) -> dict:
-    """Bytes per part of a run of `args` on `config`. Phases do not overlap: sampling (KV cache) and the loss
-    (activations) each come on top of the training state and the sampling copy. `--gen-batch-size 0` resolves to
-    the most whole groups whose sampling phase fits `free_bytes` (all of them when free_bytes is None).
-    device, dtype, checkpointing: as resolved for the run (default: from args and this machine)."""
+def memory_plan(config, args, free_bytes=None, device=None, dtype=None, checkpointing=None, n_params=None,
+                prompt_tokens=None, expands_kv=None, advise=True) -> dict:
+    """Bytes per part of a run of `args` on `config`. Phases do not overlap: sampling (KV cache and a decode step's
+    transients) and the loss (activations) each come on top of the training state and the sampling copy.
+    `--gen-batch-size 0` resolves to the most whole groups whose sampling phase fits `free_bytes` less the MARGIN
+    (all of them when free_bytes is None). device, dtype, checkpointing: as resolved for the run (default: from args
+    and this machine). prompt_tokens: the longest prompt of the data, when known (default: --max-prompt-tokens).
+    expands_kv: whether a decode step expands keys and values (default: decode_expands_kv on this transformers)."""
     device = device or dsrl.resolve_device(args.device)
     dtype = dtype or compute_dtype(args.dtype, device)
     checkpointing = use_checkpointing(args, device) if checkpointing is None else checkpointing
     n_params = n_params or count_parameters(config)
     elem, group, vocab = torch.tensor([], dtype=dtype).element_size(), args.group_size, config.vocab_size
-    prompt_len = min(PLANNED_PROMPT_TOKENS, args.max_prompt_tokens)
+    # The longest prompt the run can meet: the dataset's longest after the chat template, when the caller has
+    # measured it, else the cap (MATH's longest prompts, 1,686 tokens with Qwen3's template, exceed the default 1,024).
+    prompt_len = min(prompt_tokens or args.max_prompt_tokens, args.max_prompt_tokens)
     low_precision_copy = 2 * n_params if elem == 2 else 0  # the sampler's bf16 copy; fp32 samples from the model
+    expands = decode_expands_kv(getattr(args, "kv_cache", "dynamic")) if expands_kv is None else expands_kv
 
     def sampling(n_seqs):
         return (kv_cache_bytes(config, n_seqs, prompt_len + args.max_new_tokens, elem)
-                + n_seqs * vocab * 4 * SAMPLER_LOGIT_COPIES)
+                + decode_step_bytes(config, n_seqs, prompt_len + args.max_new_tokens, elem, expands))
 
     def loss(n_seqs, ckpt):  # the larger of two moments of the P(y|x) backward; + autocast's bf16 weight copies
         n_prompts, head = min(n_seqs, math.ceil(n_seqs / group) + 1), vocab * config.hidden_size
@@ -163,52 +168,106 @@ def memory_plan(config, args, free_bytes=None, device=None, dtype=None, checkpoi
             "prompt_tokens": prompt_len, "training_state": state, "sampling_copy": low_precision_copy,
             "gen_batch_size": groups * group, "kv_cache": sampling(groups * group), "micro_batch_size": micro,
             "activations": loss(micro, checkpointing), "activations_other": loss(micro, not checkpointing),
-            "free_bytes": free_bytes}
+            "free_bytes": free_bytes, "device": str(device), "expands_kv": expands}
     plan["peak"] = base + max(plan["kv_cache"], plan["activations"])
     plan["fits"] = free_bytes is None or plan["peak"] <= free_bytes
-    if not plan["fits"]:
-        plan["suggestion"] = _fitting_flags(plan, base, sampling(group), loss, free_bytes)
+    if not plan["fits"] and advise:
+        resolved = dict(device=device, dtype=dtype, n_params=n_params, prompt_tokens=prompt_len, expands_kv=expands)
+        plan["suggestion"], plan["advice"] = _fitting_flags(config, args, free_bytes, checkpointing, base, resolved)
     return plan
 
 
+def decode_expands_kv(kv_cache="dynamic", version=None) -> bool:
+    """Whether a decode step of `generate` copies every layer's keys and values to all query heads (repeat_kv):
+    on transformers before 5.23 with a padding mask (a batch of prompts of unequal length), and on every version
+    under torch.compile (--kv-cache compile, and static, which generate compiles on a GPU). Each copy lives for one
+    layer: decode_step_bytes counts it."""
+    import transformers
+    major_minor = tuple(int(n) for n in re.findall(r"\d+", version or transformers.__version__)[:2])
+    return major_minor < GQA_DECODE_FROM or kv_cache != "dynamic"
+
+
+def decode_step_bytes(config, n_seqs, n_tokens, elem, expands):
+    """The transients of one decode step of n_seqs sequences at n_tokens: generate's fp32 logits and their copies,
+    and where the version expands them one layer's keys and values for every query head."""
+    _, _, _, q, kv, _, _, vocab = body_sizes(config)
+    expanded = 2 * n_seqs * n_tokens * q * elem if expands and q > kv else 0
+    return n_seqs * vocab * 4 * SAMPLER_LOGIT_COPIES + expanded
+
+
 def _sampling_groups(args, sampling_peak, free_bytes) -> int:
-    """Groups per generate call: --gen-batch-size in whole groups as given, or (0 = auto) the most that fit."""
+    """Groups per generate call: --gen-batch-size in whole groups as given, or (0 = auto) the most that fit in
+    free_bytes less the MARGIN."""
     if args.gen_batch_size:
         return min(max(1, args.gen_batch_size // args.group_size), args.prompts_per_step)
-    if free_bytes is None:  # no limit known (CPU): all at once
+    if free_bytes is None:  # no limit known: all at once
         return args.prompts_per_step
-    return max([g for g in range(1, args.prompts_per_step + 1) if sampling_peak(g) <= free_bytes], default=1)
+    usable = free_bytes * (1 - MARGIN)
+    return max([g for g in range(1, args.prompts_per_step + 1) if sampling_peak(g) <= usable], default=1)
 
 
-def _fitting_flags(plan, base, one_group, loss, free_bytes):
-    """Flags of the largest setting that fits: the auto sampling batch, then checkpointing, then smaller
-    micro-batches. -> str, or None when not even one group can be sampled (a smaller model is needed)."""
-    if base + one_group > free_bytes:
-        return None
-    flags = [] if base + plan["kv_cache"] <= free_bytes else ["--gen-batch-size 0"]
-    micro, checkpointing = plan["micro_batch_size"], plan["checkpointing"]
-    for m in range(micro, 0, -1):
-        for ckpt in dict.fromkeys((checkpointing, True)):
-            if base + loss(m, ckpt) <= free_bytes:
-                return " ".join(flags + [f"--micro-batch-size {m}"] * (m < micro)
-                                + ["--gradient-checkpointing"] * (ckpt and not checkpointing))
-    return None
+def _fitting_flags(config, args, free_bytes, checkpointing, base, resolved):
+    """The least change to the run whose own plan fits free_bytes less the MARGIN, tried in this order: the auto
+    sampling batch, checkpointing, smaller micro-batches, shorter prompts (--max-prompt-tokens cuts the longest from
+    the left), shorter responses. -> (flags, advice); flags is None when nothing fits, and advice then gives the
+    numbers and what would fit (a smaller model, a larger card)."""
+    usable, gib = free_bytes * (1 - MARGIN), lambda b: f"{b / GiB:.1f} GiB"  # noqa: E731
+    P, T, micro = resolved["prompt_tokens"], args.max_new_tokens, args.micro_batch_size
+
+    def flags(m, ckpt, p, t):
+        return " ".join(["--gen-batch-size 0"] * (args.gen_batch_size != 0) + [f"--micro-batch-size {m}"] * (m < micro)
+                        + ["--gradient-checkpointing"] * (ckpt and not checkpointing)
+                        + [f"--max-prompt-tokens {p}"] * (p < P) + [f"--max-new-tokens {t}"] * (t < T))
+    lengths = [(p, T) for p in (P, 3 * P // 4, P // 2)] + [(P // 2, t) for t in (3 * T // 4, T // 2, T // 4)]
+    for p, t in dict.fromkeys((p, t) for p, t in lengths if min(p, t) >= 1):
+        for m in range(micro, 0, -1):
+            for ckpt in dict.fromkeys((checkpointing, True)):
+                trial = replace(args, gen_batch_size=0, micro_batch_size=m, gradient_checkpointing=ckpt,
+                                max_prompt_tokens=p, max_new_tokens=t)
+                plan = memory_plan(config, trial, free_bytes, checkpointing=ckpt, advise=False, **resolved)
+                if plan["peak"] <= usable:  # else the last, smallest, trial's peak is reported below
+                    return flags(m, ckpt, p, t), f"use {flags(m, ckpt, p, t)} (planned peak {gib(plan['peak'])})"
+    card, usable_words = _card_that_fits(config, args, resolved), f"{gib(usable)} usable ({gib(free_bytes)} less 10 %)"
+    if base > usable:
+        per_param = base / resolved["n_params"]
+        return None, (f"no flag fits: the training state and sampling copy alone take {gib(base)} ({per_param:.0f} "
+                      f"bytes a parameter), more than the {usable_words}; use a model well under "
+                      f"{usable / per_param / 1e9:.2f} B parameters, or {card}")
+    return None, (f"no flag fits: even {flags(m, ckpt, p, t)} needs {gib(plan['peak'])}, more than the {usable_words}; "
+                  f"use a smaller model, or {card}")
 
 
-def format_plan(plan, model_name="") -> str:
-    """A few lines for the console: each part in GiB, the peak, and the free memory it is compared with."""
+def _card_that_fits(config, args, resolved):
+    """The smallest common GPU on which these flags fit (bf16, checkpointing, auto sampling batch) -> words."""
+    for gb in CARDS_GB + (141,):
+        free = int(gb * 1e9) - CUDA_CONTEXT
+        plan = memory_plan(config, replace(args, gen_batch_size=0), free, "cuda", torch.bfloat16, True,
+                           resolved["n_params"], resolved["prompt_tokens"], resolved["expands_kv"], advise=False)
+        if plan["peak"] <= free * (1 - MARGIN):
+            return f"a GPU of {gb} GB (planned peak {plan['peak'] / GiB:.1f} GiB there)"
+    return "more than one GPU: the official launch (python dsrl.py --print-verl-command)"
+
+
+def format_plan(plan, model_name="", device_name=None) -> str:
+    """A few lines for the console: the device and dtype, each part in GiB, the peak, and the free memory (GPU) or
+    available RAM (CPU) it is compared with; when it does not fit, what to change."""
     gib = lambda b: f"{b / GiB:6.1f} GiB"  # noqa: E731
     ckpt = "on" if plan["checkpointing"] else "off"
     other = f"{'without' if plan['checkpointing'] else 'with'} checkpointing {plan['activations_other'] / GiB:.1f} GiB"
-    lines = [f"memory plan: {model_name} {plan['n_params'] / 1e9:.2f} B parameters, compute {plan['dtype']}, "
-             f"gradient checkpointing {ckpt}, prompts of up to {plan['prompt_tokens']} tokens assumed",
+    expands = "; decode expands keys and values to every head" if plan.get("expands_kv") else ""
+    lines = [f"memory plan on {device_name or plan['device']}: {model_name} {plan['n_params'] / 1e9:.2f} B parameters, "
+             f"compute {plan['dtype']}, gradient checkpointing {ckpt}, prompts of up to {plan['prompt_tokens']} "
+             f"tokens{expands}",
              f"  training state   {gib(plan['training_state'])}  fp32 weights, gradients, AdamW moments",
              f"  sampling copy    {gib(plan['sampling_copy'])}  bf16 copy of the weights for generate (none in fp32)",
              f"  KV cache         {gib(plan['kv_cache'])}  sampler, --gen-batch-size {plan['gen_batch_size']}",
              f"  loss activations {gib(plan['activations'])}  --micro-batch-size {plan['micro_batch_size']} ({other})",
              f"  peak             {gib(plan['peak'])}"]
     if plan["free_bytes"] is not None:
-        lines[-1] += f"  of {plan['free_bytes'] / GiB:.1f} GiB free: " + ("fits" if plan["fits"] else "does NOT fit")
+        where = "GiB free" if plan["device"].startswith("cuda") else "GiB of RAM available"
+        lines[-1] += f"  of {plan['free_bytes'] / GiB:.1f} {where}: " + ("fits" if plan["fits"] else "does NOT fit")
+    if plan.get("advice"):
+        lines.append(f"  to fit: {plan['advice']}")
     return "\n".join(lines)
 
 
@@ -225,15 +284,20 @@ def format_cards(config, args) -> str:
         free = int(gb * 1e9) - CUDA_CONTEXT
         plan = memory_plan(config, args, free, "cuda", torch.bfloat16, ckpt)
         verdict = (f"fits, peak {plan['peak'] / GiB:.1f} GiB, --gen-batch-size {plan['gen_batch_size']}" if plan["fits"]
-                   else f"does NOT fit; use {plan['suggestion']}" if plan["suggestion"]
-                   else "does NOT fit even at --micro-batch-size 1: lower --max-new-tokens")
+                   else f"does NOT fit; {plan['advice']}")
         lines.append(f"  {gb:3d} GB card: {verdict}")
     return "\n".join(lines)
 
 
 def free_device_memory(device):
-    """Free bytes on a CUDA device now; None on CPU (memory there is rarely the limit, compute is)."""
-    return torch.cuda.mem_get_info(torch.device(device))[0] if str(device).startswith("cuda") else None
+    """Free bytes on a CUDA device now; on CPU the RAM available (Linux's MemAvailable), None where unknown."""
+    if str(device).startswith("cuda"):
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    try:
+        with open("/proc/meminfo") as fh:
+            return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
 
 
 def plan_run(args, model_name, device, dtype):
@@ -250,14 +314,15 @@ def plan_run(args, model_name, device, dtype):
             raise dsrl.UsageError(f"no memory plan for {model_name}: its config has no {e.name} "
                                   "(a Qwen/Llama-style decoder config is needed)")
         return {"gen_batch_size": args.gen_batch_size or args.prompts_per_step * args.group_size}
-    print(format_plan(plan, model_name))  # stdout, with the step lines: stderr keeps the one-line errors
+    cuda = str(device).startswith("cuda")
+    name = f"{device} ({torch.cuda.get_device_name(torch.device(device))})" if cuda else f"{device} (this machine)"
+    print(format_plan(plan, model_name, name))  # stdout, with the step lines: stderr keeps the one-line errors
     if args.plan:
-        if not str(device).startswith("cuda"):
+        if not cuda:
             print(format_cards(config, args))
         sys.exit(0)
     if not plan["fits"]:
-        fix = (f"use {plan['suggestion']}" if plan["suggestion"] else "even one group at --micro-batch-size 1 "
-               "--gradient-checkpointing does not fit: use a smaller --model or --max-new-tokens")
+        fix = f"use {plan['suggestion']}" if plan["suggestion"] else plan["advice"]
         raise dsrl.UsageError(f"this run does not fit: needs {plan['peak'] / GiB:.1f} GiB, "
                               f"{plan['free_bytes'] / GiB:.1f} GiB free on {device}; {fix} (see python dsrl.py --plan)")
     return plan
@@ -361,6 +426,7 @@ def train_rows(a: "dsrl.Args"):
         return None, a.dataset
     try:
         if a.dataset.endswith(".parquet"):
+            import pyarrow.parquet as pq  # comes with datasets; only .parquet files need it
             return pq.ParquetFile(a.dataset).metadata.num_rows, a.dataset
         with open(a.dataset, encoding="utf-8") as fh:
             return sum(1 for line in fh if line.strip()), a.dataset

@@ -2503,15 +2503,69 @@ def test_qwen3_both_spaces_train_and_eval_runs_on_the_checkpoint(qwen3_run, tmp_
     assert list(m.values())[0]["avg@4"] == pytest.approx(sum(r["reward"] for r in rows) / 4)
 
 
+def _bare_machine(tmp_path):
+    """The environment of a GPU machine with torch and transformers but neither pytest nor pyarrow, and python3
+    without `python`: a sitecustomize makes both modules unimportable (None in sys.modules: an import fails, a
+    find_spec says absent), in this process's children too; PATH holds python3 and dirname alone."""
+    blocker, bin_dir = tmp_path / "bare", tmp_path / "bin"
+    blocker.mkdir()
+    bin_dir.mkdir()
+    (blocker / "sitecustomize.py").write_text("import sys\nsys.modules.update(pytest=None, pyarrow=None)\n")
+    (bin_dir / "python3").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')  # a link would leave a venv
+    (bin_dir / "python3").chmod(0o755)
+    os.symlink(shutil.which("dirname"), bin_dir / "dirname")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHON", "PYTHONPATH")}
+    return {**env, "PYTHONPATH": str(blocker), "PATH": str(bin_dir), "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false"}
+
+
+def test_trainer_and_gpu_check_need_neither_pytest_nor_pyarrow_for_a_jsonl_dataset(tmp_path):
+    """Catches `import pyarrow.parquet` at the top of dsrl.py and scale.py and gpu_check's model built with
+    test_dsrl.py (pytest): with both unimportable, dsrl, scale, eval and the GPU check import, read a .jsonl
+    dataset, count its rows for the official launch, and build the check's tiny model."""
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps(r) + "\n" for r in problem_rows(3)))
+    code = (f"import sys; sys.path[:0] = [{HERE!r}, {os.path.join(HERE, 'bench')!r}]\n"
+            "import dsrl, scale, eval, gpu_check\n"
+            f"assert len(dsrl.read_rows({str(rows)!r})) == 3\n"
+            f"assert scale.train_rows(dsrl.Args(dataset={str(rows)!r}))[0] == 3\n"
+            f"gpu_check.offline_model.build({str(tmp_path / 'm')!r}, 'tiny')\n"
+            "assert 'pytest' not in sys.modules or sys.modules['pytest'] is None\n"
+            "print('bare ok')")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_bare_machine(tmp_path),
+                         timeout=300)
+    assert res.returncode == 0 and "bare ok" in res.stdout, res.stderr[-2000:]
+    assert os.path.exists(tmp_path / "m" / "config.json")
+
+
+def test_gpu_check_keeps_the_rows_of_a_section_that_crashes(tmp_path, monkeypatch):
+    """Catches a crashed section (a CUDA error kills its process) losing the rows it had written: run_section
+    returns them, marked partial, with the error line."""
+    sys.path.insert(0, os.path.join(HERE, "bench"))
+    import gpu_check
+    rows = {"batch": 8, "kv_cache": {"dynamic": {"status": "ok", "ms_per_step": 21.0}}}
+
+    def crash(cmd, **kw):  # the section's process: one row written, then killed by an illegal memory access
+        gpu_check.write_json(cmd[cmd.index("--result") + 1], rows)
+        return subprocess.CompletedProcess(cmd, 1, "", "Traceback\nRuntimeError: CUDA error: illegal memory access\n")
+    monkeypatch.setattr(gpu_check.subprocess, "run", crash)
+    o = __import__("types").SimpleNamespace(model_dir="m", device="cuda", work_dir=str(tmp_path), tiny=False)
+    got = gpu_check.run_section(o, "decode", 10)
+    assert got["kv_cache"] == rows["kv_cache"] and got["partial"] == "crashed: failed", got
+    assert got["error"] == "RuntimeError: CUDA error: illegal memory access"
+    assert gpu_check.SIZES["gpu"]["decode_tokens"] == dsrl.Args().max_new_tokens and gpu_check.DECODE_REPS >= 3
+
+
 @pytest.mark.slow
 def test_gpu_check_tiny_mode_writes_every_section(tmp_path):
-    """bench/gpu_check.sh --tiny runs the GPU check's code path on CPU: JSON and Markdown with every section."""
+    """bench/gpu_check.sh --tiny runs the GPU check's code path on CPU as on a bare GPU machine (python3 only,
+    neither pytest nor pyarrow importable): JSON and Markdown with every section, in --out-dir."""
     from transformers import Qwen3ForCausalLM
-    env = {**os.environ, "PYTHON": sys.executable, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    res = subprocess.run(["bash", os.path.join(HERE, "bench", "gpu_check.sh"), "--tiny", "--out-dir", str(tmp_path)],
-                         capture_output=True, text=True, timeout=900, env=env, cwd=HERE)
+    out = tmp_path / "collected"
+    res = subprocess.run([shutil.which("bash"), os.path.join(HERE, "bench", "gpu_check.sh"), "--tiny", "--out-dir",
+                          str(out)], capture_output=True, text=True, timeout=900, env=_bare_machine(tmp_path), cwd=HERE)
     assert res.returncode == 0, res.stderr[-3000:]
-    report = json.loads((tmp_path / "gpu-cpu-tiny.json").read_text())
+    report = json.loads((out / "gpu-cpu-tiny.json").read_text())
     s = report["sections"]
     assert list(s) == ["info", "phases", "decode", "deterministic-off", "deterministic-on", "trl", "headline"]
     assert all(s[name]["status"] == "ok" for name in s if name != "trl"), {k: v["status"] for k, v in s.items()}
@@ -2522,9 +2576,11 @@ def test_gpu_check_tiny_mode_writes_every_section(tmp_path):
     d = s["decode"]
     assert (d["weight_bytes"], d["kv_bytes_per_token"]) == (4 * n_params, 2 * 2 * 2 * 16 * 4)
     floor = 1000 * (d["weight_bytes"] + d["batch"] * d["mean_kv_len"] * d["kv_bytes_per_token"]) / (d["bandwidth_gbs"] * 1e9)
+    assert d["batch"] == 8 and d["new_tokens"] == 8  # the plan's batch on CPU: every sequence of the step
     for kv in ("dynamic", "static"):
         row = d["kv_cache"][kv]
-        assert row["floor_ms"] == pytest.approx(floor) and row["ms_per_step"] == pytest.approx(1000 * row["gen_s"] / 8)
+        assert row["floor_ms"] == pytest.approx(floor) and len(row["reps_ms_per_step"]) == 3
+        assert row["ms_per_step"] == statistics.median(row["reps_ms_per_step"]) and row["min_ms"] <= row["max_ms"]
     assert d["kv_cache"]["compile"]["status"].startswith("not run in --tiny")
     p = s["phases"]
     assert list(p["phases"]) == ["sampling", "loss", "optimizer"] and p["n_used"] > 0  # the hash reward mixes groups
@@ -2533,7 +2589,7 @@ def test_gpu_check_tiny_mode_writes_every_section(tmp_path):
     h = s["headline"]
     assert h["exit_code"] == 0 and h["steps_done"] == 2 and [r["step"] for r in h["steps"]] == list(range(1, h["steps_done"] + 1))
     assert all(r["space"] == "P(y)" for r in h["steps"])  # the default mode: DSRL, warm-up in P(y)
-    md = (tmp_path / "gpu-cpu-tiny.md").read_text()
+    md = (out / "gpu-cpu-tiny.md").read_text()
     for title in ("Decode ms per step", "One GRPO step", "`--deterministic` off and on", "Step time against TRL",
                   "The headline command"):
         assert title in md, title
@@ -2681,7 +2737,7 @@ def test_auto_gen_batch_size_is_the_most_whole_groups_that_fit(tiny):
     one_group = scale.memory_plan(config, _tiny_plan_args(gen_batch_size=2), None, "cpu", torch.float32, False)
     base = one_group["training_state"] + one_group["sampling_copy"]
     per_group = one_group["kv_cache"]
-    fits_three = base + 3 * per_group + per_group // 2
+    fits_three = int((base + 3 * per_group + per_group // 2) / (1 - scale.MARGIN))  # auto sizing leaves the margin
     plan = scale.memory_plan(config, args, fits_three, "cpu", torch.float32, False)
     assert plan["gen_batch_size"] == 6 and plan["kv_cache"] == 3 * per_group
     explicit = scale.memory_plan(config, _tiny_plan_args(gen_batch_size=5, prompts_per_step=5), fits_three, "cpu",
@@ -2689,11 +2745,131 @@ def test_auto_gen_batch_size_is_the_most_whole_groups_that_fit(tiny):
     assert explicit["gen_batch_size"] == 4  # kept as given, rounded down to whole groups of 2
     small = dict(prompts_per_step=40, micro_batch_size=1)  # sampling, not the loss, is the limit here
     one = scale.memory_plan(config, _tiny_plan_args(gen_batch_size=2, **small), None, "cpu", torch.float32, False)
-    free = base + max(one["activations"], 20 * one["kv_cache"])
+    free = int((base + max(one["activations"], 20 * one["kv_cache"])) / (1 - scale.MARGIN))
     too_big = scale.memory_plan(config, _tiny_plan_args(gen_batch_size=80, **small), free, "cpu", torch.float32, False)
     assert not too_big["fits"] and too_big["suggestion"] == "--gen-batch-size 0"
     assert scale.memory_plan(config, _tiny_plan_args(gen_batch_size=0, **small), free, "cpu", torch.float32)["fits"]
 
+
+def test_plan_is_for_the_longest_prompt_the_run_can_meet(tiny):
+    """Catches a plan for prompts of at most 512 tokens: the run cuts prompts at --max-prompt-tokens (1,024 by
+    default; MATH's longest prompts, up to 1,686 tokens with Qwen3's template, exceed it), so the KV cache and the
+    loss are planned at the cap; a caller that measured its data's longest prompt plans that, never above the cap.
+    KV bytes per token from the config (keys and values, every layer, fp32)."""
+    config = tiny[0].config
+    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 4
+    def plan(cap, **kw):
+        args = _tiny_plan_args(max_prompt_tokens=cap)
+        return scale.memory_plan(config, args, None, "cpu", torch.float32, False, **kw)
+    short = plan(10)  # byte for byte against the real cache in test_plan_state_copy_and_kv_cache_...
+    for cap in (700, 1024, 2048):
+        p = plan(cap)
+        assert p["prompt_tokens"] == cap and p["kv_cache"] - short["kv_cache"] == 6 * (cap - 10) * per_token
+        assert p["activations"] > plan(cap // 2)["activations"]  # the loss grows with the prompt too
+    assert plan(1024, prompt_tokens=80)["prompt_tokens"] == 80  # the data's longest, measured by a caller
+    assert plan(1024, prompt_tokens=5000)["prompt_tokens"] == 1024  # cut at the cap: never planned above it
+
+
+def test_auto_sizing_leaves_a_tenth_of_free_memory_unplanned():
+    """Catches --gen-batch-size 0 picking the largest batch whose planned peak equals free memory (step 29 of a
+    24 GB run then needed more than the card). Qwen3-0.6B's real sizes; any free memory from 12 to 80 GB: the
+    sampling phase of the auto batch stays within 90 % of it, and one more group would not."""
+    config = _qwen3_config("0.6B")
+    args = dsrl.Args()
+    for gb in range(12, 81, 4):
+        free = int(gb * 1e9) - scale.CUDA_CONTEXT
+        p = scale.memory_plan(config, args, free, "cuda", torch.bfloat16, True)
+        base, groups = p["training_state"] + p["sampling_copy"], p["gen_batch_size"] // args.group_size
+        if groups > 1:
+            assert base + p["kv_cache"] <= 0.9 * free, gb
+        if groups < args.prompts_per_step:
+            more = dsrl.dataclasses.replace(args, gen_batch_size=(groups + 1) * args.group_size)
+            assert base + scale.memory_plan(config, more, free, "cuda", torch.bfloat16, True)["kv_cache"] > 0.9 * free
+
+
+def test_plan_counts_a_decode_step_s_expanded_keys_and_values_where_transformers_expands_them(tiny, monkeypatch):
+    """A decode step of transformers before 5.23 (the official fork pins 4.56.0), or compiled (--kv-cache static on
+    a GPU, compile), copies each layer's keys and values to every query head (repeat_kv) for a left-padded batch;
+    5.23 on does not.
+    Checked on the installed version by counting repeat_kv calls in the decode steps of the sampler (prompts of
+    unequal length); the plan's extra bytes for an expanding version are the bytes of one layer's two copies,
+    measured from repeat_kv's own outputs."""
+    from transformers.integrations import sdpa_attention
+    model, tok = tiny
+    assert scale.decode_expands_kv("dynamic", "4.56.0") and scale.decode_expands_kv("dynamic", "5.22.0")
+    assert not scale.decode_expands_kv("dynamic", "5.23.0") and not scale.decode_expands_kv("dynamic", "5.25.0")
+    assert scale.decode_expands_kv("compile", "5.25.0") and scale.decode_expands_kv("static", "5.25.0")  # compiled
+    real, calls, decoding, outputs = sdpa_attention.repeat_kv, {"decode": 0, "prefill": 0}, [False], []
+
+    def spy(hidden, n_rep):
+        out = real(hidden, n_rep)
+        calls["decode" if decoding[0] else "prefill"] += n_rep > 1
+        outputs.append(out.nbytes)
+        return out
+    monkeypatch.setattr(sdpa_attention, "repeat_kv", spy)
+    def mark(module, a, kw):
+        ids = kw.get("input_ids", a[0] if a else None)
+        decoding[0] = ids is not None and ids.shape[1] == 1
+    hook = model.register_forward_pre_hook(mark, with_kwargs=True)
+    prompts = [dsrl.build_prompt(tok, r["prompt"], 64) + [7] * i for i, r in enumerate(problem_rows(2))]
+    dsrl.sample_responses(model, tok, prompts, 2, 6, min_new_tokens=6)
+    hook.remove()
+    assert (calls["decode"] > 0) == scale.decode_expands_kv("dynamic"), calls
+    outputs.clear()  # a prefill of n sequences of L tokens with a padding mask expands on every version
+    mask = torch.ones(6, 40, dtype=torch.long)
+    mask[0, :3] = 0  # 6 sequences of 10 + 30 tokens, as _tiny_plan_args plans them
+    with torch.no_grad():
+        model.model(input_ids=torch.full((6, 40), 7), attention_mask=mask)
+    on, off = (scale.memory_plan(model.config, _tiny_plan_args(), None, "cpu", torch.float32, False,
+                                 expands_kv=e)["kv_cache"] for e in (True, False))
+    assert on - off == sum(outputs[:2])  # layer 0's keys and values, one copy each: one layer at a time
+
+
+def test_requirements_allow_only_a_transformers_whose_decode_does_not_expand_keys_and_values():
+    """Catches transformers>=4.56 in requirements.txt: before 5.23 every decode step of a left-padded batch copies
+    each layer's keys and values to all query heads (see the test above), about twice the memory traffic per step."""
+    lines = open(os.path.join(HERE, "requirements.txt")).read().splitlines()
+    floor = next(re.match(r"transformers>=([\d.]+)", s).group(1) for s in lines if s.startswith("transformers"))
+    assert not scale.decode_expands_kv("dynamic", floor), floor
+
+QWEN3_SIZES = {"0.6B": (1024, 3072, 28, 16), "1.7B": (2048, 6144, 28, 16), "4B": (2560, 9728, 36, 32)}
+
+
+def _qwen3_config(size):
+    """The published Qwen3 configuration of one size (hidden, MLP, layers, query heads; 8 KV heads of 128)."""
+    from transformers import Qwen3Config
+    hidden, inter, layers, heads = QWEN3_SIZES[size]
+    return Qwen3Config(vocab_size=151936, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True)
+
+
+@pytest.mark.parametrize("size", list(QWEN3_SIZES))
+def test_plan_advice_is_re_planned_and_fits_for_qwen3_on_common_cards(size):
+    """Catches advice that does not work (0.6B on 16 GB was told to lower --max-new-tokens, which never fits; 1.7B
+    on 24 GB too, though its training state alone exceeds the card). Walked as a user would: the default flags on
+    each card; where they do not fit, the proposed flags are parsed as a command line and planned again: they fit,
+    within the margin. Where nothing is proposed, the advice says so with the numbers, they hold (18 bytes a
+    parameter, counted here), and the card it names does fit."""
+    config, n_params = _qwen3_config(size), scale.count_parameters(_qwen3_config(size))
+    for gb in scale.CARDS_GB:
+        free = int(gb * 1e9) - scale.CUDA_CONTEXT
+        plan = scale.memory_plan(config, dsrl.Args(), free, "cuda", torch.bfloat16, True)
+        if plan["fits"]:
+            assert plan["peak"] <= free
+            continue
+        if plan["suggestion"]:
+            fixed = dsrl.parse_args(["--model", "m"] + plan["suggestion"].split())[0]
+            again = scale.memory_plan(config, fixed, free, "cuda", torch.bfloat16, True)
+            assert again["fits"] and again["peak"] <= 0.9 * free, (size, gb, plan["suggestion"])
+            continue
+        advice = plan["advice"]
+        assert advice.startswith("no flag fits") and "max-new-tokens" not in advice.split(";")[1], advice
+        if 18 * n_params > 0.9 * free:
+            assert f"alone take {18 * n_params / 2 ** 30:.1f} GiB" in advice, advice
+        card = int(re.search(r"a GPU of (\d+) GB", advice).group(1))
+        free_there = int(card * 1e9) - scale.CUDA_CONTEXT
+        bigger = scale.memory_plan(config, dsrl.Args(), free_there, "cuda", torch.bfloat16, True)
+        assert bigger["fits"] and card > gb, advice
 
 def test_run_that_cannot_fit_stops_before_the_data_with_the_flags_that_fit(tiny_model_dir, tmp_path, monkeypatch, capsys):
     """A fake free-memory value (the seam scale.free_device_memory): exit 2 in seconds with one line naming flags
@@ -2759,6 +2935,9 @@ def test_plan_without_a_gpu_answers_for_common_cards(tmp_path, capsys):
         dsrl.main(["--plan", "--model", str(tmp_path / "q06"), "--device", "cpu", "--output-dir", str(tmp_path / "o")])
     assert stop.value.code == 0
     out = capsys.readouterr().out
+    first = out.splitlines()[0]  # the block for this machine names it and its dtype, and compares with its RAM
+    assert first.startswith("memory plan on cpu") and "compute float32" in first, first
+    assert re.search(r"^  peak .* GiB of RAM available: (fits|does NOT fit)$", out, re.M), out
     cards = re.findall(r"^\s+(\d+) GB card: (fits, peak ([\d.]+) GiB, --gen-batch-size (\d+)|does NOT fit.*)$", out, re.M)
     assert [int(c[0]) for c in cards] == [16, 24, 40, 80], out
     fits = [c[1].startswith("fits") for c in cards]
@@ -2767,6 +2946,11 @@ def test_plan_without_a_gpu_answers_for_common_cards(tmp_path, capsys):
         assert float(peak) * 2 ** 30 <= int(gb) * 1e9 and int(batch) % 8 == 0, (gb, peak, batch)
     assert cards[-1][3] == "128"
     assert not os.path.exists(tmp_path / "o")
+    readme = open(os.path.join(HERE, "README.md")).read()  # its card line is this plan's
+    said = readme[readme.index("Default command: 24 GB"):readme.index("Qwen3-1.7B needs")]
+    for gb, verdict, peak, batch in cards:
+        assert (re.search(rf"{gb} GB[^;]*?{peak} GiB[^;]*?{batch}", said) if peak
+                else f"{gb} GB: no flag fits" in said and "no flag fits" in verdict), (gb, verdict, said)
 
 
 def test_trainer_evaluates_with_the_sampling_batch_its_memory_plan_resolved(tiny_model_dir, tiny_data, tmp_path,

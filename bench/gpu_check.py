@@ -1,17 +1,20 @@
-"""One-shot GPU check of dsrl.py on the random-weight Qwen3-0.6B configuration, unattended, in under 8 minutes.
+"""One-shot GPU check of dsrl.py on the random-weight Qwen3-0.6B configuration, unattended, in under 10 minutes.
 
     bash bench/gpu_check.sh                  # one GPU: bench/results/gpu-<name>.json and gpu-<name>.md
+    bash bench/gpu_check.sh --out-dir DIR    # the same, written to DIR
     bash bench/gpu_check.sh --tiny           # CPU, tiny model, seconds: the same code path (the tests run it)
 
 Sections, each in its own process with its own time budget (a section that fails, runs out of memory or overruns
-is recorded as such and the check goes on; the whole stays under --budget-s, 450 s by default):
+is recorded as such with the rows it finished, and the check goes on; the whole stays under --budget-s, 560 s by
+default; --out-dir DIR names where the JSON and the Markdown go; torch and transformers are all it needs):
   info           device name, memory, the memory bandwidth (table of known cards) and a measured copy bandwidth
   phases         one GRPO training step (P(y|x)) at dsrl's default sizes (16 prompts x 8 samples, 1,024 new tokens,
                  micro-batch 8), after a short warm-up step that creates the AdamW state: time and peak memory of
                  sampling, loss (forward + backward) and optimizer step, against the memory plan (scale.memory_plan)
-  decode         decode ms per step of the sampler (bf16 copy, the default batch of 128) for each --kv-cache, against
-                 the bandwidth floor: (bytes of the sampler's weights + bytes of the KV cache at the mean length) /
-                 bandwidth; the first call of each mode is a warm-up (static/compile compile there) and is not timed
+  decode         decode ms per step of the sampler (bf16 copy) at the default run's length (1,024 new tokens) and batch
+                 (the memory plan's: 128 sequences where they fit) for each --kv-cache, median and spread of 3 calls,
+                 against the bandwidth floor: (bytes of the sampler's weights + bytes of the KV cache at the mean
+                 length) / bandwidth; the first call of each mode is a warm-up (static/compile compile there)
   deterministic  the same step as `phases` with --deterministic off and on, at 256 new tokens
   trl            bench/step_vs_trl.py at the default sizes, when TRL is installed (see bench/README.md, Setup)
   headline       python dsrl.py --model <random Qwen3-0.6B> with the default flags (--max-new-tokens 1024), stopped
@@ -39,13 +42,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path[:0] = [REPO, HERE]
 import step_vs_trl as svt  # noqa: E402  (build_model, load_examples, sync: the benchmark's own helpers)
+import offline_model  # noqa: E402  (the random-weight models, without pytest)
 
-TOTAL_BUDGET_S = 450  # 7.5 minutes: under 8 with the model build and the report
+TOTAL_BUDGET_S = 560  # 9 min 20 s: with the model build and the report, under the 10 minutes of one command
 # seconds a section may take at most; the headline gets what is left, at least HEADLINE_MIN_S
-BUDGETS = {"info": 40, "phases": 110, "decode": 90, "deterministic-off": 45, "deterministic-on": 45, "trl": 150}
-HEADLINE_MIN_S = 150
+BUDGETS = {"info": 40, "phases": 90, "decode": 300, "deterministic-off": 40, "deterministic-on": 40, "trl": 120}
+HEADLINE_MIN_S = 100
+DECODE_REPS = 3  # timed generate calls per --kv-cache (after a warm-up): median and spread
 SIZES = {  # dsrl's defaults on GPU; seconds-long on CPU
-    "gpu": dict(prompts=16, group=8, new_tokens=1024, micro=8, warmup_tokens=16, decode_tokens=128, det_tokens=256,
+    "gpu": dict(prompts=16, group=8, new_tokens=1024, micro=8, warmup_tokens=16, decode_tokens=1024, det_tokens=256,
                 headline_steps=10, kv_caches=["dynamic", "static", "compile"]),
     "tiny": dict(prompts=2, group=4, new_tokens=16, micro=4, warmup_tokens=4, decode_tokens=8, det_tokens=8,
                  headline_steps=2, kv_caches=["dynamic", "static"]),  # compile: minutes on a CPU
@@ -219,14 +224,23 @@ def section_deterministic(o, on):
 
 
 def section_decode(o):
+    """ms per decode step of the default run's generate call (1,024 new tokens forced, the batch the memory plan
+    gives `python dsrl.py` on this device: 128 sequences where they fit) for each --kv-cache: DECODE_REPS timed
+    calls after an untimed warm-up (static and compile compile there), median and spread. Each repetition is
+    written as it finishes, so a mode that crashes or overruns keeps what it measured."""
     import torch
     import dsrl
     s, info = SIZES[o.size], json.loads(o.info) if o.info else {}
     device, model, tokenizer = load(o)
     dtype = dsrl.resolve_dtype("auto", device)
+    args = trainer_args(o)
+    plan = memory_plan(model.config, args, device)
+    n_seq = plan["gen_batch_size"] if plan else s["prompts"] * s["group"]
     gen_model = dsrl.generation_copy(model, dtype)
-    del model
-    prompts = [dsrl.build_prompt(tokenizer, ex["messages"], 1024) for ex in svt.load_examples(o.model_dir, s["prompts"])]
+    if gen_model is not model:
+        del model
+    examples = svt.load_examples(o.model_dir, max(1, n_seq // s["group"]))
+    prompts = [dsrl.build_prompt(tokenizer, ex["messages"], args.max_prompt_tokens) for ex in examples]
     cfg, item = gen_model.config, torch.empty((), dtype=dtype).element_size()
     weight_bytes = sum(p.numel() for p in gen_model.parameters()) * item
     kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * item
@@ -237,24 +251,49 @@ def section_decode(o):
     rows = {kv: {"status": "not run: the section's time budget ran out"} for kv in s["kv_caches"]}
     rows.update({kv: {"status": "not run in --tiny: compiling takes minutes on a CPU"}
                  for kv in SIZES["gpu"]["kv_caches"] if kv not in rows})
-    result = {"batch": n_seq, "new_tokens": T, "dtype": str(dtype), "weight_bytes": weight_bytes,
+    result = {"batch": n_seq, "new_tokens": T, "reps": DECODE_REPS, "dtype": str(dtype), "weight_bytes": weight_bytes,
               "kv_bytes_per_token": kv_per_token, "mean_kv_len": mean_len, "bandwidth_gbs": info.get("bandwidth_gbs"),
-              "kv_cache": rows}
+              "transformers_expands_kv": {kv: scale_expands(kv) for kv in rows}, "kv_cache": rows}
+
+    def generate(kv, tokens):
+        svt.sync(device)
+        t0 = time.perf_counter()
+        torch.manual_seed(0)
+        dsrl.sample_responses(gen_model, tokenizer, prompts, s["group"], tokens, min_new_tokens=tokens, dtype=dtype,
+                              kv_cache=kv)
+        svt.sync(device)
+        return time.perf_counter() - t0
+
     for kv in s["kv_caches"]:
         if time.time() > o.deadline - 15:
             break
-        times = []
-        for _ in range(2):  # the first call warms up (and compiles for static / compile)
-            svt.sync(device)
-            t0 = time.perf_counter()
-            torch.manual_seed(0)
-            dsrl.sample_responses(gen_model, tokenizer, prompts, s["group"], T, min_new_tokens=T, dtype=dtype, kv_cache=kv)
-            svt.sync(device)
-            times.append(time.perf_counter() - t0)
-        rows[kv] = {"status": "ok", "warmup_s": times[0], "gen_s": times[1], "ms_per_step": 1000 * times[1] / T,
-                    "floor_ms": floor_ms, "x_floor": 1000 * times[1] / T / floor_ms}
-        write_json(o.result, result)  # kept if a later mode (a long compile) outlasts the budget
+        try:  # a mode that fails (a compile error, out of memory) is recorded; the next one still runs
+            warmup = generate(kv, T if kv != "dynamic" else s["warmup_tokens"])  # a static cache's shape: full length
+            reps = []
+            for _ in range(DECODE_REPS):
+                reps.append(1000 * generate(kv, T) / T)
+                med = statistics.median(reps)
+                rows[kv] = {"status": "ok" if len(reps) == DECODE_REPS else f"{len(reps)} of {DECODE_REPS} repetitions",
+                            "warmup_s": warmup, "reps_ms_per_step": reps, "ms_per_step": med, "min_ms": min(reps),
+                            "max_ms": max(reps), "spread_pct": 100 * (max(reps) - min(reps)) / med,
+                            "floor_ms": floor_ms, "x_floor": med / floor_ms}
+                write_json(o.result, result)  # kept if a later repetition or mode crashes or outlasts the budget
+        except Exception as e:  # noqa: BLE001
+            first = str(e).splitlines()[0][:120] if str(e) else ""
+            rows[kv] = {**rows[kv], "status": f"failed: {type(e).__name__}: {first}"}
+            write_json(o.result, result)
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
     return result
+
+
+def scale_expands(kv):
+    """Whether this transformers copies keys and values to every head at each decode step (scale.decode_expands_kv)."""
+    try:
+        import scale
+        return scale.decode_expands_kv(kv)
+    except (ImportError, AttributeError):
+        return None
 
 
 def section_trl(o):
@@ -336,19 +375,20 @@ def run_section(o, name, budget_s, extra=()):
     if res.returncode or not os.path.exists(path):
         lines = [line for line in res.stderr.splitlines() if line.strip()]
         oom = "out of memory" in res.stderr.lower()
-        return {"status": "out of memory" if oom else "failed", "error": lines[-1] if lines else f"exit {res.returncode}",
-                "section_s": time.time() - t0}
+        failed = {"status": "out of memory" if oom else "failed",
+                  "error": lines[-1] if lines else f"exit {res.returncode}", "section_s": time.time() - t0}
+        if os.path.exists(path):  # the rows it finished before it crashed (decode: one per --kv-cache and repetition)
+            with open(path) as fh:
+                return {**json.load(fh), **failed, "status": "ok", "partial": f"crashed: {failed['status']}"}
+        return failed
     with open(path) as fh:
         return {"status": "ok", **json.load(fh), "section_s": time.time() - t0}
 
 
 def build(o):
-    if o.tiny:
-        from test_dsrl import make_tiny_model
-        make_tiny_model(o.model_dir, pretrain_steps=0)  # random weights, as on the GPU
-        svt.write_rows(o.model_dir)
-    else:
-        svt.build_model(o.model_dir, "qwen3-0.6b")
+    """The random-weight model (offline_model.py: torch and transformers only, no test code) and its problems."""
+    offline_model.build(o.model_dir, "tiny" if o.tiny else "qwen3-0.6b")
+    svt.write_rows(o.model_dir)
     with open(os.path.join(o.model_dir, svt.ROWS_FILE)) as fh, open(os.path.join(o.model_dir, "rows.jsonl"), "w") as out:
         out.writelines(json.dumps(r) + "\n" for r in json.load(fh))  # the headline's --dataset (verl format)
 
@@ -431,15 +471,19 @@ def md_decode(sec):
     title = "Decode ms per step, against the bandwidth floor"
     if sec["status"] != "ok":
         return not_ok(title, sec)
-    lines = [f"**{title}** ({sec['batch']} sequences, {sec['new_tokens']} new tokens forced, {sec['dtype']} sampler; floor = "
-             f"({sec['weight_bytes'] / 1e9:.2f} GB weights + KV cache at {sec['mean_kv_len']:.0f} tokens) / "
-             f"{fmt(sec['bandwidth_gbs'], '.0f')} GB/s; prefill included in ms/step"
-             f"{'; ' + sec['partial'] if sec.get('partial') else ''})", "",
-             "| `--kv-cache` | ms/step | floor ms | x floor | first call s (warm-up, compile) |", "|---|---|---|---|---|"]
+    lines = [f"**{title}** ({sec['batch']} sequences, {sec['new_tokens']} new tokens forced, {sec['dtype']} sampler, "
+             f"median of {sec['reps']} calls after a warm-up; floor = ({sec['weight_bytes'] / 1e9:.2f} GB weights + KV "
+             f"cache at {sec['mean_kv_len']:.0f} tokens) / {fmt(sec['bandwidth_gbs'], '.0f')} GB/s; prefill included "
+             f"in ms/step{'; ' + sec['partial'] if sec.get('partial') else ''})", "",
+             "| `--kv-cache` | ms/step (median) | min-max | spread | floor ms | x floor | keys/values expanded "
+             "per step | first call s (warm-up, compile) |", "|---|---|---|---|---|---|---|---|"]
+    expands = sec.get("transformers_expands_kv", {})
     for kv, row in sec["kv_cache"].items():
-        lines.append(f"| {kv} | {fmt(row.get('ms_per_step'))} | {fmt(row.get('floor_ms'), '.3f')} | "
-                     f"{fmt(row.get('x_floor'), '.1f')} | {fmt(row.get('warmup_s'), '.1f')} |" if row["status"] == "ok"
-                     else f"| {kv} | {row['status']} | | | |")
+        lines.append(f"| {kv} | {fmt(row.get('ms_per_step'))} | {fmt(row.get('min_ms'))}-{fmt(row.get('max_ms'))} | "
+                     f"{fmt(row.get('spread_pct'), '.1f')} % | {fmt(row.get('floor_ms'), '.3f')} | "
+                     f"{fmt(row.get('x_floor'), '.1f')} | {expands.get(kv, '-')} | {fmt(row.get('warmup_s'), '.1f')} |"
+                     + (f" {row['status']}" if row["status"] != "ok" else "") if row.get("reps_ms_per_step")
+                     else f"| {kv} | {row['status']} | | | | | | |")
     return lines + [""]
 
 

@@ -14,7 +14,7 @@ Setup (identical on both sides)
   * model: the tiny offline Qwen3 of test_dsrl.py (2 layers, hidden 64, char-level ChatML tokenizer), or with
     --model-config qwen3-0.6b a randomly initialised model with the real Qwen3-0.6B config (vocab 151,936,
     28 layers, hidden 1024, tied embeddings) and a char-level tokenizer padded to that vocabulary;
-  * prompts: the same --prompts problems (default 4) every step (test_dsrl.problem_rows, stored in the model
+  * prompts: the same --prompts problems (default 4) every step (offline_model.problem_rows, stored in the model
     folder as bench_rows.json), each a chat [system: dsrl.SYSTEM_PROMPT, user: problem]. dsrl renders them with its own
     dsrl.build_prompt; TRL gets the same chats as conversational prompts and renders them itself with the same
     tokenizer chat template and chat_template_kwargs={"enable_thinking": False} (Qwen3 non-thinking, as
@@ -136,47 +136,25 @@ def send(obj):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Model building (runs in the main venv: test_dsrl.py imports pytest)
+# Model building: the pretrained tiny model comes from test_dsrl.py (pytest); the rest needs no test code
 # ----------------------------------------------------------------------------------------------------
 def build_model(out_dir, model_config):
-    sys.path.insert(0, REPO)
-    from test_dsrl import make_tiny_model
+    sys.path[:0] = [REPO, HERE]
     if model_config == "tiny":
+        from test_dsrl import make_tiny_model
         make_tiny_model(out_dir)
     else:  # qwen3-0.6b: the real architecture, random init; tokenizer padded to the full vocabulary
-        import torch
-        from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-        from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
-        from test_dsrl import CHAT_TEMPLATE, SPECIALS
-        V = 151_936
-        chars = ["<unk>"] + [chr(c) for c in range(32, 127)] + ["\n"]
-        toks = list(SPECIALS) + chars
-        toks += [f"<t{i}>" for i in range(V - len(toks))]  # decodable filler ids (a random model samples them)
-        core = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(toks)}, unk_token="<unk>"))
-        core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-        core.decoder = decoders.Fuse()
-        tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", additional_special_tokens=list(SPECIALS),
-                                      eos_token=SPECIALS[-1], pad_token=SPECIALS[0])
-        tok.chat_template = CHAT_TEMPLATE
-        cfg = Qwen3Config(vocab_size=V, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
-                          num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
-                          rope_theta=1_000_000, rms_norm_eps=1e-6, tie_word_embeddings=True,
-                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None)
-        torch.manual_seed(0)
-        model = Qwen3ForCausalLM(cfg)
-        n = sum(p.numel() for p in model.parameters())
-        print(f"built random Qwen3-0.6B config: {n / 1e6:.0f}M parameters", file=sys.stderr)
-        model.save_pretrained(out_dir)
-        tok.save_pretrained(out_dir)
+        import offline_model
+        offline_model.build(out_dir, "qwen3-0.6b")
     write_rows(out_dir)
 
 
 def write_rows(out_dir):
     """The benchmark's problems in the official verl row format (system prompt = dsrl.SYSTEM_PROMPT)."""
-    sys.path.insert(0, REPO)
-    from test_dsrl import problem_rows
-    with open(os.path.join(out_dir, ROWS_FILE), "w") as fh:
-        json.dump(problem_rows(MAX_PROMPTS, seed=0), fh)
+    sys.path[:0] = [REPO, HERE]
+    import dsrl
+    import offline_model
+    offline_model.write_rows(os.path.join(out_dir, ROWS_FILE), MAX_PROMPTS, dsrl.SYSTEM_PROMPT)
 
 
 def n_rows(model_dir):
