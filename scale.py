@@ -14,8 +14,10 @@ the two import in either order.
 
 import math
 import os
+import re
 import shlex
 import sys
+import urllib.request
 from contextlib import contextmanager
 from dataclasses import fields
 from functools import partial
@@ -33,6 +35,26 @@ GiB = 2 ** 30
 PLANNED_PROMPT_TOKENS = 512
 SAMPLER_LOGIT_COPIES = 4  # generate's per-step fp32 logits, scores, probabilities and top-p mask: (n, vocab) each
 CHUNK_COPIES = 4          # the checkpointed vocabulary chunk in backward: logits, recomputed logits, softmax, grad
+
+
+NO_HUB = "cannot reach the Hugging Face Hub; give a local path or try again (HF_HUB_OFFLINE=1: the local cache)"
+
+
+def hub_reachable(*names, timeout=5) -> bool:
+    """False if one of `names` is a hub id (not a path) and the Hugging Face Hub does not answer within `timeout`
+    seconds: its client would retry for half a minute, then call the id a missing model. Offline mode: True."""
+    from huggingface_hub import constants
+    hub_ids = [n for n in names if re.fullmatch(r"[\w.-]+(/[\w.-]+)?", n) and not os.path.exists(n)
+               and not n.endswith((".parquet", ".jsonl", ".json", ".csv"))]
+    if constants.HF_HUB_OFFLINE or not hub_ids:
+        return True
+    try:
+        urllib.request.urlopen(constants.ENDPOINT, timeout=timeout).close()
+    except urllib.error.HTTPError:
+        pass  # an answer, even an error page: the hub is there
+    except OSError:  # no route, refused, no DNS, timed out
+        return False
+    return True
 
 
 def model_config(name_or_path):
@@ -200,7 +222,7 @@ def format_plan(plan, model_name="") -> str:
     gib = lambda b: f"{b / GiB:6.1f} GiB"  # noqa: E731
     ckpt = "on" if plan["checkpointing"] else "off"
     other = f"{'without' if plan['checkpointing'] else 'with'} checkpointing {plan['activations_other'] / GiB:.1f} GiB"
-    lines = [f"memory plan: {model_name} {plan['n_params'] / 1e9:.2f} B parameters, compute {plan['dtype']}, "
+    lines = [f"memory plan: {model_name} {count_text(plan['n_params'])} parameters, compute {plan['dtype']}, "
              f"gradient checkpointing {ckpt}, prompts of up to {plan['prompt_tokens']} tokens assumed",
              f"  training state   {gib(plan['training_state'])}  fp32 weights, gradients, AdamW moments",
              f"  sampling copy    {gib(plan['sampling_copy'])}  bf16 copy of the weights for generate (none in fp32)",
@@ -214,6 +236,12 @@ def format_plan(plan, model_name="") -> str:
 
 CARDS_GB = (16, 24, 40, 80)  # the single GPUs users have: T4/V100-16, RTX 3090/4090/A10G/L4, A100-40, A100/H100-80
 CUDA_CONTEXT = GiB  # what the CUDA context and the allocator keep of a card before the run allocates anything
+
+
+def count_text(n) -> str:
+    """596049920 -> '596 M', 4022468096 -> '4.02 B', 120576 -> '121 K': the unit that fits, three digits."""
+    x, unit = next((n / 10 ** e, u) for e, u in ((9, "B"), (6, "M"), (3, "K"), (0, "")) if n >= 10 ** e or not e)
+    return f"{x:.0f} {unit}".rstrip() if x >= 100 else f"{x:.3g} {unit}".rstrip()
 
 
 def format_cards(config, args) -> str:
@@ -239,6 +267,8 @@ def free_device_memory(device):
 def plan_run(args, model_name, device, dtype):
     """Print the plan of this run. --plan: then exit 0, like --help. A run that cannot fit raises a UsageError with
     one line naming flags that fit, before any data or weights are loaded. -> the plan"""
+    if not hub_reachable(model_name, *([] if args.plan else [args.dataset])):  # --plan reads the model's config only
+        raise dsrl.UsageError(NO_HUB)
     config = model_config(model_name)
     if config is None:
         raise dsrl.UsageError(f"model path not found or without a config.json: {model_name} (give a model directory "
