@@ -1701,6 +1701,16 @@ def test_bad_input_in_a_real_process_has_no_traceback(tmp_path):
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert res.stderr.strip().splitlines() == ["error: model path not found or without a config.json: /no/such/model "
                                                "(give a model directory or a hub id)"]
+    import socket
+    with socket.socket() as closed:  # a hub id, the hub a local port that refuses connections (HF_ENDPOINT)
+        closed.bind(("127.0.0.1", 0))
+        argv, env = cli(["--model", "Qwen/Qwen3-0.6B", "--output-dir", tmp_path / "hub"])
+        env = {k: v for k, v in env.items() if not k.endswith("_OFFLINE")}
+        env["HF_ENDPOINT"] = f"http://127.0.0.1:{closed.getsockname()[1]}"
+        res = subprocess.run(argv, capture_output=True, text=True, timeout=HANG_S, env=env, cwd=CODE)
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == [
+        "error: cannot reach the Hugging Face Hub; give a local path or try again (HF_HUB_OFFLINE=1: the local cache)"]
+    assert not os.path.exists(tmp_path / "hub")
 
 
 def test_malformed_rows_are_skipped_and_counted(tmp_path):
