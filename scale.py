@@ -4,7 +4,8 @@ It holds what is not the method (dsrl.py is) but decides where the method can ru
  1. One GPU: the memory plan. `python dsrl.py --plan [flags]` prints it and exits; every training run prints it
     before the first step. It is computed by formula from the model's config.json and the flags: nothing is
     allocated, no weights are read. It also resolves `--gen-batch-size 0` ("auto"), the compute dtype, and holds the
-    gradient checkpointing of the loss passes (`--gradient-checkpointing`).
+    gradient checkpointing of the loss passes (`--gradient-checkpointing`). Before it, a hub id named in the flags
+    gets a 5-second look at the Hugging Face Hub (`hub_reachable`), not half a minute of the client's retries.
  2. Beyond one GPU: the official multi-GPU launch (the verl fork, 8 GPUs, vLLM) of the same experiment.
     `python dsrl.py --print-verl-command ...` prints it; README.md, "From one GPU to the official launch".
 
