@@ -35,7 +35,7 @@ Departures from the official code (the same list is in README.md, "Departures"):
  9. Gradient checkpointing (official: on) is on with CUDA, off on CPU; P(y|x)'s shared prompt forward is not checkpointed.
 """
 
-import argparse, copy, dataclasses, functools, glob, inspect, json, math, os  # noqa: E401 (standard library)
+import argparse, copy, csv, dataclasses, functools, glob, inspect, json, math, os  # noqa: E401 (standard library)
 import random, re, shutil, signal, sys, tempfile, time  # noqa: E401
 from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
@@ -61,7 +61,7 @@ MODES = {"dsrl": ("y", "neg"), "grpo": ("y|x", "all"), "nsr-prerl": ("y", "neg")
 @dataclass
 class Args:
     model: str = field(default="Qwen/Qwen3-0.6B", metadata={"help": "hub id or local path of a causal LM (official: Qwen3-4B)"})
-    dataset: str = field(default=DEFAULT_DATASET, metadata={"help": "hub id or local .parquet/.jsonl (verl format, problem+answer or problem+solution)"})
+    dataset: str = field(default=DEFAULT_DATASET, metadata={"help": "hub id or local .parquet/.jsonl/.json/.csv (verl format, problem+answer or problem+solution)"})
     mode: str = field(default="dsrl", metadata={"help": "one of: " + ", ".join(MODES)})
     warmup_steps: int = field(default=19, metadata={"help": "dsrl: number of NSR-PreRL updates before GRPO (official pretrain_loss_disable_step=20 -> 19)"})
     prerl_coef: float = field(default=0.01, metadata={"help": "scale of the P(y) loss (official pretrain_loss_coef)"})
@@ -147,6 +147,7 @@ def check_args(a: Args):
          "--clip-low, --clip-high and --grad-clip must be > 0, --clip-dual > 1"),
         (a.save_every >= 1 and a.save_total_limit >= 0, "--save-every must be >= 1 and --save-total-limit >= 0"),
         (a.max_bad_steps >= 1 and a.eval_every >= 0 and a.eval_k >= 1, "--max-bad-steps and --eval-k must be >= 1, --eval-every >= 0"),
+        (re.fullmatch(r"auto|cpu|cuda(:\d+)?", a.device), f"--device {a.device}: give auto, cpu, cuda or cuda:N"),
     ]
     failed = [message for ok, message in checks if not ok]
     if failed:
@@ -154,8 +155,8 @@ def check_args(a: Args):
 
 # ---- Data and the chat prompt ------------------------------------------------------------------------------
 def read_rows(source: str, split: str = "train") -> list:
-    """Rows of a local .parquet/.jsonl file, or of a hub dataset split."""
-    if not (source.endswith((".parquet", ".jsonl", ".json")) or os.sep in source and os.path.exists(source)):
+    """Rows of a local .parquet/.jsonl/.json/.csv file, or of a hub dataset split."""
+    if not (source.endswith((".parquet", ".jsonl", ".json", ".csv")) or os.sep in source and os.path.exists(source)):
         try:
             import datasets
             return datasets.load_dataset(source, split=split).to_list()
@@ -168,17 +169,22 @@ def read_rows(source: str, split: str = "train") -> list:
         if source.endswith(".parquet"):
             import pyarrow.parquet as pq  # comes with datasets; only .parquet files need it
             return pq.read_table(source).to_pylist()
-        with open(source, encoding="utf-8") as fh:
-            return [_json_row(line, n) for n, line in enumerate(fh, 1) if line.strip()]
+        with open(source, encoding="utf-8", newline="") as fh:
+            if source.endswith(".csv"):  # each cell as written: a gold "0.50" stays "0.50"
+                return list(csv.DictReader(fh, restkey="__malformed__"))
+            text = fh.read()
+        lines = json.loads(text) if text.lstrip().startswith("[") else text.split("\n")  # .json: one array of rows
+        return [_json_row(line, n) for n, line in enumerate(lines, 1) if not isinstance(line, str) or line.strip()]
     except Exception as e:
         raise UsageError(f"cannot read dataset file {source}: {type(e).__name__}: {str(e)[:200]} "
                          "(is it a valid parquet/jsonl file?)")
 
-def _json_row(line, n):
+def _json_row(line, n):  # a line of a .jsonl file, or a row of a .json array -> dict
     try:
-        return json.loads(line)
+        row = json.loads(line) if isinstance(line, str) else line
     except json.JSONDecodeError:
-        return {"__malformed__": f"line {n}"}  # counted as malformed, never trained on
+        row = None
+    return row if isinstance(row, dict) else {"__malformed__": f"line {n}"}  # counted as malformed, never trained on
 
 def row_to_example(row: dict):
     """One row -> {"messages": chat, "answer": gold}, or None if malformed. Accepted: the official verl format
@@ -717,6 +723,8 @@ def console_line(row):
 def resolve_device(name: str) -> str:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {name}: no CUDA device is available (use --device cpu)")
+    if "OMP_NUM_THREADS" not in os.environ:  # CPU threads wait for each other at each op: one busy core stalls all,
+        torch.set_num_threads(max(1, min(torch.get_num_threads(), (os.cpu_count() or 2) // 2)))  # so half the cores
     return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
 
 def resolve_dtype(name: str, device: str):  # auto: bf16 where the GPU has it natively, else fp32 (CPU, T4)
@@ -900,6 +908,8 @@ def resolve_resume(args: Args, explicit: set):
     for k, v in saved.items():  # unspecified flags take the run's values
         if k not in explicit and k not in ("resume", "output_dir") and hasattr(args, k):
             setattr(args, k, v)
+    if state["step"] >= args.steps:  # a finished run: say so before loading anything
+        raise UsageError(f"--resume: {path} is step {state['step']} of --steps {args.steps}; give a larger --steps")
     return args, (path, state)
 
 # ---- Main --------------------------------------------------------------------------------------------------
@@ -912,8 +922,8 @@ def _request_stop(signum, frame):
     print(f"\n{STOP_REQUEST['signal']}: finishing this step, saving a checkpoint, then exiting", file=sys.stderr)
 
 def main(argv=None):
+    args, explicit = parse_args(argv)
     try:
-        args, explicit = parse_args(argv)
         if args.print_verl_command:  # nothing is loaded: the same experiment on the official multi-GPU engine
             print(scale.verl_command(args))
             return 0
@@ -922,8 +932,9 @@ def main(argv=None):
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # a second Ctrl-C: stop now; the last checkpoint is complete (atomic writes)
-        print("\ninterrupted; continue from the last checkpoint with --resume", file=sys.stderr)
+    except KeyboardInterrupt:  # Ctrl-C while loading, or a second one: stop now (checkpoints are written atomically)
+        print("\ninterrupted; " + ("continue from the last checkpoint with --resume" if list_checkpoints(
+            args.output_dir) else "no checkpoint was written yet: start the run again"), file=sys.stderr)
         return 130
 
 if __name__ == "__main__":

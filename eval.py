@@ -1,4 +1,4 @@
-"""eval.py - what the DSRL paper measures (arXiv 2604.14142, method.md section 4), as four subcommands.
+"""eval.py - what the DSRL paper measures (arXiv 2604.14142), as four subcommands.
 
   accuracy    Avg@k, unbiased pass@k and maj@k per benchmark, from k samples per problem.
               python eval.py accuracy --model runs/dsrl/checkpoint-348 --benchmarks aime24,aime25,amc23 --k 32
@@ -28,6 +28,7 @@ import torch
 
 import dsrl
 import grader  # maj@k groups answers by its equivalence
+import scale  # hub_reachable: a short look before a hub id is loaded
 
 # ----------------------------------------------------------------------------------------------------
 # Keyword rules (all lists in one place; matched case-insensitively on steps = text between blank lines)
@@ -85,8 +86,17 @@ def deduplicate(examples):
     return unique
 
 
+def benchmark_source(name: str) -> str:
+    """A registry name's hub id, else the name itself: a file or a hub id (owner/name). Anything else: a typo."""
+    if name not in BENCHMARKS and not os.path.exists(name) and not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+        raise dsrl.UsageError(f"unknown benchmark {name!r}: give one of {', '.join(BENCHMARKS)}, "
+                              "a .parquet/.jsonl file or a hub id (owner/name)")
+    return BENCHMARKS[name][0] if name in BENCHMARKS else name
+
+
 def load_benchmark(name: str, limit: int = 0):
     """-> (display name, unique examples [{"messages", "answer"}], number of duplicate rows dropped)."""
+    benchmark_source(name)
     if name in BENCHMARKS:
         hub_id, split, q_col, a_col = BENCHMARKS[name]
         rows = dsrl.read_rows(hub_id, split)
@@ -520,6 +530,11 @@ def check(a):
         raise dsrl.UsageError("--k and --rollouts must be >= 1, --limit >= 0")
     if hasattr(a, "temperature") and not (a.temperature > 0 and 0 < a.top_p <= 1 and a.max_new_tokens >= 1):
         raise dsrl.UsageError("--temperature must be > 0, --top-p in (0, 1], --max-new-tokens >= 1")
+    if hasattr(a, "device") and not re.fullmatch(r"auto|cpu|cuda(:\d+)?", a.device):
+        raise dsrl.UsageError(f"--device {a.device}: give auto, cpu, cuda or cuda:N")
+    names = [b for b in getattr(a, "benchmarks", getattr(a, "benchmark", "")).split(",") if b]
+    if not scale.hub_reachable(*[benchmark_source(b) for b in names], *([a.model] if hasattr(a, "model") else [])):
+        raise dsrl.UsageError(scale.NO_HUB)
 
 
 def setup_model(a):

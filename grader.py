@@ -1215,10 +1215,10 @@ def grade(answer, gold, official_equal=False):
 _USAGE = "usage: python grader.py RESPONSE GOLD"
 _HELP = _USAGE + """
 
-Grade one response against a gold answer and show the steps: the answer compared (the last \\boxed{} or
-\\fbox{} of RESPONSE, or RESPONSE itself when it has none), the gold, the cleaned forms of both (a gold
-written two ways shows each, separated by ' | '), the verdict and the outcome
-(right / wrong / no_box / unparseable / timeout). Exit status 0.
+Grade one response against a gold answer as training does, and show the steps: the answer compared (the last
+\\boxed{} or \\fbox{} of RESPONSE; a response without one gets outcome no_box and reward 0, as in training),
+the gold, the cleaned forms of both (a gold written two ways shows each, separated by ' | '), the verdict and the
+outcome (right / wrong / no_box / unparseable / timeout). Exit status 0.
 
 The official string scorer is not applied here (it lives in dsrl.py): training also accepts what
 dsrl.official_reward accepts, except hedges such as "42 \\text{ or } 43".
@@ -1243,10 +1243,13 @@ def main(argv=None):
         print("%s  (expected 2 arguments, got %d; --help explains)" % (_USAGE, len(argv)), file=sys.stderr)
         return 2
     response, gold = argv
-    answer = _last_box(response) if _BOX_RE.search(response) else response
+    answer = _last_box(response)  # what training reads: the last box only
     reward, outcome = grade(answer, gold)
     cleaned_gold = ' | '.join(_cleaned_for_display(v) for v in _gold_variants(gold))
-    print('answer: %s' % ('(none: the last box is cut off or empty)' if answer is None else answer))
+    why = ('the last box is cut off or empty, so training scores it 0' if _BOX_RE.search(response) else
+           'no \\boxed{} in the response, so training scores it 0; to grade a bare answer, box it: '
+           "'\\boxed{%s}'" % (response if len(response) <= 40 else '...'))
+    print('answer: %s' % ('(none: %s)' % why if answer is None else answer))
     print('gold: %s' % gold)
     print('cleaned answer: %s' % ('(none)' if answer is None else _cleaned_for_display(answer)))
     print('cleaned gold: %s' % cleaned_gold)

@@ -4,7 +4,8 @@ It holds what is not the method (dsrl.py is) but decides where the method can ru
  1. One GPU: the memory plan. `python dsrl.py --plan [flags]` prints it and exits; every training run prints it
     before the first step. It is computed by formula from the model's config.json and the flags: nothing is
     allocated, no weights are read. It also resolves `--gen-batch-size 0` ("auto"), the compute dtype, and holds the
-    gradient checkpointing of the loss passes (`--gradient-checkpointing`).
+    gradient checkpointing of the loss passes (`--gradient-checkpointing`). Before it, a hub id named in the flags
+    gets a 5-second look at the Hugging Face Hub (`hub_reachable`), not half a minute of the client's retries.
  2. Beyond one GPU: the official multi-GPU launch (the verl fork, 8 GPUs, vLLM) of the same experiment.
     `python dsrl.py --print-verl-command ...` prints it; README.md, "From one GPU to the official launch".
 
@@ -17,6 +18,7 @@ import os
 import re
 import shlex
 import sys
+import urllib.request
 from contextlib import contextmanager
 from dataclasses import fields, replace
 from functools import partial
@@ -32,6 +34,26 @@ SAMPLER_LOGIT_COPIES = 4  # generate's per-step fp32 logits, scores, probabiliti
 CHUNK_COPIES = 4          # the checkpointed vocabulary chunk in backward: logits, recomputed logits, softmax, grad
 MARGIN = 0.10  # auto sizing and the flags the plan proposes leave this share of free memory unplanned (fragmentation)
 GQA_DECODE_FROM = (5, 23)  # transformers from 5.23 attends a decode step's query to the KV heads as cached
+
+
+NO_HUB = "cannot reach the Hugging Face Hub; give a local path or try again (HF_HUB_OFFLINE=1: the local cache)"
+
+
+def hub_reachable(*names, timeout=5) -> bool:
+    """False if one of `names` is a hub id (not a path) and the Hugging Face Hub does not answer within `timeout`
+    seconds: its client would retry for half a minute, then call the id a missing model. Offline mode: True."""
+    from huggingface_hub import constants
+    hub_ids = [n for n in names if re.fullmatch(r"[\w.-]+(/[\w.-]+)?", n) and not os.path.exists(n)
+               and not n.endswith((".parquet", ".jsonl", ".json", ".csv"))]
+    if constants.HF_HUB_OFFLINE or not hub_ids:
+        return True
+    try:
+        urllib.request.urlopen(constants.ENDPOINT, timeout=timeout).close()
+    except urllib.error.HTTPError:
+        pass  # an answer, even an error page: the hub is there
+    except OSError:  # no route, refused, no DNS, timed out
+        return False
+    return True
 
 
 def model_config(name_or_path):
@@ -255,7 +277,7 @@ def format_plan(plan, model_name="", device_name=None) -> str:
     ckpt = "on" if plan["checkpointing"] else "off"
     other = f"{'without' if plan['checkpointing'] else 'with'} checkpointing {plan['activations_other'] / GiB:.1f} GiB"
     expands = "; decode expands keys and values to every head" if plan.get("expands_kv") else ""
-    lines = [f"memory plan on {device_name or plan['device']}: {model_name} {plan['n_params'] / 1e9:.2f} B parameters, "
+    lines = [f"memory plan on {device_name or plan['device']}: {model_name} {count_text(plan['n_params'])} parameters, "
              f"compute {plan['dtype']}, gradient checkpointing {ckpt}, prompts of up to {plan['prompt_tokens']} "
              f"tokens{expands}",
              f"  training state   {gib(plan['training_state'])}  fp32 weights, gradients, AdamW moments",
@@ -273,6 +295,12 @@ def format_plan(plan, model_name="", device_name=None) -> str:
 
 CARDS_GB = (16, 24, 40, 80)  # the single GPUs users have: T4/V100-16, RTX 3090/4090/A10G/L4, A100-40, A100/H100-80
 CUDA_CONTEXT = GiB  # what the CUDA context and the allocator keep of a card before the run allocates anything
+
+
+def count_text(n) -> str:
+    """596049920 -> '596 M', 4022468096 -> '4.02 B', 120576 -> '121 K': the unit that fits, three digits."""
+    x, unit = next((n / 10 ** e, u) for e, u in ((9, "B"), (6, "M"), (3, "K"), (0, "")) if n >= 10 ** e or not e)
+    return f"{x:.0f} {unit}".rstrip() if x >= 100 else f"{x:.3g} {unit}".rstrip()
 
 
 def format_cards(config, args) -> str:
@@ -303,6 +331,8 @@ def free_device_memory(device):
 def plan_run(args, model_name, device, dtype):
     """Print the plan of this run. --plan: then exit 0, like --help. A run that cannot fit raises a UsageError with
     one line naming flags that fit, before any data or weights are loaded. -> the plan"""
+    if not hub_reachable(model_name, *([] if args.plan else [args.dataset])):  # --plan reads the model's config only
+        raise dsrl.UsageError(NO_HUB)
     config = model_config(model_name)
     if config is None:
         raise dsrl.UsageError(f"model path not found or without a config.json: {model_name} (give a model directory "

@@ -18,6 +18,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # course/grade.py grades a student's copy: DSRL_UNDER_TEST names its dsrl.py (its grader.py sits beside it)
 CODE = os.path.dirname(os.path.abspath(os.environ.get("DSRL_UNDER_TEST") or os.path.join(HERE, "dsrl.py")))
 sys.path.insert(0, CODE)
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # before dsrl imports torch: on a busy 2-core machine two threads crawl
 import dsrl  # noqa: E402
 import grader  # noqa: E402
 from dsrl import last_boxed, official_reward, strip_string  # noqa: E402
@@ -269,7 +270,7 @@ def test_multiple_choice_letters():
 
 # ---------------------------------------------------------------- grader.py: the checker on its own
 def run_grader(*args):
-    return subprocess.run([sys.executable, GRADER_PY, *args], capture_output=True, text=True, timeout=60)
+    return subprocess.run([sys.executable, GRADER_PY, *args], capture_output=True, text=True, timeout=600)
 
 
 def test_command_line_box_agrees_with_dsrl_last_boxed():
@@ -311,9 +312,14 @@ def test_cli_right_wrong_and_no_box():
     assert lines[0] == 'answer: \\frac{2}{4}' and lines[1] == 'gold: 0.5'
     assert lines[2] == 'cleaned answer: \\frac{2}{4}' and lines[3] == 'cleaned gold: 0.5'
     assert lines[4:] == ['verdict: equal', 'outcome: right']
-    wrong = run_grader('x = 3', '4')  # no box: the whole text is the answer
+    wrong = run_grader('so \\boxed{3}', '4')
     assert wrong.returncode == 0
-    assert 'answer: x = 3' in wrong.stdout and wrong.stdout.endswith('verdict: not equal\noutcome: wrong\n')
+    assert 'answer: 3' in wrong.stdout and wrong.stdout.endswith('verdict: not equal\noutcome: wrong\n')
+    for bare in ('7', 'x = 7'):  # no box: training scores it 0 (no_box) even when the text equals the gold
+        assert dsrl.reward(bare, '7') == (0.0, 'no_box')
+        res = run_grader(bare, '7')
+        assert res.returncode == 0 and res.stdout.endswith('verdict: not equal\noutcome: no_box\n'), res.stdout
+        assert res.stdout.startswith('answer: (none: no \\boxed{} in the response, so training scores it 0'), res.stdout
     cut = run_grader('The answer is \\boxed{\\frac{3}{4}', '\\frac34')
     assert cut.returncode == 0 and cut.stdout.endswith('verdict: not equal\noutcome: no_box\n')
 

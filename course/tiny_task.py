@@ -2,7 +2,7 @@
 
     python course/tiny_task.py OUT          # builds OUT/model, OUT/train.jsonl, OUT/test.jsonl, OUT/train_flags.txt
     python dsrl.py --model OUT/model --dataset OUT/train.jsonl $(cat OUT/train_flags.txt) --mode grpo \\
-                   --output-dir runs/grpo
+                   --output-dir OUT-grpo
 
 The task: "Say 7" -> "\\boxed{7}". The answer is the digit at the end of the problem, a copy a 2-layer
 model can learn. The problems come in a few phrasings ("Say 7", "Please say 7", ...); test.jsonl uses two
@@ -304,7 +304,7 @@ def main(argv=None):
           f"{s['train']['p_right']:.2f} test {s['test']['p_right']:.2f}, P(format) train {s['train']['p_format']:.2f}, "
           f"P(empty box) train {s['train']['p_junk']:.2f}")
     print(f"built {a.out_dir} in {time.time() - t0:.0f}s; train with:\n  python dsrl.py --model {out['model']} "
-          f"--dataset {out['train']} $(cat {out['flags']}) --mode grpo --output-dir runs/tiny_grpo")
+          f"--dataset {out['train']} $(cat {out['flags']}) --mode grpo --output-dir {a.out_dir.rstrip('/')}-grpo")
 
 
 if __name__ == "__main__":
