@@ -743,8 +743,13 @@ def load_model_and_tokenizer(name_or_path: str, device: str = "cpu"):
     return model.to(device), tokenizer
 
 def generation_copy(model, dtype):
-    """The sampler: the model itself in fp32, or a low-precision copy (re-synced after each update)."""
-    return model if dtype == torch.float32 else copy.deepcopy(model).to(dtype).eval()
+    """The sampler: the model itself in fp32, or a copy in low precision (re-synced after each update)."""
+    if dtype == torch.float32:
+        return model
+    gen = copy.deepcopy(model).eval()
+    for p in gen.parameters():  # parameters only: buffers stay as the master's (RoPE's inv_freq in bf16 is 0.4% off)
+        p.data = p.data.to(dtype)
+    return gen
 
 @torch.no_grad()
 def sync_generation_copy(gen_model, model):

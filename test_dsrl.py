@@ -1213,6 +1213,27 @@ def test_generation_copy_is_bf16_and_sync_copies_the_weights(plain):
     assert all(torch.equal(g, p.to(torch.bfloat16)) for g, p in zip(gen.parameters(), model.parameters()))
 
 
+def test_bf16_sampler_equals_the_trainer_at_every_position(tiny):
+    """Catches: the sampling copy's RoPE frequencies (inv_freq, a buffer) cast to bf16 with its weights. The sampler
+    then drifts from the trainer (bf16 autocast on the fp32 master) as positions grow: KL x10 from the first 64
+    tokens to tokens 1,024-1,800. Buffers must stay as the master keeps them, also after an update and a re-sync."""
+    model, tok = tiny
+    gen = dsrl.generation_copy(model, torch.bfloat16)
+    with torch.no_grad():
+        for p in model.parameters():  # an update, then the re-sync the loop does
+            p.add_(1e-3 * torch.randn_like(p))
+    dsrl.sync_generation_copy(gen, model)
+    assert [(n, b.dtype) for n, b in gen.named_buffers()] == [(n, b.dtype) for n, b in model.named_buffers()]
+    assert all(torch.equal(b, c) for b, c in zip(gen.buffers(), model.buffers()))
+    ids = torch.randint(len(SPECIALS), len(tok), (4, 1800),
+                        generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), dsrl.autocast("cpu", torch.bfloat16):
+        trainer, sampler = (m(ids).logits.float().log_softmax(-1) for m in (model, gen))
+    kl = (trainer.exp() * (trainer - sampler)).sum(-1)  # KL(trainer || sampler) per position, (4, 1800)
+    buckets = [kl[:, lo:hi].mean().item() for lo, hi in ((0, 64), (64, 256), (256, 512), (512, 1024), (1024, 1800))]
+    assert max(buckets) <= 2 * buckets[0], f"KL(trainer || sampler) by position bucket: {buckets}"
+
+
 @pytest.mark.slow
 def test_second_interrupt_exits_130_with_a_resume_hint(tiny_model_dir, tiny_data, tmp_path, monkeypatch, capsys):
     """Catches: a wrong exit code or message on the second Ctrl-C (the first asks for a clean stop, the second
