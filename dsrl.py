@@ -438,7 +438,9 @@ def sample_responses(model, tokenizer, prompt_ids, group_size, max_new_tokens, t
 # ---- Log-probs of y in the two spaces: P(y|x) (prompt kept) and P(y) (prompt replaced by <|im_start|>) -----
 def _chunk_logprob(hidden, targets, weight, bias, temperature):
     """log pi(target | state) for (K, H) states. Logits (K, V) live only inside this chunk."""
-    logits = F.linear(hidden, weight, bias).float()  # (K, V)
+    device = hidden.device.type  # a bf16 cast of the weight per chunk: the chunks' gradients add up in fp32 (in
+    with torch.autocast(device, enabled=torch.is_autocast_enabled(device), cache_enabled=False):  # bf16 if cached)
+        logits = F.linear(hidden, weight, bias).float()  # (K, V)
     if temperature != 1.0:  # the official actor divides by the rollout temperature; at 1.0 skip the copy
         logits = logits / temperature
     return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)  # (K,)

@@ -557,6 +557,31 @@ def check_gradient(tiny, space):
             f"gradient of log P({space}) w.r.t. {name} differs from the token-by-token reference")
 
 
+def test_tied_head_gradient_adds_up_in_fp32_across_vocabulary_chunks():
+    """Catches: under bf16 autocast every vocabulary chunk reusing autocast's one cached bf16 copy of the head's weight,
+    so the chunks' gradients add up in bf16 before reaching the fp32 weight: the error against fp32 then grows with
+    the number of chunks (x1.3 from 1 to 32 chunks here). Tied input and output embeddings, 8 x 128 tokens."""
+    from transformers import Qwen3ForCausalLM
+    tok = make_tokenizer()
+    config = tiny_config(len(tok), tok)
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(config)
+    g = torch.Generator().manual_seed(1)
+    ys = [torch.randint(len(SPECIALS), len(tok), (128,), generator=g).tolist() for _ in range(8)]
+
+    def head_grad(dtype, chunk):
+        model.zero_grad(set_to_none=True)
+        with dsrl.autocast("cpu", dtype):
+            logp, mask = dsrl.logprob_y(model, tok.convert_tokens_to_ids("<|im_start|>"), ys, 0, 1.0, chunk)
+        logp[mask].sum().backward()
+        return model.get_output_embeddings().weight.grad.clone()
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    ref = head_grad(torch.float32, 1024)
+    error = {n: ((head_grad(torch.bfloat16, 1024 // n) - ref).norm() / ref.norm()).item() for n in (1, 32)}
+    assert 0 < error[32] <= 1.1 * error[1], f"relative error of the bf16 gradient by number of chunks: {error}"
+
+
 class LargestTensor(__import__("torch.utils._python_dispatch", fromlist=["TorchDispatchMode"]).TorchDispatchMode):
     """Records the element count of the largest tensor any operation creates (forward and backward)."""
     def __init__(self):
