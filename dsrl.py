@@ -433,6 +433,7 @@ def sample_responses(model, tokenizer, prompt_ids, group_size, max_new_tokens, t
             end = next((k + 1 for k, t in enumerate(row) if t in stops), None)
             responses.append(row[:end])
             truncated.append(end is None)  # cut at max_new_tokens
+    vars(model).pop("_cache", None)  # transformers 4.x keeps generate's static cache on the model: free it for the loss
     return responses, truncated
 
 # ---- Log-probs of y in the two spaces: P(y|x) (prompt kept) and P(y) (prompt replaced by <|im_start|>) -----

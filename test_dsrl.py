@@ -1360,6 +1360,24 @@ def test_kv_cache_compile_takes_generates_compiled_path_on_cpu(plain, monkeypatc
             f"--kv-cache {kv_cache}: generate {'did not use' if not compiled else 'used'} a compiled decode step on CPU")
 
 
+@pytest.mark.parametrize("kv_cache", ["dynamic", "static"])
+def test_nothing_from_sampling_lives_into_the_loss(plain, kv_cache):
+    """Catches: generate's KV cache kept after sampling (transformers 4.x leaves its static cache on the model as
+    `_cache` and reuses it, growing, in later calls): the memory plan counts sampling and the loss apart, so no
+    cache and no tensor but the weights may outlive sample_responses."""
+    import gc
+    from transformers import Cache
+    model, tok = plain
+    prompts = [dsrl.build_prompt(tok, r["prompt"], 512) for r in problem_rows(2)]
+    dsrl.sample_responses(model, tok, prompts, 2, 6, kv_cache=kv_cache)
+    gc.collect()
+    caches = [type(o).__name__ for o in gc.get_objects() if isinstance(o, Cache)]
+    assert not caches, f"--kv-cache {kv_cache}: {caches} alive after sampling"
+    weights = {id(t) for t in list(model.parameters()) + list(model.buffers())}
+    extra = [tuple(v.shape) for k, v in vars(model).items() if torch.is_tensor(v) and id(v) not in weights]
+    assert not extra, f"tensors left on the model after sampling: {extra}"
+
+
 def test_build_prompt_renders_the_chat_template_exactly():
     tok = make_tokenizer()
     messages = [{"role": "system", "content": dsrl.SYSTEM_PROMPT}, {"role": "user", "content": "What is 1+1?"}]
