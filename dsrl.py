@@ -148,6 +148,8 @@ def check_args(a: Args):
          "--clip-low, --clip-high and --grad-clip must be > 0, --clip-dual > 1"),
         (a.save_every >= 1 and a.save_total_limit >= 0, "--save-every must be >= 1 and --save-total-limit >= 0"),
         (a.max_bad_steps >= 1 and a.eval_every >= 0 and a.eval_k >= 1, "--max-bad-steps and --eval-k must be >= 1, --eval-every >= 0"),
+        (not (a.deterministic and a.top_p < 1 and resolve_device(a.device).startswith("cuda")), "--deterministic with "
+         "--top-p < 1: top-p's float cumsum has no deterministic CUDA kernel (torch docs); use --top-p 1 or drop it"),
     ]
     failed = [message for ok, message in checks if not ok]
     if failed:

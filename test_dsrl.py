@@ -1641,6 +1641,20 @@ def test_bad_flags_give_one_line_and_exit_2(plain_model_dir, tiny_data, tmp_path
     assert len(err) == 1 and err[0].startswith("error: ") and fragment in err[0], err
 
 
+def test_deterministic_top_p_on_cuda_is_refused_before_the_run(plain_model_dir, tiny_data, tmp_path, monkeypatch, capsys):
+    """Catches: --deterministic with --top-p < 1 starting on CUDA, where torch documents that a floating-point
+    cumsum (top-p's cumulative probabilities) raises under use_deterministic_algorithms. CUDA emulated: the refusal
+    must come first, one line, before anything touches the device. On CPU the combination runs (cumsum is exact)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    base = ["--model", plain_model_dir, "--dataset", tiny_data, "--output-dir", str(tmp_path / "o"), "--device", "cuda"]
+    assert dsrl.main(base + ["--deterministic", "--top-p", "0.9"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --deterministic with --top-p < 1"), err
+    assert not os.path.exists(tmp_path / "o")
+    dsrl.check_args(dsrl.Args(deterministic=True, top_p=0.9, device="cpu"))
+    dsrl.check_args(dsrl.Args(deterministic=True, top_p=1.0, device="cuda"))
+
+
 def _bad_files(tmp_path, tiny_model_dir):
     """name -> (flags, fragment) for inputs that need files on disk."""
     from transformers import AutoTokenizer
