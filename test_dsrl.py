@@ -8,6 +8,7 @@ The trained one has learnt to answer "\\boxed{1}" or "\\boxed{2}" at random, so 
 right and wrong answers and every mode has real advantages and gradients to work with.
 """
 import ast
+import dataclasses
 import json
 import math
 import os
@@ -1257,6 +1258,72 @@ def test_bf16_sampler_equals_the_trainer_at_every_position(tiny):
     kl = (trainer.exp() * (trainer - sampler)).sum(-1)  # KL(trainer || sampler) per position, (4, 1800)
     buckets = [kl[:, lo:hi].mean().item() for lo, hi in ((0, 64), (64, 256), (256, 512), (512, 1024), (1024, 1800))]
     assert max(buckets) <= 2 * buckets[0], f"KL(trainer || sampler) by position bucket: {buckets}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("phase", ["sampling", "loss"])
+def test_out_of_memory_saves_the_last_step_and_resumes_exactly(tiny_model_dir, tiny_data, tmp_path, monkeypatch, capsys,
+                                                                phase):
+    """Catches: a CUDA out-of-memory error losing the run (a traceback, the steps since the last checkpoint gone). The
+    error is injected in step 2, after the sampler has drawn (its random stream moved on) or after the loss has run a
+    first micro-batch (gradients half accumulated): the run saves checkpoint-1 with the random state of step 2's start,
+    prints one line with resume flags, exits 2; resuming gives the uninterrupted run's weights and metrics."""
+    from safetensors.torch import load_file
+    flags = ["--model", tiny_model_dir, "--dataset", tiny_data, "--warmup-steps", "2", "--steps", "3", "--seed", "3",
+             "--prompts-per-step", "4", "--group-size", "4", "--max-new-tokens", "10", "--lr", "1e-3",
+             "--micro-batch-size", "2", "--save-every", "10", "--device", "cpu"]
+    assert in_process(dsrl.main, flags + ["--output-dir", str(tmp_path / "ref")]) == 0
+    steps_sampled, real_sample, real_logprobs = [], dsrl.sample_responses, dsrl.token_logprobs
+
+    def sampling_fails(*a, **k):
+        out = real_sample(*a, **k)
+        steps_sampled.append(1)
+        if phase == "sampling" and len(steps_sampled) == 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+        return out
+
+    def loss_fails(*a, **k):
+        out = real_logprobs(*a, **k)
+        loss_fails.calls += len(steps_sampled) == 2
+        if phase == "loss" and loss_fails.calls == 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+        return out
+    loss_fails.calls = 0
+    monkeypatch.setattr(dsrl, "sample_responses", sampling_fails)
+    monkeypatch.setattr(dsrl, "token_logprobs", loss_fails)
+    out = tmp_path / "oom"
+    capsys.readouterr()
+    assert in_process(dsrl.main, flags + ["--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(steps_sampled) == 2 and (phase == "sampling" or loss_fails.calls == 2), "the error was not injected"
+    assert err[-1].startswith(f"error: out of GPU memory in the {phase} of step 2; saved checkpoint-1; continue with: "
+                              f"python dsrl.py --output-dir {out} --resume --"), err[-1]
+    assert "Traceback" not in "\n".join(err) and sorted(os.listdir(out)).count("checkpoint-1") == 1
+    monkeypatch.undo()
+    assert in_process(dsrl.main, ["--output-dir", str(out), "--resume"]) == 0
+    ref, resumed = (load_file(d / "checkpoint-3" / "model.safetensors") for d in (tmp_path / "ref", out))
+    assert all(torch.equal(ref[k], resumed[k]) for k in ref), "resuming after the error changed the weights"
+    assert _strip_timing(read_jsonl(out / "metrics.jsonl")) == _strip_timing(read_jsonl(tmp_path / "ref" / "metrics.jsonl"))
+
+
+@pytest.mark.parametrize("phase", ["sampling", "loss"])
+def test_flags_after_out_of_memory_shrink_the_failed_phase_by_a_quarter(phase):
+    """The resume flags after an out-of-memory error: the failed phase's planned size at most 3/4 of the failed
+    setting's, and the largest such setting (one step more would exceed it). Qwen3-0.6B's sizes, bf16, checkpointing."""
+    from transformers import Qwen3Config
+    import scale
+    config = Qwen3Config(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                         num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True)
+    args = dsrl.Args(device="cpu", gradient_checkpointing=True)
+    key = "kv_cache" if phase == "sampling" else "activations"
+    size = lambda **kw: scale.memory_plan(config, dataclasses.replace(args, **kw), None, dtype=torch.bfloat16)[key]
+    flags = scale.flags_after_out_of_memory(config, args, 128, phase, torch.bfloat16).split()
+    name, value = flags[0], int(flags[1])
+    assert len(flags) == 2 and name == ("--gen-batch-size" if phase == "sampling" else "--micro-batch-size"), flags
+    step, field = (8 if phase == "sampling" else 1), name[2:].replace("-", "_")
+    before = size(gen_batch_size=128)
+    assert size(**{"gen_batch_size": 128, field: value}) <= 0.75 * before
+    assert size(**{"gen_batch_size": 128, field: value + step}) > 0.75 * before
 
 
 @pytest.mark.slow
