@@ -1362,7 +1362,7 @@ EVAL_TEXTS = [  # problem 0 (gold 3): three different texts box 3 (maj right), o
 ]
 
 
-def test_evaluate_accuracy_pairs_each_sample_with_its_own_problem_and_votes_on_answers(tmp_path, monkeypatch):
+def test_evaluate_accuracy_pairs_each_sample_with_its_own_problem_and_votes_on_answers(plain, tmp_path, monkeypatch):
     """Catches: each sample scored against the next problem's gold, maj@k voting on the raw response text (three
     different texts box the same 3), and the sampling flags not passed on. Hand values: avg@4 = (3+2+1)/12,
     pass@1 = avg@4, pass@2 = mean of 1 - C(4-c,2)/C(4,2) = (1 - 0 + 1 - 1/6 + 1 - 3/6)/3, maj@4 = 2/3."""
@@ -1371,7 +1371,7 @@ def test_evaluate_accuracy_pairs_each_sample_with_its_own_problem_and_votes_on_a
     path.write_text("".join(json.dumps({"problem": f"Problem {i}?", "answer": g}) + "\n" for i, g in enumerate("348")))
     seen = []
     monkeypatch.setattr(dsrl, "sample_responses", fake_sampler(tok, EVAL_TEXTS, seen))
-    res = evaluator.evaluate_accuracy(None, tok, [str(path)], k=4, max_new_tokens=9, temperature=0.7, top_p=0.9,
+    res = evaluator.evaluate_accuracy(plain[0], tok, [str(path)], k=4, max_new_tokens=9, temperature=0.7, top_p=0.9,
                                       dtype=torch.bfloat16, gen_batch_size=8, reward="math",
                                       samples_path=str(tmp_path / "s.jsonl"), seed=5)["bench"]
     assert seen == [dict(prompts=3, k=4, max_new_tokens=9, temperature=0.7, top_p=0.9, batch_size=8, dtype=torch.bfloat16,
@@ -1384,20 +1384,51 @@ def test_evaluate_accuracy_pairs_each_sample_with_its_own_problem_and_votes_on_a
     assert res["maj@4"] == pytest.approx(2 / 3), "maj@k votes on the extracted answers, not on the response texts"
 
 
-def test_trainer_eval_passes_its_flags_to_the_evaluator(tmp_path, monkeypatch):
+def test_trainer_eval_passes_its_flags_to_the_evaluator(plain, tmp_path, monkeypatch):
     """Catches: --eval-k, --max-new-tokens, --temperature, --top-p, --gen-batch-size or --reward dropped between the
     trainer's --eval-every and the evaluator. --reward official: \\boxed{1} is wrong for the gold "1.0"."""
     tok = make_tokenizer()
     path = tmp_path / "ev.jsonl"
-    path.write_text(json.dumps({"problem": "1?", "answer": "1.0"}) + "\n")
+    path.write_text("".join(json.dumps({"problem": f"{i}?", "answer": "1.0"}) + "\n" for i in range(3)))
     seen = []
-    monkeypatch.setattr(dsrl, "sample_responses", fake_sampler(tok, [["\\boxed{1}"] * 3], seen))
+    monkeypatch.setattr(dsrl, "sample_responses", fake_sampler(tok, [["\\boxed{1}"] * 3] * 3, seen))
     args = dsrl.Args(eval_benchmarks=str(path), eval_k=3, max_new_tokens=9, temperature=0.7, top_p=0.9,
                      gen_batch_size=6, reward="official")
-    m = evaluator.metrics_for_training(None, tok, args, torch.bfloat16)
-    assert seen == [dict(prompts=1, k=3, max_new_tokens=9, temperature=0.7, top_p=0.9, batch_size=6, dtype=torch.bfloat16,
+    m = evaluator.metrics_for_training(plain[0], tok, args, torch.bfloat16)
+    assert seen == [dict(prompts=3, k=3, max_new_tokens=9, temperature=0.7, top_p=0.9, batch_size=6, dtype=torch.bfloat16,
                          seed=0)], f"the sampler was called with {seen}"
-    assert m["eval/ev/avg@3"] == 0.0 and m["eval/ev/outcome_wrong"] == 3, "--reward official must reach the evaluator"
+    assert m["eval/ev/avg@3"] == 0.0 and m["eval/ev/outcome_wrong"] == 9, "--reward official must reach the evaluator"
+
+
+def test_eval_samples_from_the_trainers_bf16_copy_with_the_batch_the_memory_fits(tiny_model_dir, tmp_path, monkeypatch,
+                                                                                capsys):
+    """Catches: `eval.py accuracy` and `align` sampling from the fp32 weights under autocast (keys then cached in fp32:
+    a KV cache 1.5x the trainer's) instead of the trainer's bf16 copy (dsrl.generation_copy), and a generate batch not
+    sized by memory (the old fixed 64). A GPU with room for 2.5 groups is emulated: 2 groups per call, the plan printed
+    before sampling. The KV cache counted by hand: 2 layers x (keys, values) x 2 heads x 16 dims x 2 bytes per token."""
+    tok = make_tokenizer()
+    bench = tmp_path / "b.jsonl"
+    bench.write_text("".join(json.dumps({"problem": "What is " + "1+" * i + "1?", "answer": str(i + 1)}) + "\n"
+                             for i in range(4)))
+    longest = max(len(dsrl.build_prompt(tok, e["messages"], 10 ** 9)) for e in dsrl.load_problems(str(bench))[0])
+    k, new = 2, 8
+    per_group = k * (2 * 2 * 2 * 16 * 2 * (longest + new) + len(tok) * 4 * 4)  # + the sampler's fp32 logits, 4 copies
+    monkeypatch.setattr(dsrl.scale, "free_device_memory", lambda device: int(2.5 * per_group / 0.9))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
+    calls, real = [], dsrl.sample_responses
+
+    def spy(model, tokenizer, prompts, group_size, max_new_tokens, temperature, top_p, batch_size, **kw):
+        calls.append(dict(params={p.dtype for p in model.parameters()}, buffers={b.dtype for b in model.buffers()},
+                          batch=batch_size, plan_first="sampling plan:" in capsys.readouterr().out))
+        return real(model, tokenizer, prompts, group_size, max_new_tokens, temperature, top_p, batch_size, **kw)
+    monkeypatch.setattr(dsrl, "sample_responses", spy)
+    common = ["--model", tiny_model_dir, "--max-new-tokens", new, "--dtype", "bfloat16", "--device", "cpu"]
+    assert evaluator.main([str(a) for a in ["accuracy", "--benchmarks", bench, "--k", k, "--output", tmp_path / "a"]
+                           + common]) == 0
+    assert evaluator.main([str(a) for a in ["align", "--benchmark", bench, "--rollouts", 4 * k, "--output",
+                                            tmp_path / "g"] + common]) == 0
+    assert calls == [dict(params={torch.bfloat16}, buffers={torch.float32}, batch=2 * k, plan_first=True)] * 2, calls
 
 
 def test_alignment_summary_statistics_by_hand():
