@@ -149,7 +149,7 @@ def check_args(a: Args):
         (a.save_every >= 1 and a.save_total_limit >= 0, "--save-every must be >= 1 and --save-total-limit >= 0"),
         (a.max_bad_steps >= 1 and a.eval_every >= 0 and a.eval_k >= 1, "--max-bad-steps and --eval-k must be >= 1, --eval-every >= 0"),
         (not (a.deterministic and a.top_p < 1 and resolve_device(a.device).startswith("cuda")), "--deterministic with "
-         "--top-p < 1: top-p's float cumsum on CUDA raises or varies there in some torch versions; use --top-p 1"),
+         "--top-p < 1: top-p's float cumsum on CUDA raises or varies in some torch versions; use --top-p 1"),
     ]
     failed = [message for ok, message in checks if not ok]
     if failed:
