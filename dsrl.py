@@ -929,9 +929,8 @@ def out_of_memory(run, args, step, rng, phase):
     """Out of GPU memory in a step's sampling or loss: the weights and AdamW are still those of step - 1. Checkpoint
     them with the random state of the step's start (a resume redoes it exactly), name flags the plan fits, exit 2."""
     save_checkpoint(args.output_dir, step - 1, run, args, rng)
-    device = next(run.model.parameters()).device.type
-    flags = scale.flags_after_out_of_memory(run.model.config, args, run.gen_batch_size, phase, device, run.dtype,
-                                            scale.use_checkpointing(args, device))
+    flags = scale.flags_after_out_of_memory(run.model.config, args, run.gen_batch_size, phase, run.model.device.type,
+                                            run.dtype, scale.use_checkpointing(args, run.model.device.type))
     print(f"error: out of GPU memory in the {phase} of step {step}; saved checkpoint-{step - 1}; " + (
         f"continue with: python dsrl.py --output-dir {args.output_dir} --resume {flags}" if flags else
         "it is at its smallest setting: start anew with a smaller --model or --max-new-tokens"), file=sys.stderr)

@@ -2245,9 +2245,9 @@ def test_readme_install_and_test_lines_are_what_ci_runs():
 
 
 def test_dsrl_reads_in_the_papers_order_and_stays_short():
-    """The shape promised to readers: at most 958 lines, short functions, sections in the paper's order."""
+    """The shape promised to readers: at most 957 lines, short functions, sections in the paper's order."""
     source = open(os.path.join(HERE, "dsrl.py")).read()
-    assert len(source.splitlines()) <= 958, "dsrl.py holds the method in at most 958 lines: move other code out"
+    assert len(source.splitlines()) <= 957, "dsrl.py holds the method in at most 957 lines: move other code out"
     tree = ast.parse(source)
     sizes = {n.name: n.end_lineno - n.lineno + 1 for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
     assert sizes.pop("train") <= 100 and max(sizes.values()) <= 40, sorted(sizes.items(), key=lambda kv: -kv[1])[:3]
