@@ -148,6 +148,8 @@ def check_args(a: Args):
         (a.save_every >= 1 and a.save_total_limit >= 0, "--save-every must be >= 1 and --save-total-limit >= 0"),
         (a.max_bad_steps >= 1 and a.eval_every >= 0 and a.eval_k >= 1, "--max-bad-steps and --eval-k must be >= 1, --eval-every >= 0"),
         (re.fullmatch(r"auto|cpu|cuda(:\d+)?", a.device), f"--device {a.device}: give auto, cpu, cuda or cuda:N"),
+        (not (a.deterministic and a.top_p < 1 and resolve_device(a.device).startswith("cuda")), "--deterministic with "
+         "--top-p < 1: top-p's float cumsum on CUDA raises or varies in some torch versions; use --top-p 1"),
     ]
     failed = [message for ok, message in checks if not ok]
     if failed:
@@ -439,12 +441,14 @@ def sample_responses(model, tokenizer, prompt_ids, group_size, max_new_tokens, t
             end = next((k + 1 for k, t in enumerate(row) if t in stops), None)
             responses.append(row[:end])
             truncated.append(end is None)  # cut at max_new_tokens
+    vars(model).pop("_cache", None)  # transformers 4.x keeps generate's static cache on the model: free it for the loss
     return responses, truncated
 
 # ---- Log-probs of y in the two spaces: P(y|x) (prompt kept) and P(y) (prompt replaced by <|im_start|>) -----
 def _chunk_logprob(hidden, targets, weight, bias, temperature):
     """log pi(target | state) for (K, H) states. Logits (K, V) live only inside this chunk."""
-    logits = F.linear(hidden, weight, bias).float()  # (K, V)
+    with torch.autocast(hidden.device.type, enabled=torch.is_autocast_enabled(hidden.device.type), cache_enabled=False):
+        logits = F.linear(hidden, weight, bias).float()  # (K, V); a bf16 weight per chunk: grads add up in fp32
     if temperature != 1.0:  # the official actor divides by the rollout temperature; at 1.0 skip the copy
         logits = logits / temperature
     return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)  # (K,)
@@ -656,6 +660,7 @@ def train(args: Args, resume=None):
     bar = tqdm(range(run.first_step, args.steps + 1), initial=run.first_step - 1, total=args.steps, dynamic_ncols=True)
     for step in bar:
         t0 = time.time()
+        STEP_START.update(run=run, args=args, step=step, rng=rng_state(), phase="sampling")  # see out_of_memory
         phase = phase_for_step(args.mode, step, args.warmup_steps, args.prerl_coef)
         if args.mode == "dsrl" and step == args.warmup_steps + 1:
             tqdm.write(f"=== step {step}: warm-up over, policy reincarnation: GRPO in P(y|x) from here ===")
@@ -666,8 +671,10 @@ def train(args: Args, resume=None):
         adv = group_advantages(ro["rewards"], args.group_size, phase.use_std)  # (N,)
         keep = sample_mask(adv, phase.samples)
         # 4. loss in the phase's space, backward, update; then the sampler follows the new weights
+        STEP_START["phase"] = "loss"
         stats = policy_update(run.model, run.optimizer, Batch(ro["prompt_ids"], ro["responses"], adv, keep), phase, args,
                               run.start_id, run.pad)
+        STEP_START.clear()
         if not stats.skipped:
             sync_generation_copy(run.gen_model, run.model)
         run.bad_in_row = run.bad_in_row + 1 if stats.skipped else 0
@@ -751,8 +758,11 @@ def load_model_and_tokenizer(name_or_path: str, device: str = "cpu"):
     return model.to(device), tokenizer
 
 def generation_copy(model, dtype):
-    """The sampler: the model itself in fp32, or a low-precision copy (re-synced after each update)."""
-    return model if dtype == torch.float32 else copy.deepcopy(model).to(dtype).eval()
+    """The sampler: the model itself in fp32, or a copy in low precision (re-synced after each update)."""
+    gen = model if dtype == torch.float32 else copy.deepcopy(model).eval()
+    for p in gen.parameters() if gen is not model else ():  # buffers stay as the master's: RoPE's inv_freq in fp32
+        p.data = p.data.to(dtype)
+    return gen
 
 @torch.no_grad()
 def sync_generation_copy(gen_model, model):
@@ -814,7 +824,11 @@ def start_run(args: Args, resume=None) -> Run:
 
 CHECKPOINT_FILES = ("config.json", "trainer_state.pt")
 
-def save_checkpoint(output_dir, step, run: Run, args):
+def rng_state():  # Python's, torch's and CUDA's random state: a checkpoint's, or a step's start (out_of_memory)
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+def save_checkpoint(output_dir, step, run: Run, args, rng=None):
     """checkpoint-N/: HF weights + tokenizer (from_pretrained loads it) and trainer_state.pt, written to a temporary
     folder and renamed (a kill never leaves a complete-looking partial one); a failed write raises UsageError."""
     final = os.path.join(output_dir, f"checkpoint-{step}")
@@ -823,8 +837,7 @@ def save_checkpoint(output_dir, step, run: Run, args):
     try:
         run.model.save_pretrained(tmp)
         run.tokenizer.save_pretrained(tmp)
-        rng = {"python": random.getstate(), "torch": torch.get_rng_state(),
-               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+        rng = rng or rng_state()
         torch.save({"step": step, "optimizer": run.optimizer.state_dict(), "rng": rng, "args": dataclasses.asdict(args),
                     "bad_in_row": run.bad_in_row}, os.path.join(tmp, "trainer_state.pt"))
         if os.path.exists(final):  # re-saving the same step after a resume
@@ -914,12 +927,24 @@ def resolve_resume(args: Args, explicit: set):
 
 # ---- Main --------------------------------------------------------------------------------------------------
 STOP_REQUEST = {"signal": None}
+STEP_START = {}  # the step under way while it samples or computes its loss: what out_of_memory saves
 
 def _request_stop(signum, frame):
     if STOP_REQUEST["signal"] is not None:  # second Ctrl-C: give up at once
         raise KeyboardInterrupt
     STOP_REQUEST["signal"] = signal.Signals(signum).name
     print(f"\n{STOP_REQUEST['signal']}: finishing this step, saving a checkpoint, then exiting", file=sys.stderr)
+
+def out_of_memory(run, args, step, rng, phase):
+    """Out of GPU memory in a step's sampling or loss: the weights and AdamW are still those of step - 1. Checkpoint
+    them with the random state of the step's start (a resume redoes it exactly), name flags the plan fits, exit 2."""
+    save_checkpoint(args.output_dir, step - 1, run, args, rng)
+    flags = scale.flags_after_out_of_memory(run.model.config, args, run.gen_batch_size, phase, run.model.device.type,
+                                            run.dtype, scale.use_checkpointing(args, run.model.device.type))
+    print(f"error: out of GPU memory in the {phase} of step {step}; saved checkpoint-{step - 1}; " + (
+        f"continue with: python dsrl.py --output-dir {args.output_dir} --resume {flags}" if flags else
+        "it is at its smallest setting: start anew with a smaller --model or --max-new-tokens"), file=sys.stderr)
+    return 2
 
 def main(argv=None):
     args, explicit = parse_args(argv)
@@ -932,6 +957,8 @@ def main(argv=None):
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except torch.cuda.OutOfMemoryError if STEP_START else ():  # in a step's sampling or loss: nothing is lost
+        return out_of_memory(**STEP_START)
     except KeyboardInterrupt:  # Ctrl-C while loading, or a second one: stop now (checkpoints are written atomically)
         print("\ninterrupted; " + ("continue from the last checkpoint with --resume" if list_checkpoints(
             args.output_dir) else "no checkpoint was written yet: start the run again"), file=sys.stderr)

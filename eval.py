@@ -206,12 +206,38 @@ def sample_outcome(text: str, gold: str, reward: str):
     return rewards[0], next(name for name, c in counts.items() if c)
 
 
+def sampling_batch(model, name, prompts, k, max_new_tokens, most=0):
+    """Sequences per generate call, printed before sampling: the most whole groups of k (at most `most` sequences, 0 =
+    no bound) whose KV cache, in the sampler's dtype for the longest prompt + max_new_tokens (scale.kv_cache_bytes), and
+    per-step logits fit 90% of the device's free memory; on CPU (no limit known) all of them."""
+    config, device, elem = model.config, next(model.parameters()).device, next(model.parameters()).element_size()
+    longest = max(len(p) for p in prompts)
+    per_group = k * (dsrl.scale.kv_cache_bytes(config, 1, longest + max_new_tokens, elem)
+                     + config.vocab_size * 4 * dsrl.scale.SAMPLER_LOGIT_COPIES)
+    free = dsrl.scale.free_device_memory(device)
+    if free is not None:  # the caching allocator's idle blocks are free for this too
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    fit = len(prompts) if free is None else int(0.9 * free) // per_group
+    groups = min(fit, len(prompts), most // k if most else len(prompts))
+    print(f"sampling plan: {name}, {len(prompts)} problems x {k} samples, prompts up to {longest} + {max_new_tokens} "
+          f"new tokens, {str(next(model.parameters()).dtype)[6:]}: {per_group / 2 ** 30:.2f} GiB per group of {k} (KV "
+          f"cache, logits); " + (f"{free / 2 ** 30:.1f} GiB free" if free is not None else "no limit known (CPU)")
+          + f" -> {groups * k} sequences per generate call")
+    if groups < 1:
+        raise dsrl.UsageError(f"one group of {k} samples of {longest} + {max_new_tokens} tokens needs "
+                              f"{per_group / 2 ** 30:.1f} GiB, {free / 2 ** 30:.1f} GiB free: lower --k or "
+                              "--max-new-tokens, or use a larger card")
+    return groups * k
+
+
 def evaluate_benchmark(model, tokenizer, name, examples, k, max_new_tokens, temperature, top_p, dtype,
                        gen_batch_size, reward):
-    """k samples per problem from P(y|x) -> (metrics, per-sample rows)."""
+    """k samples per problem from P(y|x) -> (metrics, per-sample rows). model: the sampler (dsrl.generation_copy);
+    gen_batch_size: the most sequences per generate call, 0 = as many as the memory plan fits (sampling_batch)."""
     prompts = [dsrl.build_prompt(tokenizer, ex["messages"], 10 ** 9) for ex in examples]  # eval never cuts
+    batch = sampling_batch(model, name, prompts, k, max_new_tokens, gen_batch_size)
     responses, truncated = dsrl.sample_responses(model, tokenizer, prompts, k, max_new_tokens, temperature, top_p,
-                                                 gen_batch_size, dtype=dtype)  # prompt-major, (P*k,)
+                                                 batch, dtype=dtype)  # prompt-major, (P*k,)
     texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
     rows = []
     for i, text in enumerate(texts):
@@ -247,8 +273,9 @@ def evaluate_accuracy(model, tokenizer, benchmarks, k, max_new_tokens, temperatu
 
 
 def metrics_for_training(model, tokenizer, args, dtype, gen_batch_size=None) -> dict:
-    """dsrl.py --eval-every: evaluate_accuracy on --eval-benchmarks, flattened to `eval/<bench>/<key>` metrics.
-    gen_batch_size: the sequences per generate call the trainer's memory plan resolved (default: --gen-batch-size)."""
+    """dsrl.py --eval-every: evaluate_accuracy on --eval-benchmarks with the trainer's sampler (its bf16 copy),
+    flattened to `eval/<bench>/<key>` metrics. gen_batch_size: the sequences per generate call the trainer's memory
+    plan resolved (default: --gen-batch-size); the evaluator's own plan lowers it where its prompts need more."""
     batch = args.gen_batch_size if gen_batch_size is None else gen_batch_size
     results = evaluate_accuracy(model, tokenizer, [b for b in args.eval_benchmarks.split(",") if b], k=args.eval_k,
                                 max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
@@ -401,11 +428,15 @@ def alignment_summary(per_rollout: list, lx: list, ly: list) -> dict:
 
 
 def run_align(model, tokenizer, examples, rollouts, a, dtype):
-    """Sample `rollouts` responses spread evenly over the problems, then one gradient pair per rollout."""
+    """Sample `rollouts` responses spread evenly over the problems from the trainer's sampler (dsrl.generation_copy:
+    bf16 on a GPU, dropped before the gradients), then one gradient pair per rollout of the fp32 model."""
     per_problem = math.ceil(rollouts / len(examples))
     prompts = [dsrl.build_prompt(tokenizer, ex["messages"], 10 ** 9) for ex in examples]
-    responses, _ = dsrl.sample_responses(model, tokenizer, prompts, per_problem, a.max_new_tokens, a.temperature,
-                                         a.top_p, a.gen_batch_size, dtype=dtype)
+    sampler = dsrl.generation_copy(model, dtype)
+    batch = sampling_batch(sampler, a.benchmark, prompts, per_problem, a.max_new_tokens, a.gen_batch_size)
+    responses, _ = dsrl.sample_responses(sampler, tokenizer, prompts, per_problem, a.max_new_tokens, a.temperature,
+                                         a.top_p, batch, dtype=dtype)
+    del sampler
     order = [p * per_problem + g for g in range(per_problem) for p in range(len(examples))][:rollouts]
     texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
     start_id, pad = dsrl.token_id(tokenizer, dsrl.START_TOKEN), dsrl.pad_id(tokenizer)
@@ -546,6 +577,7 @@ def setup_model(a):
 
 def cmd_accuracy(a):
     model, tokenizer, dtype = setup_model(a)
+    model = dsrl.generation_copy(model, dtype)  # the trainer's sampler (bf16 on a GPU); the fp32 weights go
     os.makedirs(a.output, exist_ok=True)
     samples_path = os.path.join(a.output, "accuracy_samples.jsonl")
     open(samples_path, "w").close()
@@ -584,7 +616,8 @@ def add_sampling_flags(p, output):
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
                    help="compute dtype (auto: bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--gen-batch-size", type=int, default=64, help="sequences per generate call, 0 = all at once")
+    p.add_argument("--gen-batch-size", type=int, default=0,
+                   help="most sequences per generate call, 0 = as many as fit (the plan printed before sampling)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--reward", default="math", choices=["math", "official"], help="dsrl.py's scorer")
     p.add_argument("--limit", type=int, default=0, help="first N unique problems per benchmark, 0 = all")

@@ -317,6 +317,25 @@ def format_cards(config, args) -> str:
     return "\n".join(lines)
 
 
+def flags_after_out_of_memory(config, args, gen_batch_size, phase, device, dtype, checkpointing):
+    """Resume flags for a run that ran out of memory in `phase` ("sampling" or "loss") although its plan fitted. The
+    plan missed by an unknown amount, so the failed phase gets the largest setting it plans at <= 3/4 of the failed
+    one, as explicit flags (auto sizing would choose the same batch again). -> flags, or None if none is smaller."""
+    def planned(checkpointing=checkpointing, **change):  # the failed phase's planned bytes with these flags changed
+        changed = replace(args, **{"gen_batch_size": gen_batch_size, **change})
+        return memory_plan(config, changed, None, device, dtype, checkpointing)[
+            "kv_cache" if phase == "sampling" else "activations"]
+    limit, group = 0.75 * planned(), args.group_size
+    if phase == "sampling":
+        fit = [g for g in range(group, gen_batch_size, group) if planned(gen_batch_size=g) <= limit]
+        return f"--gen-batch-size {fit[-1]}" if fit else None
+    for m in range(args.micro_batch_size, 0, -1):
+        for ckpt in dict.fromkeys((checkpointing, True)):
+            if planned(ckpt, micro_batch_size=m) <= limit:
+                return f"--micro-batch-size {m}" + " --gradient-checkpointing" * (ckpt and not checkpointing)
+    return None
+
+
 def free_device_memory(device):
     """Free bytes on a CUDA device now; on CPU the RAM available (Linux's MemAvailable), None where unknown."""
     if str(device).startswith("cuda"):
