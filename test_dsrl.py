@@ -2139,9 +2139,9 @@ def test_readme_install_and_test_lines_are_what_ci_runs():
 
 
 def test_dsrl_reads_in_the_papers_order_and_stays_short():
-    """The shape promised to readers: at most 936 lines, short functions, sections in the paper's order."""
+    """The shape promised to readers: at most 935 lines, short functions, sections in the paper's order."""
     source = open(os.path.join(HERE, "dsrl.py")).read()
-    assert len(source.splitlines()) <= 930, "dsrl.py holds the method in at most 936 lines: move other code out"
+    assert len(source.splitlines()) <= 935, "dsrl.py holds the method in at most 935 lines: move other code out"
     tree = ast.parse(source)
     sizes = {n.name: n.end_lineno - n.lineno + 1 for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
     assert sizes.pop("train") <= 100 and max(sizes.values()) <= 40, sorted(sizes.items(), key=lambda kv: -kv[1])[:3]
