@@ -381,9 +381,9 @@ def _text_form(s):
     return s.lower() if re.fullmatch(r'[A-Za-z]{2,}', s) else s
 
 
-def _choice_letter(s):
-    """A multiple-choice answer: "C", "(C)" or "(C) 12" (spaces may be gone: "(C)12") -> "C"."""
-    m = re.fullmatch(r'\(([A-E])\)(?!\s*[-+*/^=,]|.*\([A-E]\)).*|([A-E])', s.strip(), re.S)  # not "(A)+(B)"
+def _choice_letter(s, last='E'):
+    """A multiple-choice answer: "C", "(C)" or "(C) 12" (spaces may be gone: "(C)12") -> "C"; letters A to `last`."""
+    m = re.fullmatch(r'\(([A-{0}])\)(?!\s*[-+*/^=,]|.*\([A-{0}]\)).*|([A-{0}])'.format(last), s.strip(), re.S)  # not "(A)+(B)"
     return (m.group(1) or m.group(2)) if m else None
 
 
