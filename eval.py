@@ -746,13 +746,66 @@ def plot_panels(plt, runs: dict, keys: list, path: str):
     return path
 
 
+def pass_at_k_curves(paths: list) -> dict:
+    """{benchmark: {label: [(k, pass@k), ...]}} from accuracy.json files (label: the evaluated model's last two path
+    parts, e.g. dsrl/checkpoint-348)."""
+    curves = {}
+    for path in paths:
+        try:
+            with open(path) as fh:
+                report = json.load(fh)
+            results, model = report["results"], report.get("config", {}).get("model") or path
+        except (OSError, ValueError, KeyError, TypeError):
+            raise dsrl.UsageError(f"{path} is not an accuracy.json of eval.py accuracy")
+        label = "/".join(os.path.normpath(model).split(os.sep)[-2:])
+        for bench, metrics in results.items():
+            points = sorted((int(key[5:]), value) for key, value in metrics.items()
+                            if re.fullmatch(r"pass@\d+", key) and isinstance(value, (int, float)))
+            if points:
+                curves.setdefault(bench, {})[label] = points
+    return curves
+
+
+def plot_pass_at_k(plt, curves: dict, path: str):
+    """One panel per benchmark: pass@k against k (log scale), one line per evaluated model."""
+    if not curves:
+        return None
+    cols = min(3, len(curves))
+    rows = math.ceil(len(curves) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    for ax, (bench, lines) in zip(axes.flat, curves.items()):
+        for label, points in lines.items():
+            ax.plot([k for k, _ in points], [v for _, v in points], marker="o", label=label)
+        ks = sorted({k for points in lines.values() for k, _ in points})
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ks, [str(k) for k in ks])
+        ax.set_title(bench, fontsize=9)
+        ax.set_xlabel("k (samples)", fontsize=8)
+        ax.set_ylabel("pass@k", fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(curves):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def plot_runs(run_dirs: list, out_dir: str) -> list:
+    """PNG curves of dsrl.py run dirs and, for accuracy.json files among them, the Pass@K figure (pass_at_k.png)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         raise dsrl.UsageError("plot needs matplotlib: pip install matplotlib")
+    reports = [d for d in run_dirs if d.endswith(".json")]
+    run_dirs = [d for d in run_dirs if not d.endswith(".json")]
+    os.makedirs(out_dir, exist_ok=True)
+    written = [plot_pass_at_k(plt, pass_at_k_curves(reports), os.path.join(out_dir, "pass_at_k.png"))]
+    if not run_dirs:
+        return [w for w in written if w]
     runs, behaviour_runs = {}, {}
     for d in run_dirs:
         label = os.path.basename(os.path.normpath(d))
@@ -765,7 +818,7 @@ def plot_runs(run_dirs: list, out_dir: str) -> list:
     eval_keys = sorted({k for rows in runs.values() for r in rows for k in r if k.startswith("eval/")
                         and (k.rsplit("/", 1)[1].startswith("avg@") or k.endswith("/pass@1"))})
     figures = {**FIGURES, "eval.png": eval_keys}
-    written = [plot_panels(plt, runs, keys, os.path.join(out_dir, f)) for f, keys in figures.items()]
+    written += [plot_panels(plt, runs, keys, os.path.join(out_dir, f)) for f, keys in figures.items()]
     if behaviour_runs:
         written.append(plot_panels(plt, behaviour_runs, ["reflection", "transition", *BEHAVIOURS],
                                    os.path.join(out_dir, "behaviours.png")))
@@ -911,8 +964,11 @@ def build_parser():
     al.add_argument("--benchmark", default="amc23", help="one benchmark name or file")
     al.add_argument("--rollouts", type=int, default=400, help="rollouts, spread evenly over the problems")
     al.add_argument("--chunk", type=int, default=256, help="tokens per log-prob chunk (dsrl --logprob-chunk)")
-    pl = sub.add_parser("plot", help="PNG curves of run dirs", **ex("python eval.py plot runs/dsrl runs/grpo --out plots"))
-    pl.add_argument("run_dirs", nargs="+", help="dsrl.py output dirs (metrics.jsonl, optional samples.jsonl)")
+    pl = sub.add_parser("plot", help="PNG curves of run dirs; Pass@K curves of accuracy.json files",
+                        **ex("python eval.py plot runs/dsrl runs/grpo --out plots\n"
+                             "  python eval.py plot eval_results/dsrl/accuracy.json eval_results/grpo/accuracy.json"))
+    pl.add_argument("run_dirs", nargs="+", help="dsrl.py output dirs (metrics.jsonl, optional samples.jsonl) and/or "
+                    "accuracy.json files of eval.py accuracy (pass@k against k, one panel per benchmark)")
     pl.add_argument("--out", default="plots", help="directory for the PNGs")
     return p
 

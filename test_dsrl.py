@@ -2175,6 +2175,37 @@ def test_plot_draws_eval_curves_from_step_0(tmp_path, monkeypatch):
     assert list(reward_axis.lines[0].get_xdata()) == [1, 2]
 
 
+def write_accuracy_json(path, model, curves):
+    """An accuracy.json as eval.py accuracy writes it: {"config": {"model"}, "results": {bench: {"pass@k": ...}}}."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    results = {b: {"avg@32": v[0], "maj@32": 0.9, **{f"pass@{2 ** i}": x for i, x in enumerate(v)}} for b, v in curves.items()}
+    with open(path, "w") as fh:
+        json.dump({"config": {"model": model}, "results": results}, fh)
+    return path
+
+
+def test_plot_pass_at_k_curves_from_two_accuracy_files(tmp_path, monkeypatch, capsys):
+    """eval.py plot A.json B.json: one panel per benchmark, pass@k against k on a log axis, one line per checkpoint,
+    points read back from the drawn figure equal the files' numbers; the PNG is written."""
+    plt = pytest.importorskip("matplotlib.pyplot")
+    grpo = {"aime24": [0.10, 0.16, 0.23, 0.30, 0.37, 0.43], "amc23": [0.40, 0.52, 0.62, 0.70, 0.77, 0.82]}
+    dsrl_ = {"aime24": [0.12, 0.19, 0.27, 0.35, 0.42, 0.50], "amc23": [0.43, 0.56, 0.66, 0.75, 0.82, 0.88]}
+    a = write_accuracy_json(str(tmp_path / "ev_grpo" / "accuracy.json"), "runs/grpo/checkpoint-348", grpo)
+    b = write_accuracy_json(str(tmp_path / "ev_dsrl" / "accuracy.json"), "runs/dsrl/checkpoint-348", dsrl_)
+    figures, real_close = [], plt.close
+    monkeypatch.setattr(plt, "close", lambda fig: figures.append(fig))
+    r = run_eval(["plot", a, b, "--out", tmp_path / "plots"], capsys)
+    assert r.returncode == 0 and os.path.getsize(tmp_path / "plots" / "pass_at_k.png") > 10_000, r.stderr
+    axes = [ax for ax in figures[0].axes if ax.lines]
+    assert [ax.get_title() for ax in axes] == ["aime24", "amc23"] and all(ax.get_xscale() == "log" for ax in axes)
+    for ax, bench in zip(axes, ["aime24", "amc23"]):
+        drawn = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in ax.lines}
+        assert drawn == {"grpo/checkpoint-348": ([1, 2, 4, 8, 16, 32], grpo[bench]),
+                         "dsrl/checkpoint-348": ([1, 2, 4, 8, 16, 32], dsrl_[bench])}
+    real_close(figures[0])
+    assert run_eval(["plot", str(tmp_path / "plots" / "pass_at_k.png").replace(".png", ".json")], capsys).returncode == 2
+
+
 def test_plot_without_matplotlib_is_a_one_line_error(tmp_path, monkeypatch, capsys):
     write_run(str(tmp_path / "run"), ["rl"])
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
