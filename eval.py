@@ -903,6 +903,52 @@ def cmd_accuracy(a):
                  official_markdown(results) if official else accuracy_markdown(results, a.k))
 
 
+SWEEP_EVAL_FLAGS = ("protocol", "benchmarks", "k", "max_new_tokens", "temperature", "top_p", "limit", "device", "dtype",
+                    "gen_batch_size", "seed", "reward")
+
+
+def headline(metrics: dict):
+    """(name, value) of a benchmark's main number: Avg@k, or mean@n for the official protocol."""
+    return next((key, value) for key, value in metrics.items() if re.fullmatch(r"(avg|mean)@\d+", key))
+
+
+def run_python(argv: list):
+    print("+ python " + " ".join(argv), file=sys.stderr)
+    if subprocess.run([sys.executable] + argv).returncode != 0:
+        raise dsrl.UsageError(f"`python {' '.join(argv)}` failed; fix it and rerun the same sweep command (finished "
+                              "runs are kept, stopped ones resume)")
+
+
+def cmd_sweep(a):
+    """One DSRL run per warm-up length (dsrl.py, its own process each), each final checkpoint evaluated (eval.py
+    accuracy, its own process), one table. Finished runs are skipped and stopped ones resumed, so rerunning the
+    same command continues the sweep."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    train = [f for f in a.train_flags if f != "--"]
+    if {f.split("=")[0] for f in train} & {"--warmup-steps", "--output-dir", "--mode", "--resume"}:
+        raise dsrl.UsageError("sweep sets --warmup-steps, --output-dir, --mode and --resume itself; leave them out")
+    evaluate = [w for key in SWEEP_EVAL_FLAGS if getattr(a, key) is not None
+                for w in ("--" + key.replace("_", "-"), str(getattr(a, key)))]
+    table = {}
+    for w in [int(x) for x in a.warmup_steps.split(",") if x.strip()]:
+        run = os.path.join(a.output, f"warmup-{w}")
+        resume = ["--resume"] if dsrl.list_checkpoints(run) else []
+        run_python([os.path.join(here, "dsrl.py"), "--mode", "dsrl", "--warmup-steps", str(w), "--output-dir", run]
+                   + resume + train)
+        final = dsrl.list_checkpoints(run)[-1]
+        run_python([os.path.join(here, "eval.py"), "accuracy", "--model", final, "--output", os.path.join(run, "eval")]
+                   + evaluate)
+        with open(os.path.join(run, "eval", "accuracy.json")) as fh:
+            table[w] = {"checkpoint": final, "results": json.load(fh)["results"]}
+    benches = list(next(iter(table.values()))["results"]) if table else []
+    header = ["warm-up steps"] + [f"{b} {headline(table[min(table)]['results'][b])[0]}" for b in benches] + ["mean"]
+    rows = []
+    for w, entry in table.items():
+        values = [headline(entry["results"][b])[1] for b in benches]
+        rows.append([w] + values + [sum(values) / len(values)])
+    write_report(a.output, "sweep", {"config": vars(a), "runs": table}, markdown_table(header, rows))
+
+
 def cmd_behaviours(a):
     summary = behaviours_summary(read_jsonl(a.samples))
     write_report(a.output, "behaviours", {"samples": a.samples, **summary}, behaviours_markdown(summary))
@@ -954,6 +1000,17 @@ def build_parser():
                      f"(default: {ACCURACY_DEFAULTS['benchmarks']})")
     acc.add_argument("--k", type=int, help="samples per problem; --protocol official: per row (default: 32)")
     acc.set_defaults(max_new_tokens=None, temperature=None, top_p=None)  # None: the protocol's value or the default
+    sw = sub.add_parser("sweep", help="the warm-up length ablation: one DSRL run per --warmup-steps value, one table",
+                        **ex("python eval.py sweep --warmup-steps 0,5,10,15,20,25 --protocol paper --output runs/sweep "
+                             "-- --model Qwen/Qwen3-0.6B"))
+    sw.add_argument("--warmup-steps", default="0,5,10,15,20,25", help="comma list of warm-up lengths W")
+    sw.add_argument("--output", default="runs/sweep", help="runs go to OUTPUT/warmup-W, the table to OUTPUT/sweep.md")
+    sw.add_argument("--protocol", choices=list(PROTOCOLS), help="evaluation protocol of eval.py accuracy")
+    for flag, kind in (("--benchmarks", str), ("--k", int), ("--max-new-tokens", int), ("--temperature", float),
+                       ("--top-p", float), ("--limit", int), ("--device", str), ("--dtype", str),
+                       ("--gen-batch-size", int), ("--seed", int), ("--reward", str)):
+        sw.add_argument(flag, type=kind, help="passed to eval.py accuracy")
+    sw.add_argument("train_flags", nargs=argparse.REMAINDER, help="after --: flags for dsrl.py (not --warmup-steps)")
     beh = sub.add_parser("behaviours", help="reflection/transition thoughts and four behaviours",
                          **ex("python eval.py behaviours --samples runs/dsrl/samples.jsonl"))
     beh.add_argument("--samples", required=True, help="samples.jsonl of dsrl.py or accuracy_samples.jsonl")
@@ -978,8 +1035,10 @@ def main(argv=None):
     try:
         if a.command == "accuracy":
             apply_protocol(a)
-        check(a)
-        {"accuracy": cmd_accuracy, "behaviours": cmd_behaviours, "align": cmd_align, "plot": cmd_plot}[a.command](a)
+        if a.command != "sweep":  # its flags are checked by the dsrl.py and eval.py accuracy it runs
+            check(a)
+        {"accuracy": cmd_accuracy, "behaviours": cmd_behaviours, "align": cmd_align, "plot": cmd_plot,
+         "sweep": cmd_sweep}[a.command](a)
         return 0
     except dsrl.UsageError as e:
         print(f"error: {e}", file=sys.stderr)

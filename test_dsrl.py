@@ -2206,6 +2206,39 @@ def test_plot_pass_at_k_curves_from_two_accuracy_files(tmp_path, monkeypatch, ca
     assert run_eval(["plot", str(tmp_path / "plots" / "pass_at_k.png").replace(".png", ".json")], capsys).returncode == 2
 
 
+@pytest.mark.slow
+def test_warmup_sweep_is_one_command_and_one_table(tiny_model_dir, tiny_data, tmp_path, monkeypatch, capsys):
+    """eval.py sweep --warmup-steps 0,1: one dsrl.py run per W (W = 0: GRPO from step 1; W = 1: one P(y) step), each
+    final checkpoint evaluated with the given flags, one table whose numbers are the runs' accuracy.json; rerunning the
+    command resumes the runs instead of starting over. (The two scripts run in this process here, not as children.)"""
+    calls = []
+
+    def run_python(argv):
+        calls.append(argv)
+        script, rest = os.path.basename(argv[0]), [str(x) for x in argv[1:]]
+        code = in_process(dsrl.main, rest) if script == "dsrl.py" else evaluator.main(rest)
+        assert code == 0, (script, rest)
+    monkeypatch.setattr(evaluator, "run_python", run_python)
+    bench = repeated_benchmark(str(tmp_path / "bench.parquet"), n_unique=2, copies=1)
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--warmup-steps", "0,1", "--output", out, "--benchmarks", bench, "--k", 2, "--max-new-tokens", 12,
+            "--", "--model", tiny_model_dir, "--dataset", tiny_data, "--steps", 2, "--prompts-per-step", 2,
+            "--group-size", 2, "--max-new-tokens", 6, "--lr", "1e-3", "--device", "cpu"]
+    assert run_eval(argv, capsys).returncode == 0
+    assert [c[c.index("--warmup-steps") + 1] for c in calls if "--warmup-steps" in c] == ["0", "1"]
+    assert [c[c.index("--k") + 1] for c in calls if "accuracy" in c] == ["2", "2"]
+    phases = {w: [m["phase"] for m in read_jsonl(out / f"warmup-{w}" / "metrics.jsonl")] for w in (0, 1)}
+    assert phases == {0: ["rl", "rl"], 1: ["warmup", "rl"]}
+    table = json.load(open(out / "sweep.json"))["runs"]
+    for w in ("0", "1"):
+        evaluated = json.load(open(out / f"warmup-{w}" / "eval" / "accuracy.json"))
+        assert table[w]["results"] == evaluated["results"] and evaluated["config"]["model"].endswith("checkpoint-2")
+    md = open(out / "sweep.md").read()
+    assert md.count("\n") == 4 and "| warm-up steps | bench avg@2 | mean |" in md
+    calls.clear()
+    assert run_eval(argv, capsys).returncode == 0 and all("--resume" in c for c in calls if "--warmup-steps" in c)
+
+
 def test_plot_without_matplotlib_is_a_one_line_error(tmp_path, monkeypatch, capsys):
     write_run(str(tmp_path / "run"), ["rl"])
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
