@@ -924,17 +924,17 @@ def cmd_sweep(a):
     accuracy, its own process), one table. Finished runs are skipped and stopped ones resumed, so rerunning the
     same command continues the sweep."""
     here = os.path.dirname(os.path.abspath(__file__))
-    train = [f for f in a.train_flags if f != "--"]
-    if {f.split("=")[0] for f in train} & {"--warmup-steps", "--output-dir", "--mode", "--resume"}:
-        raise dsrl.UsageError("sweep sets --warmup-steps, --output-dir, --mode and --resume itself; leave them out")
+    train = [f for f in a.train_flags if f != "--"]  # the sweep's own --mode, --warmup-steps, --output-dir come last
+    if "--resume" in {f.split("=")[0] for f in train}:
+        raise dsrl.UsageError("sweep resumes stopped runs itself; leave --resume out of the dsrl.py flags")
     evaluate = [w for key in SWEEP_EVAL_FLAGS if getattr(a, key) is not None
                 for w in ("--" + key.replace("_", "-"), str(getattr(a, key)))]
     table = {}
     for w in [int(x) for x in a.warmup_steps.split(",") if x.strip()]:
         run = os.path.join(a.output, f"warmup-{w}")
         resume = ["--resume"] if dsrl.list_checkpoints(run) else []
-        run_python([os.path.join(here, "dsrl.py"), "--mode", "dsrl", "--warmup-steps", str(w), "--output-dir", run]
-                   + resume + train)
+        run_python([os.path.join(here, "dsrl.py")] + train + ["--mode", "dsrl", "--warmup-steps", str(w),
+                                                               "--output-dir", run] + resume)
         final = dsrl.list_checkpoints(run)[-1]
         run_python([os.path.join(here, "eval.py"), "accuracy", "--model", final, "--output", os.path.join(run, "eval")]
                    + evaluate)
@@ -1010,7 +1010,8 @@ def build_parser():
                        ("--top-p", float), ("--limit", int), ("--device", str), ("--dtype", str),
                        ("--gen-batch-size", int), ("--seed", int), ("--reward", str)):
         sw.add_argument(flag, type=kind, help="passed to eval.py accuracy")
-    sw.add_argument("train_flags", nargs=argparse.REMAINDER, help="after --: flags for dsrl.py (not --warmup-steps)")
+    sw.add_argument("train_flags", nargs=argparse.REMAINDER, help="after --: flags for dsrl.py (its --mode, "
+                    "--warmup-steps and --output-dir are the sweep's)")
     beh = sub.add_parser("behaviours", help="reflection/transition thoughts and four behaviours",
                          **ex("python eval.py behaviours --samples runs/dsrl/samples.jsonl"))
     beh.add_argument("--samples", required=True, help="samples.jsonl of dsrl.py or accuracy_samples.jsonl")

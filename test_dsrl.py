@@ -2223,9 +2223,10 @@ def test_warmup_sweep_is_one_command_and_one_table(tiny_model_dir, tiny_data, tm
     out = tmp_path / "sweep"
     argv = ["sweep", "--warmup-steps", "0,1", "--output", out, "--benchmarks", bench, "--k", 2, "--max-new-tokens", 12,
             "--", "--model", tiny_model_dir, "--dataset", tiny_data, "--steps", 2, "--prompts-per-step", 2,
-            "--group-size", 2, "--max-new-tokens", 6, "--lr", "1e-3", "--device", "cpu"]
+            "--group-size", 2, "--max-new-tokens", 6, "--lr", "1e-3", "--device", "cpu", "--warmup-steps", 5, "--mode", "grpo"]
     assert run_eval(argv, capsys).returncode == 0
-    assert [c[c.index("--warmup-steps") + 1] for c in calls if "--warmup-steps" in c] == ["0", "1"]
+    # the given --warmup-steps 5 and --mode grpo are overridden: the sweep's values come last (argparse: last wins)
+    assert [c[len(c) - c[::-1].index("--warmup-steps")] for c in calls if "--warmup-steps" in c] == ["0", "1"]
     assert [c[c.index("--k") + 1] for c in calls if "accuracy" in c] == ["2", "2"]
     phases = {w: [m["phase"] for m in read_jsonl(out / f"warmup-{w}" / "metrics.jsonl")] for w in (0, 1)}
     assert phases == {0: ["rl", "rl"], 1: ["warmup", "rl"]}
