@@ -1,13 +1,17 @@
 """eval.py - what the DSRL paper measures (arXiv 2604.14142, method.md section 4), as four subcommands.
 
-  accuracy    Avg@k, unbiased pass@k and maj@k per benchmark, from k samples per problem.
-              python eval.py accuracy --model runs/dsrl/checkpoint-348 --benchmarks aime24,aime25,amc23 --k 32
+  accuracy    Avg@k, unbiased pass@k and maj@k per benchmark, from k samples per problem; --protocol paper (Avg@32,
+              six math benchmarks) or official (the fork's validation: mean@20, pass@1..16 by prompt).
+              python eval.py accuracy --model runs/dsrl/checkpoint-348 --protocol paper
   behaviours  reflection / transition thoughts (SEAL rule) and four reasoning behaviours per response.
               python eval.py behaviours --samples runs/dsrl/samples.jsonl
   align       per rollout, inner product and cosine of the full-parameter gradients of log P(y|x) and log P(y).
               python eval.py align --model Qwen/Qwen3-4B --benchmark amc23 --rollouts 400
-  plot        PNG curves of one or more run dirs (metrics.jsonl, samples.jsonl), warm-up -> GRPO hand-over marked.
+  plot        PNG curves of one or more run dirs (metrics.jsonl, samples.jsonl), warm-up -> GRPO hand-over marked;
+              Pass@K curves of accuracy.json files.
               python eval.py plot runs/dsrl runs/grpo --out plots
+  sweep       the warm-up length ablation: one DSRL run per W, each evaluated, one table.
+              python eval.py sweep --warmup-steps 0,5,10,15,20,25 --protocol paper -- --model Qwen/Qwen3-0.6B
 
 Sampling, reward, chat prompt and the two log-probs are dsrl.py's own functions (one implementation).
 The trainer's --eval-every calls `evaluate_accuracy` below. Each subcommand writes JSON + Markdown (+ JSONL)
@@ -73,7 +77,8 @@ OOD_BENCHMARKS = {
     "gpqa_diamond": ("Idavidrein/gpqa", ["gpqa_diamond"], "train", "gpqa"),  # gated: accept its terms, or pass a file
     "mmlu_pro": ("TIGER-Lab/MMLU-Pro", [None], "test", "mmlu_pro"),
     "bbh": ("lukaemon/bbh", "boolean_expressions causal_judgement date_understanding disambiguation_qa dyck_languages "
-            "formal_fallacies geometric_shapes hyperbaton logical_deduction_five_objects logical_deduction_seven_objects "
+            "formal_fallacies geometric_shapes hyperbaton logical_deduction_five_objects "
+            "logical_deduction_seven_objects "
             "logical_deduction_three_objects movie_recommendation multistep_arithmetic_two navigate object_counting "
             "penguins_in_a_table reasoning_about_colored_objects ruin_names salient_translation_error_detection snarks "
             "sports_understanding temporal_sequences tracking_shuffled_objects_five_objects "
@@ -212,8 +217,8 @@ def ood_example(kind: str, row: dict, index: int) -> dict:
     if kind == "mmlu_pro":
         return {"messages": choice_prompt(row["question"], row["options"]), "answer": row["answer"], "kind": "choice"}
     if kind == "bbh":
-        return {"messages": [{"role": "system", "content": dsrl.SYSTEM_PROMPT}, {"role": "user", "content": row["input"]}],
-                "answer": row["target"], "kind": "bbh"}
+        messages = [{"role": "system", "content": dsrl.SYSTEM_PROMPT}, {"role": "user", "content": row["input"]}]
+        return {"messages": messages, "answer": row["target"], "kind": "bbh"}
     instruction = ("Complete the following Python function. Reply with the complete function in one ```python code "
                    "block.\n\n```python\n" + row["prompt"] + "```")
     return {"messages": [{"role": "user", "content": instruction}], "answer": row["entry_point"], "kind": "code",
@@ -476,9 +481,10 @@ def evaluate_benchmark(model, tokenizer, name, examples, k, max_new_tokens, temp
     for i, text in enumerate(texts):
         example = examples[i // k]
         r, outcome = score_sample(text, example, reward)
+        extracted = extracted_answer(text) if example.get("kind") != "code" else None  # code has no answer to vote on
         rows.append({"benchmark": name, "problem_index": i // k, "sample": i % k, "response": text,
-                     "gold": example["answer"], "extracted": extracted_answer(text) if example.get("kind") != "code"
-                     else None, "reward": r, "outcome": outcome, "length": len(responses[i]), "truncated": truncated[i]})
+                     "gold": example["answer"], "extracted": extracted, "reward": r, "outcome": outcome,
+                     "length": len(responses[i]), "truncated": truncated[i]})
     keys = [prompt_key(examples[row["problem_index"]]) for row in rows]
     official_numbers = validation_metrics(keys, [row["reward"] for row in rows])
     if official:  # rows of one prompt are one group, however many rows repeat it
@@ -995,7 +1001,8 @@ def build_parser():
     acc.add_argument("--protocol", choices=list(PROTOCOLS), help="paper: Avg@32 and pass@k on the six math benchmarks, "
                      "8,192 tokens; official: the fork's validation (*_20times files, one sample a row, mean@20, "
                      "pass@1..16). Flags given explicitly override its values")
-    acc.add_argument("--benchmarks", help=f"comma list of {', '.join(list(BENCHMARKS) + list(OOD_BENCHMARKS))}, NAME=FILE "
+    acc.add_argument("--benchmarks", help=f"comma list of {', '.join(list(BENCHMARKS) + list(OOD_BENCHMARKS))}, "
+                     "NAME=FILE "
                      "(that benchmark from a local file in its hub schema) or .parquet/.jsonl math files "
                      f"(default: {ACCURACY_DEFAULTS['benchmarks']})")
     acc.add_argument("--k", type=int, help="samples per problem; --protocol official: per row (default: 32)")

@@ -383,7 +383,8 @@ def _text_form(s):
 
 def _choice_letter(s, last='E'):
     """A multiple-choice answer: "C", "(C)" or "(C) 12" (spaces may be gone: "(C)12") -> "C"; letters A to `last`."""
-    m = re.fullmatch(r'\(([A-{0}])\)(?!\s*[-+*/^=,]|.*\([A-{0}]\)).*|([A-{0}])'.format(last), s.strip(), re.S)  # not "(A)+(B)"
+    pattern = r'\(([A-{0}])\)(?!\s*[-+*/^=,]|.*\([A-{0}]\)).*|([A-{0}])'.format(last)  # not "(A)+(B)"
+    m = re.fullmatch(pattern, s.strip(), re.S)
     return (m.group(1) or m.group(2)) if m else None
 
 
