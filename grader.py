@@ -431,12 +431,18 @@ def _text_form(s):
     return s.lower() if re.fullmatch(r'[A-Za-z]{2,}', s) else s
 
 
-def _choice(s, lower_case=False):
-    """A multiple-choice answer: "C", "(C)" or "(C) 12" (spaces may be gone: "(C)12") -> ("C", "12" or None).
-    A lower-case "(c)" only when lower_case (against another choice: alone it is the variable c)."""
-    letters = 'A-Ea-e' if lower_case else 'A-E'
-    m = re.fullmatch(r'\(([%s])\)(?!\s*[-+*/^=,]|.*\([A-Ea-e]\))\s*(.*)|([A-E])' % letters, s.strip(), re.S)
+def _choice(s, lower_case=False, last='E'):
+    """A multiple-choice answer: "C", "(C)" or "(C) 12" (spaces may be gone: "(C)12") -> ("C", "12" or None);
+    letters A to `last`. A lower-case "(c)" only when lower_case (against another choice: alone it is the variable c)."""
+    both = 'A-%sa-%s' % (last, last.lower())
+    letters = both if lower_case else 'A-' + last
+    m = re.fullmatch(r'\(([%s])\)(?!\s*[-+*/^=,]|.*\([%s]\))\s*(.*)|([A-%s])' % (letters, both, last), s.strip(), re.S)
     return ((m.group(1) or m.group(3)).upper(), m.group(2) or None) if m else None  # not "(A)+(B)"
+
+
+def _choice_letter(s, last='E'):
+    """The letter of a multiple-choice answer ("(C) 12" -> "C"), or None; letters A to `last`."""
+    return (_choice(s, last=last) or (None,))[0]
 
 
 # ---------------------------------------------------------------- LaTeX -> tuple tree

