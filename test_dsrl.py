@@ -629,7 +629,7 @@ def _batch(tok, n=8):
 def loss_backward(model, space, prompts, responses, adv, keep, coef, args, start, pad):
     """policy_loss_backward through its records -> (loss, samples run, their tokens, token-mean denominator)."""
     phase = dsrl.Phase(space, "all", space == "y|x", coef, "rl")  # `keep` is given, so `samples` is unused here
-    loss, active, denom = dsrl.policy_loss_backward(model, dsrl.Batch(prompts, responses, adv, keep), phase, args,
+    loss, active, denom, _ = dsrl.policy_loss_backward(model, dsrl.Batch(prompts, responses, adv, keep), phase, args,
                                                     start, pad)
     return loss, len(active), sum(len(responses[i]) for i in active), denom
 
@@ -654,6 +654,47 @@ def test_micro_batched_gradient_equals_one_batch(plain, space, samples):
         assert out[mbs][0][0] == pytest.approx(out[100][0][0], abs=1e-6)
         for name, g in out[100][1].items():
             assert torch.allclose(out[mbs][1][name], g, atol=1e-6), name
+
+
+def reference_diagnostics(model, contexts, responses, stop_id, temperature):
+    """The official actor's diagnostics from the model's own full-vocabulary logits, one unpadded row at a time: the
+    entropy a token-mean over all tokens, the rest a mean over responses of token-means (fork's mask_and_mean)."""
+    tokens, per_seq = [], []
+    for context, response in zip(contexts, responses):
+        logits = model(input_ids=torch.tensor([list(context) + list(response)])).logits[0, len(context) - 1:-1]
+        logp = (logits.double() / temperature).log_softmax(-1)  # (T, V)
+        p, taken = logp.exp(), logp.gather(-1, torch.tensor(response)[:, None]).squeeze(-1)
+        top = p.sort(-1, descending=True).values
+        rows = torch.stack([-(p * logp).sum(-1), taken, taken.exp(), top[:, 0], top[:, 1], top[:, 2], p[:, stop_id]], 1)
+        tokens.append(rows)
+        per_seq.append(rows.mean(0))
+    values = [torch.cat(tokens)[:, 0].mean().item()] + torch.stack(per_seq).mean(0)[1:].tolist()
+    return dict(zip(["entropy", "logprob_mean", "prob_mean", "top1_prob_mean", "top2_prob_mean", "top3_prob_mean",
+                     "eos_prob_mean"], values))
+
+
+@pytest.mark.parametrize("space,samples", [("y", "neg"), ("y|x", "all")])
+def test_step_diagnostics_equal_an_independent_full_vocabulary_computation(plain, space, samples):
+    """Every diagnostic key of a step, from the loss's own chunks (chunk 5, micro-batches of 3, temperature 0.7),
+    against the full-vocabulary logits of each sample the step ran (kept, A != 0), in the step's space."""
+    model, tok = plain
+    prompts, responses, rewards = _batch(tok)
+    adv = dsrl.group_advantages(rewards, 4, use_std=(space == "y|x"))
+    keep = dsrl.sample_mask(adv, samples)
+    start, pad, stop = dsrl.token_id(tok, "<|im_start|>"), dsrl.pad_id(tok), tok.convert_tokens_to_ids("<|im_end|>")
+    phase = dsrl.Phase(space, samples, space == "y|x", 0.5, "rl")
+    *_, got = dsrl.policy_loss_backward(model, dsrl.Batch(prompts, responses, adv, keep), phase,
+                                        small_args(micro_batch_size=3, temperature=0.7, logprob_chunk=5), start, pad, stop)
+    run = [i for i in range(len(responses)) if keep[i] and adv[i] != 0]
+    assert len(run) >= 2
+    with torch.no_grad():
+        want = reference_diagnostics(model, [[start] if space == "y" else prompts[i] for i in run],
+                                     [responses[i] for i in run], stop, 0.7)
+    assert set(got) == set(want) | {"pg_clipfrac", "pg_clipfrac_lower", "ppo_kl"}
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    assert got["pg_clipfrac"] == got["pg_clipfrac_lower"] == got["ppo_kl"] == 0.0  # ratio exactly 1
+    assert 0 < want["eos_prob_mean"] and want["top1_prob_mean"] > want["top2_prob_mean"] > want["top3_prob_mean"]
 
 
 def test_token_mean_counts_only_kept_tokens(plain):
@@ -1545,7 +1586,7 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tiny_model_dir, ti
     def nan_loss(model, *a, **k):
         for p in model.parameters():
             p.grad = torch.full_like(p, float("nan"))
-        return float("nan"), [0], 1
+        return float("nan"), [0], 1, dsrl.step_diagnostics([])
     monkeypatch.setattr(dsrl, "policy_loss_backward", nan_loss)
     out = tmp_path / "run"
     args = dsrl.Args(model=tiny_model_dir, dataset=tiny_data, output_dir=str(out), steps=10, prompts_per_step=2,
