@@ -36,7 +36,7 @@ Departures from the official code (the same list is in README.md, "Departures"):
 """
 
 import argparse, copy, dataclasses, functools, glob, inspect, json, math, os  # noqa: E401 (standard library)
-import random, re, shutil, signal, sys, tempfile, time  # noqa: E401
+import importlib.util, random, re, shutil, signal, sys, tempfile, time  # noqa: E401
 from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
 from typing import NamedTuple
@@ -100,11 +100,12 @@ class Args:
     deterministic: bool = field(default=False, metadata={"help": "torch's deterministic algorithms (for GPU runs; CPU runs repeat bit for bit without it)"})
     print_verl_command: bool = field(default=False, metadata={"help": "print the official multi-GPU launch of this experiment (verl) and exit"})
     plan: bool = field(default=False, metadata={"help": "print the memory plan of these flags on this device and exit (reads only the model's config.json)"})
-    report_to: str = field(default="", metadata={"help": "live curves in tensorboard, wandb or both (comma-separated; optional extras)"})
+    report_to: str = field(default="", metadata={"help": "live curves: tensorboard, wandb or both (comma-separated)"})
 
 RESUMABLE_CHANGES = {"steps", "output_dir", "resume", "save_every", "save_total_limit", "device", "micro_batch_size",
                      "gen_batch_size", "kv_cache", "logprob_chunk", "max_bad_steps", "eval_every", "eval_benchmarks",
-                     "eval_k", "eval_before_train", "deterministic", "gradient_checkpointing", "plan", "report_to"}  # may change on --resume: the run stays the same
+                     "eval_k", "eval_before_train", "deterministic", "gradient_checkpointing", "plan",
+                     "report_to"}  # may change on --resume: the run stays the same
 
 class UsageError(Exception):
     """Bad input: reported as one line on stderr, exit code 2, no traceback."""
@@ -149,7 +150,9 @@ def check_args(a: Args):
          "--clip-low, --clip-high and --grad-clip must be > 0, --clip-dual > 1"),
         (a.save_every >= 1 and a.save_total_limit >= 0, "--save-every must be >= 1 and --save-total-limit >= 0"),
         (a.max_bad_steps >= 1 and a.eval_every >= 0 and a.eval_k >= 1, "--max-bad-steps and --eval-k must be >= 1, --eval-every >= 0"),
-        (set(a.report_to.split(",")) <= {"", "tensorboard", "wandb"}, f"--report-to {a.report_to}: tensorboard and/or wandb"),
+        (set(a.report_to.split(",")) <= {"", "tensorboard", "wandb"}, "--report-to: tensorboard and/or wandb"),
+        (all(importlib.util.find_spec(n) for n in a.report_to.split(",") if n in ("tensorboard", "wandb")),
+         f"--report-to {a.report_to}: not installed (pip install {a.report_to.replace(',', ' ')})"),
     ]
     failed = [message for ok, message in checks if not ok]
     if failed:
@@ -680,8 +683,8 @@ def train(args: Args, resume=None):
     run = start_run(args, resume)
     trackers = open_trackers(args, run.first_step)
     if args.eval_every and args.eval_before_train and run.first_step == 1:  # the curve's starting point: step 0
-        log_row(args, trackers, {"step": 0, **evaluator.metrics_for_training(run.gen_model, run.tokenizer, args, run.dtype,
-                                                                             run.gen_batch_size)})
+        log_row(args, trackers, {"step": 0, **evaluator.metrics_for_training(run.gen_model, run.tokenizer, args,
+                                                                             run.dtype, run.gen_batch_size)})
     bar = tqdm(range(run.first_step, args.steps + 1), initial=run.first_step - 1, total=args.steps, dynamic_ncols=True)
     for step in bar:
         t0 = time.time()
@@ -706,7 +709,8 @@ def train(args: Args, resume=None):
             row.update(evaluator.metrics_for_training(run.gen_model, run.tokenizer, args, run.dtype, run.gen_batch_size))
         warnings = raise_alarms(row, run.alarms, len(ro["texts"]))
         samples = sample_rows(step, ro, adv, keep, args.group_size)
-        log_row(args, trackers, row, samples[::max(1, len(samples) // 4)] if step % args.save_every in (0, 1) else ())
+        shown = samples[::len(samples) // 4 or 1] if step == 1 or step % args.save_every == 0 else ()  # now and then
+        log_row(args, trackers, row, shown)
         append_jsonl(os.path.join(args.output_dir, "samples.jsonl"), samples)
         tqdm.write("\n".join([console_line(row)] + warnings))
         # 6. checkpoint, stop requests, runaway NaN
@@ -723,21 +727,19 @@ def train(args: Args, resume=None):
     bar.close(), close_trackers(trackers)
     return 0
 
-ALARMS = {  # metrics key: (a step's condition, the likely cause and the fix), warned after ALARM_STEPS steps in a row
+ALARMS = {  # metrics key: (a step's condition, the likely cause and the fix); warned when it holds 3 steps in a row
     "alarm_truncated": (lambda r, n: r["truncated_frac"] >= 0.9, "nearly every response hits --max-new-tokens and "
-                        "gets reward 0: raise --max-new-tokens (or lower the temperature)"),
-    "alarm_uniform": (lambda r, n: r["n_pos"] + r["n_neg"] == 0, "every group is uniform (all right or all wrong): no "
-                      "advantage, no gradient; use data at the model's level or a larger --group-size"),
+                        "gets reward 0: raise --max-new-tokens"),
+    "alarm_uniform": (lambda r, n: r["n_pos"] + r["n_neg"] == 0, "every group is uniform (all right or all wrong): "
+                      "no gradient; use data at the model's level or a larger --group-size"),
     "alarm_no_box": (lambda r, n: r["reward_no_box"] >= 0.9 * n, "nearly every response lacks a \\boxed{} answer: "
-                     "check the chat template and the prompts of --dataset (the system prompt asks for the box)")}
-ALARM_STEPS = 3
+                     "check the chat template and the prompts of --dataset")}
 
 def raise_alarms(row, streaks, n_responses):
     """Silent failures announced: row[key] counts the steps in a row its condition held. -> warnings to print."""
     for key, (holds, _) in ALARMS.items():
         row[key] = streaks[key] = streaks.get(key, 0) + 1 if holds(row, n_responses) else 0
-    return [f"warning: {message} ({ALARM_STEPS} steps in a row)" for key, (_, message) in ALARMS.items()
-            if row[key] == ALARM_STEPS]
+    return [f"warning: {message} (3 steps in a row)" for key, (_, message) in ALARMS.items() if row[key] == 3]
 
 def metrics_row(step, phase: Phase, ro, adv, stats: UpdateStats, optimizer, t_gen, t_step):
     """One line of metrics.jsonl (keys listed in README, "Outputs")."""
@@ -840,7 +842,8 @@ def start_run(args: Args, resume=None) -> Run:
         torch.set_rng_state(state["rng"]["torch"])
         if state["rng"].get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        run.first_step, run.bad_in_row, run.alarms = state["step"] + 1, state.get("bad_in_row", 0), state.get("alarms", {})
+        run.first_step, run.bad_in_row = state["step"] + 1, state.get("bad_in_row", 0)
+        run.alarms = state.get("alarms", {})
         for path in logs:
             truncate_jsonl(path, state["step"])
         print(f"resumed from {resume_path} at step {state['step']}", file=sys.stderr)
@@ -917,44 +920,40 @@ def append_jsonl(path, rows):
         fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
 def open_trackers(args, first_step):
-    """--report-to: TensorBoard (<output-dir>/tensorboard) and W&B, imported only when asked for. A resumed run goes
-    on in the same tracker run: TensorBoard purges the events after the checkpoint, W&B resumes the saved run id."""
-    trackers, resumed = {}, first_step > 1
+    """--report-to: TensorBoard (<output-dir>/tensorboard) and W&B (WANDB_MODE=offline works), imported only when asked
+    for. --resume goes on in the same tracker run: TensorBoard purges the steps after the checkpoint, W&B resumes the id
+    kept in <output-dir>/wandb_id. The config is logged once."""
+    trackers, config, resumed = {}, dataclasses.asdict(args), first_step > 1
     for name in filter(None, args.report_to.split(",")):
-        try:
-            if name == "tensorboard":
-                from torch.utils.tensorboard import SummaryWriter
-                trackers[name] = SummaryWriter(os.path.join(args.output_dir, name), purge_step=first_step if resumed else 0)
-                trackers[name].add_text("config", "    " + json.dumps(dataclasses.asdict(args), indent=1).replace("\n", "\n    "))
-            else:
-                import wandb
-                id_file = os.path.join(args.output_dir, "wandb_id")
-                run_id = open(id_file).read() if resumed and os.path.exists(id_file) else "dsrl-" + os.urandom(4).hex()
-                open(id_file, "w").write(run_id)
-                trackers[name] = wandb.init(project="dsrl", id=run_id, resume="allow", dir=args.output_dir,
-                                            config=dataclasses.asdict(args))
-        except ImportError:
-            raise UsageError(f"--report-to {name}: {name} is not installed (pip install {name})")
+        if name == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+            trackers[name] = SummaryWriter(os.path.join(args.output_dir, name), purge_step=first_step * resumed)
+            trackers[name].add_text("config", "    " + json.dumps(config, indent=1).replace("\n", "\n    "), first_step - 1)
+        else:
+            import wandb
+            id_file = os.path.join(args.output_dir, "wandb_id")
+            run_id = open(id_file).read() if resumed and os.path.exists(id_file) else "dsrl-" + os.urandom(4).hex()
+            open(id_file, "w").write(run_id)
+            trackers[name] = wandb.init(project="dsrl", id=run_id, resume="allow", dir=args.output_dir, config=config)
     return trackers
 
 def log_row(args, trackers, row, samples=()):
-    """One row to metrics.jsonl (the record) and its numbers to each tracker, with a few responses and rewards."""
+    """A row to metrics.jsonl (the record) and to each tracker, with a few responses and their rewards when given."""
     append_jsonl(os.path.join(args.output_dir, "metrics.jsonl"), [row])
-    numbers, step = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}, row["step"]
-    if "wandb" in trackers:
-        table = [[s["reward"], s["gold"], s["response"]] for s in samples]
-        extra = {"samples": sys.modules["wandb"].Table(["reward", "gold", "response"], table)} if table else {}
-        trackers["wandb"].log({**numbers, **extra}, step=step)
-    if "tensorboard" in trackers:
-        for key, value in numbers.items():
-            trackers["tensorboard"].add_scalar(key, value, step)
-        for k, s in enumerate(samples):
-            trackers["tensorboard"].add_text(f"samples/{k}", f"reward {s['reward']}, gold {s['gold']}:\n\n{s['response']}", step)
-        trackers["tensorboard"].flush()
+    logged = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
+    if samples:
+        logged["samples"] = "\n\n".join(f"reward {s['reward']}, gold {s['gold']}: {s['response']}" for s in samples)
+    for name, tracker in trackers.items():
+        if name == "wandb":
+            tracker.log(logged, step=row["step"])
+            continue
+        for key, value in logged.items():
+            (tracker.add_text if isinstance(value, str) else tracker.add_scalar)(key, value, row["step"])
+        tracker.flush()
 
 def close_trackers(trackers):
-    for name, tracker in trackers.items():
-        tracker.close() if name == "tensorboard" else tracker.finish()
+    for tracker in trackers.values():
+        tracker.finish() if hasattr(tracker, "finish") else tracker.close()  # a W&B run, a TensorBoard writer
 
 def read_checkpoint(path):
     """trainer_state of a checkpoint whose files read back whole, or None (truncated or corrupt: a disk fault)."""

@@ -1599,6 +1599,133 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tiny_model_dir, ti
     assert all(torch.equal(saved[k], start[k]) for k in start)  # no NaN written, nothing changed
 
 
+def test_each_alarm_counts_its_streak_and_warns_once_at_three_steps_in_a_row():
+    """Each silent failure alone: its counter climbs 1, 2, 3, .. while it holds and drops to 0 when it stops; one
+    warning, naming the flag that fixes it, on the third step in a row; the other alarms stay at 0."""
+    healthy = {"truncated_frac": 0.25, "n_pos": 3, "n_neg": 5, "reward_no_box": 2}  # 16 responses
+    failures = {"alarm_truncated": ({"truncated_frac": 0.95}, "--max-new-tokens"),
+                "alarm_uniform": ({"n_pos": 0, "n_neg": 0}, "--group-size"), "alarm_no_box": ({"reward_no_box": 15}, "chat template")}
+    for key, (change, fix) in failures.items():
+        streaks, counts, warned = {}, [], []
+        for failing in (True, True, True, True, False, True):
+            row = {**healthy, **(change if failing else {})}
+            warned.append(dsrl.raise_alarms(row, streaks, 16))
+            counts.append({k: row[k] for k in failures})
+        assert [c[key] for c in counts] == [1, 2, 3, 4, 0, 1], key
+        assert all(c[other] == 0 for c in counts for other in failures if other != key), key
+        assert [len(w) for w in warned] == [0, 0, 1, 0, 0, 0] and fix in warned[2][0], (key, warned)
+    assert dsrl.raise_alarms({**healthy, "truncated_frac": 0.85, "n_pos": 1, "reward_no_box": 14}, {}, 16) == []
+
+
+@pytest.mark.slow
+def test_loop_raises_the_alarms_and_keeps_their_counters_across_a_resume(tiny_model_dir, tiny_data, tmp_path, capsys):
+    """Two new tokens: every response is cut, has no box, every group is all wrong. The loop counts 1, 2, 3, warns at
+    step 3 on the console, and a run resumed from checkpoint-2 counts on from 2 (the counters are in the checkpoint)."""
+    out = tmp_path / "run"
+    argv = cli_args(tiny_model_dir, tiny_data, out, steps=3, **{"max-new-tokens": 2, "save-every": 1, "save-total-limit": 0,
+                                                                  "prompts-per-step": 2, "group-size": 2})
+    capsys.readouterr()
+    assert in_process(dsrl.main, [str(a) for a in argv]) == 0
+    console = capsys.readouterr().out
+    metrics = read_jsonl(out / "metrics.jsonl")
+    for key, fix in (("alarm_truncated", "--max-new-tokens"), ("alarm_uniform", "--group-size"), ("alarm_no_box", "box")):
+        assert [m[key] for m in metrics] == [1, 2, 3], key
+        assert sum(fix in line and line.startswith("warning:") for line in console.splitlines()) == 1, (key, console)
+    shutil.rmtree(out / "checkpoint-3")
+    assert in_process(dsrl.main, [str(a) for a in argv] + ["--resume"]) == 0
+    assert [m["alarm_no_box"] for m in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3]
+
+
+def tracked_run(tmp_path, model, data, monkeypatch, report_to):
+    """A 3-step DSRL run reporting to `report_to`, evaluation rows included (a stub evaluator), then resumed from its
+    checkpoint-2 by path: step 3 runs again. -> (metrics.jsonl rows, output dir)"""
+    monkeypatch.setattr(evaluator, "metrics_for_training", lambda model, tok, args, *a: {"eval/tiny/avg@4": 0.125})
+    out = tmp_path / "run"
+    argv = [str(a) for a in cli_args(model, data, out, **{"report-to": report_to, "eval-every": 2, "save-total-limit": 0,
+                                                           "prompts-per-step": 2, "group-size": 4})]
+    assert in_process(dsrl.main, argv) == 0
+    assert in_process(dsrl.main, argv + ["--resume", str(out / "checkpoint-2")]) == 0
+    return read_jsonl(out / "metrics.jsonl"), out
+
+
+def logged_numbers(metrics):
+    """{(key, step): value} of every number in metrics.jsonl, as a tracker should hold it."""
+    return {(k, m["step"]): v for m in metrics for k, v in m.items()
+            if k != "step" and isinstance(v, (int, float)) and not math.isnan(v)}
+
+
+@pytest.mark.slow
+def test_report_to_tensorboard_logs_config_every_row_and_samples_and_resumes_in_place(tiny_model_dir, tiny_data,
+                                                                                        tmp_path, monkeypatch):
+    """The event files read back: every number of every metrics row (the step-0 and step-2 eval rows too) once per step,
+    step 3 once although it ran twice (the resumed writer purges it), the config, responses with their rewards."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    metrics, out = tracked_run(tmp_path, tiny_model_dir, tiny_data, monkeypatch, "tensorboard")
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
+    events.Reload()
+    logged = {(key, e.step): e.value for key in events.Tags()["scalars"] for e in events.Scalars(key)}
+    assert len(logged) == sum(len(events.Scalars(key)) for key in events.Tags()["scalars"])  # one event per step
+    want = logged_numbers(metrics)
+    assert set(logged) >= set(want) and ("eval/tiny/avg@4", 0) in want and ("entropy", 3) in want
+    assert all(logged[k] == pytest.approx(v, rel=1e-6, abs=1e-6) for k, v in want.items())
+    text = {tag: [(e.step, e.tensor_proto.string_val[0].decode()) for e in events.Tensors(tag)]
+            for tag in events.Tags()["tensors"]}
+    assert [step for step, _ in text["config/text_summary"]] == [0, 2] and '"lr": 0.001' in text["config/text_summary"][0][1]
+    samples = text["samples/text_summary"]  # EventAccumulator purges scalars only: step 3's text is there twice
+    assert sorted({step for step, _ in samples}) == [1, 2, 3] and "reward" in samples[0][1]
+
+
+def wandb_records(path):
+    """The records of an offline W&B run file: a 7-byte header, then LevelDB-log blocks of 32 KiB whose records
+    (crc 4, length 2, type 1: full, first, middle, last) carry protobuf Records."""
+    from wandb.proto import wandb_internal_pb2
+    data, pos, payload, records = open(path, "rb").read(), 7, b"", []
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # block trailer
+            pos += 32768 - pos % 32768
+            continue
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        payload, pos = payload + data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):
+            records.append(wandb_internal_pb2.Record.FromString(payload))
+            payload = b""
+        elif kind == 0:
+            break
+    return records
+
+
+@pytest.mark.slow
+def test_report_to_wandb_offline_logs_config_every_row_and_samples_and_resumes_the_same_run(tiny_model_dir, tiny_data,
+                                                                                              tmp_path, monkeypatch):
+    """W&B in offline mode, read back from its run files: the resumed process continues the same run id; together the
+    two hold every number of every metrics row at its step, the config and responses with their rewards."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    metrics, out = tracked_run(tmp_path, tiny_model_dir, tiny_data, monkeypatch, "wandb")
+    files = sorted((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    records = [r for f in files for r in wandb_records(f)]
+    assert len(files) == 2 and {r.run.run_id for r in records if r.HasField("run")} == {(out / "wandb_id").read_text()}
+    logged, texts = {}, {}
+    for r in records:
+        if r.HasField("history"):
+            row = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item}
+            for k, v in row.items():
+                (texts if isinstance(v, str) else logged)[(k, row["_step"])] = v
+    assert all(logged[k] == pytest.approx(v, rel=1e-9, abs=1e-12) for k, v in logged_numbers(metrics).items())
+    assert ("eval/tiny/avg@4", 0) in logged and "reward" in texts[("samples", 1)]
+    config = {item.key: json.loads(item.value_json) for r in records if r.HasField("run") for item in r.run.config.update}
+    assert config["lr"] == 0.001 and config["report_to"] == "wandb" and config["eval_every"] == 2
+
+
+@pytest.mark.parametrize("extra,module", [("tensorboard", "tensorboard"), ("wandb", "wandb")])
+def test_report_to_a_missing_extra_is_one_line_before_anything_loads(tmp_path, monkeypatch, capsys, extra, module):
+    monkeypatch.setitem(sys.modules, module, None)  # as if not installed
+    assert dsrl.main(["--model", "/not/loaded", "--output-dir", str(tmp_path / "o"), "--report-to", extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: --report-to {extra}: not installed (pip install {extra})"]
+
+
 BAD_INPUTS = {  # name -> (flags, fragment of the one-line error)
     "missing model": (["--model", "/no/such/model"], "model path not found"),
     "missing dataset": (["--dataset", "/no/such/file.parquet"], "dataset file not found"),
@@ -1606,6 +1733,7 @@ BAD_INPUTS = {  # name -> (flags, fragment of the one-line error)
     "warmup > steps": (["--steps", "3", "--warmup-steps", "5"], "--warmup-steps 5: must be between 0 and --steps 3"),
     "negative warmup": (["--mode", "grpo", "--warmup-steps=-1"], "--warmup-steps -1: must be between 0"),
     "negative lr": (["--lr=-1e-6"], "--lr -1e-06: must be > 0"),
+    "unknown tracker": (["--report-to", "tensorboard,mlflow"], "--report-to: tensorboard and/or wandb"),
 }
 
 
