@@ -1132,6 +1132,23 @@ def test_loop_gradient_is_prerl_coef_times_the_p_y_loss_at_the_run_temperature(w
         "--prerl-coef and use the sampling temperature")
 
 
+@pytest.mark.slow
+def test_loop_diagnostics_are_the_p_y_samples_at_the_run_temperature_and_stop_token(wiring_run, tiny):
+    """Catches: the stop token's id or the temperature not reaching the diagnostics, another space or other samples.
+    Step 1 (NSR-PreRL) logs the diagnostics of its A < 0 samples in P(y) at temperature 0.7, the stop token <|im_end|>."""
+    _, _, samples, metrics, _, _ = wiring_run
+    model, tok = tiny
+    start, im_end = tok.convert_tokens_to_ids("<|im_start|>"), tok.convert_tokens_to_ids("<|im_end|>")
+    rewards = [s["reward"] for s in samples]
+    ys = [tok(s["response"], add_special_tokens=False)["input_ids"] for s in samples]
+    ys = [y + [im_end] * (s["response_tokens"] - len(y)) for y, s in zip(ys, samples)]  # the stop token is not logged
+    kept = [i for i, r in enumerate(rewards) if r < statistics.mean(rewards[i - i % 4:i - i % 4 + 4])]
+    with torch.no_grad():
+        want = reference_diagnostics(model, [[start]] * len(kept), [ys[i] for i in kept], im_end, 0.7)
+    assert kept
+    assert {k: metrics[k] for k in want} == pytest.approx(want, rel=1e-5, abs=1e-7)
+
+
 def independent_nsr_gradient(model, tok, samples, coef, temperature):
     """Gradient of coef x sum_{A<0} -A sum_t log pi(y_t | <|im_start|>, y_<t) / (tokens of the A < 0 samples), A = r - group mean."""
     start, im_end = tok.convert_tokens_to_ids("<|im_start|>"), tok.convert_tokens_to_ids("<|im_end|>")
@@ -2020,7 +2037,7 @@ def write_run(run_dir, phases):
         for step, phase in enumerate(phases, 1):
             fh.write(json.dumps({"step": step, "phase": phase, "reward_mean": step / 10, "solved_all": 1, "solved_none": 0,
                                  "response_len_mean": 10.0 + step, "loss": 0.1, "grad_norm": 0.5,
-                                 "eval/amc23/avg@4": 0.2}) + "\n")
+                                 "eval/amc23/avg@4": 0.2, "entropy": 1.0 / step, "eos_prob_mean": 0.1}) + "\n")
     with open(os.path.join(run_dir, "samples.jsonl"), "w") as fh:
         for step in range(1, len(phases) + 1):
             fh.write(json.dumps({"step": step, "response": RESPONSE, "reward": 1.0}) + "\n")
@@ -2036,7 +2053,7 @@ def test_cli_plot(tmp_path, capsys):
         fh.write('{"step": 5, "rew')  # a run still writing: the torn last line is skipped
     r = run_eval(["plot", tmp_path / "dsrl", tmp_path / "grpo", "--out", tmp_path / "plots"], capsys)
     assert r.returncode == 0, r.stderr
-    for name in ("reward", "solved", "response_length", "loss", "eval", "behaviours"):
+    for name in ("reward", "solved", "response_length", "loss", "eval", "behaviours", "diagnostics"):
         assert (tmp_path / "plots" / f"{name}.png").stat().st_size > 1000
 
 
