@@ -2295,7 +2295,7 @@ def test_print_verl_command_maps_every_flag_at_non_default_values():
         "--lr", "2e-6", "--group-size", 4, "--prompts-per-step", 128, "--max-new-tokens", 2048, "--max-prompt-tokens",
         512, "--warmup-steps", 9, "--clip-high", 0.28, "--top-p", 0.95, "--weight-decay", 0.05, "--seed", 7,
         "--steps", 350, "--eval-every", 10, "--eval-k", 8, "--eval-benchmarks", "aime24,math500",
-        "--save-total-limit", 0, "--temperature", 0.7, "--output-dir", "/no/such/run7")
+        "--save-total-limit", 0, "--temperature", 0.7, "--output-dir", "/no/such/run7", "--report-to", "wandb")
     expected = {ACT + "optim.lr": "2e-06", ROLL + "n": "4", "data.train_batch_size": "128", ACT + "ppo_mini_batch_size": "128",
                 "data.max_response_length": "2048", "data.max_prompt_length": "512",
                 ROLL + "max_num_batched_tokens": "2560",  # prompt + response: vLLM's chunked prefill refuses less
@@ -2308,7 +2308,7 @@ def test_print_verl_command_maps_every_flag_at_non_default_values():
                 "trainer.val_before_train": "True", ROLL + "val_kwargs.n": "8", ROLL + "val_kwargs.do_sample": "True",
                 "data.val_files": "[data/aime_2024_20times.parquet,math500]", "trainer.max_actor_ckpt_to_keep": "null",
                 "data.train_files": "data/math_train.parquet", "trainer.default_local_dir": "/no/such/run7",
-                "trainer.experiment_name": "run7"}
+                "trainer.experiment_name": "run7", "trainer.logger": '["console","wandb"]'}
     assert {k: keys.get(k) for k in expected} == expected
     import scale
     listed = {name for name in scale.VERL_KEYS} | {"print_verl_command", "plan"}  # the two actions
