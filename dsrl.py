@@ -33,6 +33,8 @@ Departures from the official code (the same list is in README.md, "Departures"):
  8. Rows with an empty ground truth are skipped (4 in the official MATH file). The official run keeps them:
     they only add A = 0 samples to the GRPO denominator of their step; dropping them shifts the data order.
  9. Gradient checkpointing (official: on) is on with CUDA, off on CPU; P(y|x)'s shared prompt forward is not checkpointed.
+10. Diagnostics: of the samples a step runs (2), in its space, over the whole step (1). Official: of all responses, per
+    micro-batch; also the P(y|x) entropy in P(y) steps and rl_div_pretrain_ratio, from forwards we skip (2).
 """
 
 import argparse, copy, dataclasses, functools, glob, inspect, json, math, os  # noqa: E401 (standard library)
@@ -576,8 +578,7 @@ class UpdateStats(NamedTuple):
 
 def policy_loss_backward(model, batch: Batch, phase: Phase, args, start_id, pad, stop_id=-1):
     """Forward + backward of coef * token_mean(PPO loss) in the phase's space over length-sorted micro-batches, for the
-    samples that can change the gradient (kept, A != 0). -> (loss, indices of the samples run, token-mean denominator,
-    diagnostics of the samples run (step_diagnostics; the stop token's id needed))."""
+    samples that can change the gradient (kept, A != 0). -> (loss, samples run, token-mean denominator, diagnostics)."""
     ys_all, adv = batch.response_ids, batch.adv
     kept = [i for i in range(len(ys_all)) if batch.keep[i]]
     n_tokens = sum(len(ys_all[i]) for i in kept)  # token-mean denominator
@@ -607,8 +608,7 @@ def policy_loss_backward(model, batch: Batch, phase: Phase, args, start_id, pad,
     DIAGNOSTICS.clear()
     return total, active, n_tokens, diagnostics
 
-DIAGNOSTIC_KEYS = ("entropy", "logprob_mean", "prob_mean", "top1_prob_mean", "top2_prob_mean", "top3_prob_mean",
-                   "eos_prob_mean")
+DIAGNOSTIC_KEYS = ("entropy", "logprob_mean", "prob_mean", *(f"top{k}_prob_mean" for k in (1, 2, 3)), "eos_prob_mean")
 
 def step_diagnostics(parts):
     """The official actor's diagnostics of the samples a step ran, in its space: the entropy a token-mean, the rest a
@@ -928,7 +928,7 @@ def open_trackers(args, first_step):
         if name == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
             trackers[name] = SummaryWriter(os.path.join(args.output_dir, name), purge_step=first_step * resumed)
-            trackers[name].add_text("config", "    " + json.dumps(config, indent=1).replace("\n", "\n    "), first_step - 1)
+            trackers[name].add_text("config", json.dumps(config).replace(", ", ",  \n"), first_step - 1)  # markdown
         else:
             import wandb
             id_file = os.path.join(args.output_dir, "wandb_id")

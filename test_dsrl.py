@@ -2224,7 +2224,8 @@ def test_readme_lists_every_flag_and_metric_key():
     for f in dsrl.dataclasses.fields(dsrl.Args):
         assert f"| `--{f.name.replace('_', '-')}` |" in readme, f.name
     for key in ("reward_mean", "n_used", "tokens_used", "loss_tokens", "solved_all", "grad_norm", "skipped",
-                "truncated_frac", "gen_tokens", "reward_timeout", "time_gen_s"):
+                "truncated_frac", "gen_tokens", "reward_timeout", "time_gen_s", *dsrl.DIAGNOSTIC_KEYS, "ppo_kl",
+                "pg_clipfrac_lower", *dsrl.ALARMS):
         assert f"`{key}`" in readme, key
 
 
