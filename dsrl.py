@@ -33,10 +33,12 @@ Departures from the official code (the same list is in README.md, "Departures"):
  8. Rows with an empty ground truth are skipped (4 in the official MATH file). The official run keeps them:
     they only add A = 0 samples to the GRPO denominator of their step; dropping them shifts the data order.
  9. Gradient checkpointing (official: on) is on with CUDA, off on CPU; P(y|x)'s shared prompt forward is not checkpointed.
+10. Diagnostics: of the samples a step runs (2), in its space, over the whole step (1). Official: of all responses, per
+    micro-batch; also the P(y|x) entropy in P(y) steps and rl_div_pretrain_ratio, from forwards we skip (2).
 """
 
 import argparse, copy, csv, dataclasses, functools, glob, inspect, json, math, os  # noqa: E401 (standard library)
-import random, re, shutil, signal, sys, tempfile, time  # noqa: E401
+import importlib.util, random, re, shutil, signal, sys, tempfile, time  # noqa: E401
 from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
 from typing import NamedTuple
@@ -100,10 +102,12 @@ class Args:
     deterministic: bool = field(default=False, metadata={"help": "torch's deterministic algorithms (for GPU runs; CPU runs repeat bit for bit without it)"})
     print_verl_command: bool = field(default=False, metadata={"help": "print the official multi-GPU launch of this experiment (verl) and exit"})
     plan: bool = field(default=False, metadata={"help": "print the memory plan of these flags on this device and exit (reads only the model's config.json)"})
+    report_to: str = field(default="", metadata={"help": "live curves: tensorboard, wandb or both (comma-separated)"})
 
 RESUMABLE_CHANGES = {"steps", "output_dir", "resume", "save_every", "save_total_limit", "device", "micro_batch_size",
                      "gen_batch_size", "kv_cache", "logprob_chunk", "max_bad_steps", "eval_every", "eval_benchmarks",
-                     "eval_k", "eval_before_train", "deterministic", "gradient_checkpointing", "plan"}  # may change on --resume: the run stays the same
+                     "eval_k", "eval_before_train", "deterministic", "gradient_checkpointing", "plan",
+                     "report_to"}  # may change on --resume: the run stays the same
 
 class UsageError(Exception):
     """Bad input: reported as one line on stderr, exit code 2, no traceback."""
@@ -152,6 +156,9 @@ def check_args(a: Args):
         (re.fullmatch(r"auto|cpu|cuda(:\d+)?", a.device), f"--device {a.device}: give auto, cpu, cuda or cuda:N"),
         (not (a.deterministic and a.top_p < 1 and resolve_device(a.device).startswith("cuda")), "--deterministic with "
          "--top-p < 1: top-p's float cumsum on CUDA raises or varies in some torch versions; use --top-p 1"),
+        (set(a.report_to.split(",")) <= {"", "tensorboard", "wandb"}, "--report-to: tensorboard and/or wandb"),
+        (all(importlib.util.find_spec(n) for n in a.report_to.split(",") if n in ("tensorboard", "wandb")),
+         f"--report-to {a.report_to}: not installed (pip install {a.report_to.replace(',', ' ')})"),
     ]
     failed = [message for ok, message in checks if not ok]
     if failed:
@@ -447,13 +454,24 @@ def sample_responses(model, tokenizer, prompt_ids, group_size, max_new_tokens, t
     return responses, truncated
 
 # ---- Log-probs of y in the two spaces: P(y|x) (prompt kept) and P(y) (prompt replaced by <|im_start|>) -----
-def _chunk_logprob(hidden, targets, weight, bias, temperature):
-    """log pi(target | state) for (K, H) states. Logits (K, V) live only inside this chunk."""
+def _chunk_logprob(hidden, targets, weight, bias, temperature, stop_id=-1):
+    """log pi(target | state) for (K, H) states. Logits (K, V) live only inside this chunk. stop_id >= 0: also the
+    (K, 7) diagnostics of the full distribution: entropy, log-prob, prob, top-1/2/3 probs, P(stop token)."""
     with torch.autocast(hidden.device.type, enabled=torch.is_autocast_enabled(hidden.device.type), cache_enabled=False):
         logits = F.linear(hidden, weight, bias).float()  # (K, V); a bf16 weight per chunk: grads add up in fp32
     if temperature != 1.0:  # the official actor divides by the rollout temperature; at 1.0 skip the copy
         logits = logits / temperature
-    return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)  # (K,)
+    log_z = logits.logsumexp(-1)
+    logp = logits.gather(-1, targets[:, None]).squeeze(-1) - log_z  # (K,)
+    if stop_id < 0:
+        return logp, None
+    with torch.no_grad():  # as the official actor logs them; entropy = log Z - sum_v p_v z_v (verl's form)
+        p = (logits - log_z[:, None]).exp_()
+        top, stop = p.topk(3, -1).values, p[:, stop_id].clone()  # copies: p is reused below
+        entropy = log_z - p.mul_(logits).sum(-1)
+        return logp, torch.stack([entropy, logp, logp.exp(), *top.T, stop], 1)
+
+DIAGNOSTICS = {}  # policy_loss_backward sets "stop_id"; token_logprobs then adds each pass's per-token diagnostics
 
 def token_logprobs(model, states, targets, target_mask, temperature, chunk):
     """Per-token log-probs of `targets` (N, T) from the hidden `states` (N, T, H) that predict them. Never builds
@@ -461,12 +479,14 @@ def token_logprobs(model, states, targets, target_mask, temperature, chunk):
     checkpointing, so memory stays flat in T (Qwen3's vocabulary is 151,936)."""
     states = states[target_mask]  # (K, H), real response tokens only
     flat_targets = targets[target_mask]  # (K,)
-    head = model.get_output_embeddings()
+    head, stop_id = model.get_output_embeddings(), DIAGNOSTICS.get("stop_id", -1)
     parts = [checkpoint(_chunk_logprob, states[s:s + chunk], flat_targets[s:s + chunk], head.weight, head.bias,
-                        temperature, use_reentrant=False)
+                        temperature, stop_id, use_reentrant=False)
              for s in range(0, states.shape[0], chunk)]
     logp = torch.zeros(targets.shape, dtype=torch.float32, device=targets.device)  # (N, T)
-    return logp.masked_scatter(target_mask, torch.cat(parts)) if parts else logp
+    if parts and stop_id >= 0:  # from the same chunks: no extra forward
+        DIAGNOSTICS.setdefault("parts", []).append((torch.cat([d for _, d in parts]), target_mask.sum(1)))
+    return logp.masked_scatter(target_mask, torch.cat([lp for lp, _ in parts])) if parts else logp
 
 def logprob_y_given_x(model, prompt_ids, response_ids, pad, temperature=1.0, chunk=256, share_prompt=True, checkpointing=False):
     """log pi(y_t | x, y_<t) per response token (the standard RL space) -> (logp, mask), (N, T). Prompts left-padded,
@@ -569,10 +589,11 @@ class UpdateStats(NamedTuple):
     loss_tokens: int    # token-mean denominator: all tokens of the kept samples
     grad_norm: float
     skipped: bool       # non-finite loss or gradient: no update
+    diagnostics: dict   # the official actor's diagnostics of the step (step_diagnostics)
 
-def policy_loss_backward(model, batch: Batch, phase: Phase, args, start_id, pad):
+def policy_loss_backward(model, batch: Batch, phase: Phase, args, start_id, pad, stop_id=-1):
     """Forward + backward of coef * token_mean(PPO loss) in the phase's space over length-sorted micro-batches, for the
-    samples that can change the gradient (kept, A != 0). -> (loss, indices of the samples run, token-mean denominator)."""
+    samples that can change the gradient (kept, A != 0). -> (loss, samples run, token-mean denominator, diagnostics)."""
     ys_all, adv = batch.response_ids, batch.adv
     kept = [i for i in range(len(ys_all)) if batch.keep[i]]
     n_tokens = sum(len(ys_all[i]) for i in kept)  # token-mean denominator
@@ -582,6 +603,7 @@ def policy_loss_backward(model, batch: Batch, phase: Phase, args, start_id, pad)
     active = sorted((i for i in kept if adv[i] != 0), key=by_length)
     total, device, dtype = 0.0, next(model.parameters()).device, resolve_dtype(args.dtype, args.device)
     ckpt = scale.use_checkpointing(args, device.type)
+    DIAGNOSTICS.update(stop_id=stop_id, parts=[])  # token_logprobs adds each pass's diagnostics
     for s in range(0, len(active), args.micro_batch_size):
         mb = active[s:s + args.micro_batch_size]
         ys = [ys_all[i] for i in mb]
@@ -597,7 +619,22 @@ def policy_loss_backward(model, batch: Batch, phase: Phase, args, start_id, pad)
         loss = phase.coef * token_mean_loss(per_token, mask, n_tokens)
         loss.backward()
         total += loss.item()
-    return total, active, n_tokens
+    diagnostics = step_diagnostics(DIAGNOSTICS.pop("parts"))
+    DIAGNOSTICS.clear()
+    return total, active, n_tokens, diagnostics
+
+DIAGNOSTIC_KEYS = ("entropy", "logprob_mean", "prob_mean", *(f"top{k}_prob_mean" for k in (1, 2, 3)), "eos_prob_mean")
+
+def step_diagnostics(parts):
+    """The official actor's diagnostics of the samples a step ran, in its space: the entropy a token-mean, the rest a
+    mean over responses of token-means (official mask_and_mean). The PPO ratio is exactly 1 (one update per batch),
+    so the clip fractions and the approximate KL are 0 by construction: logged as such."""
+    values = dict.fromkeys(DIAGNOSTIC_KEYS, float("nan"))  # no sample ran
+    if parts:
+        per_token, lengths = (torch.cat(x) for x in zip(*parts))  # (K, 7), (N,)
+        per_seq = torch.stack([t.mean(0) for t in per_token.split(lengths[lengths > 0].tolist())]).mean(0)
+        values = dict(zip(DIAGNOSTIC_KEYS, [per_token[:, 0].mean().item()] + per_seq[1:].tolist()))
+    return {**values, "pg_clipfrac": 0.0, "pg_clipfrac_lower": 0.0, "ppo_kl": 0.0}
 
 def optimizer_step(model, optimizer, grad_clip):
     """Clip, step, zero. A non-finite grad norm skips the update (official behaviour) -> (grad_norm, skipped)."""
@@ -612,16 +649,16 @@ def optimizer_step(model, optimizer, grad_clip):
     optimizer.zero_grad(set_to_none=True)
     return grad_norm, skipped
 
-def policy_update(model, optimizer, batch: Batch, phase: Phase, args, start_id, pad) -> UpdateStats:
+def policy_update(model, optimizer, batch: Batch, phase: Phase, args, start_id, pad, stop_id=-1) -> UpdateStats:
     """One optimizer step of the phase's loss. A non-finite loss or gradient skips the update."""
-    loss, active, loss_tokens = policy_loss_backward(model, batch, phase, args, start_id, pad)
+    loss, active, loss_tokens, diagnostics = policy_loss_backward(model, batch, phase, args, start_id, pad, stop_id)
     if math.isfinite(loss):
         grad_norm, skipped = optimizer_step(model, optimizer, args.grad_clip)
     else:
         model.zero_grad(set_to_none=True)
         grad_norm, skipped = float("nan"), True
     tokens_used = sum(len(batch.response_ids[i]) for i in active)
-    return UpdateStats(loss, len(active), tokens_used, loss_tokens, grad_norm, skipped)
+    return UpdateStats(loss, len(active), tokens_used, loss_tokens, grad_norm, skipped, diagnostics)
 
 # ---- The training loop -------------------------------------------------------------------------------------
 @dataclass
@@ -638,6 +675,7 @@ class Run:
     first_step: int
     bad_in_row: int     # non-finite steps in a row (stop at --max-bad-steps)
     gen_batch_size: int = 0  # sequences per generate call, as the memory plan resolved --gen-batch-size
+    alarms: dict = field(default_factory=dict)  # alarm -> steps in a row it held (raise_alarms)
 
 def rollout(run: Run, args, step: int):
     """Steps 1-2 of the loop: the step's prompts, G samples each from P(y|x), and their rewards."""
@@ -658,10 +696,10 @@ def train(args: Args, resume=None):
     from tqdm import tqdm
     import eval as evaluator  # --eval-every; imported here, not at the top, because eval.py imports dsrl.py
     run = start_run(args, resume)
+    trackers = open_trackers(args, run.first_step)
     if args.eval_every and args.eval_before_train and run.first_step == 1:  # the curve's starting point: step 0
-        append_jsonl(os.path.join(args.output_dir, "metrics.jsonl"),
-                     [{"step": 0, **evaluator.metrics_for_training(run.gen_model, run.tokenizer, args, run.dtype,
-                                                                   run.gen_batch_size)}])
+        log_row(args, trackers, {"step": 0, **evaluator.metrics_for_training(run.gen_model, run.tokenizer, args,
+                                                                             run.dtype, run.gen_batch_size)})
     bar = tqdm(range(run.first_step, args.steps + 1), initial=run.first_step - 1, total=args.steps, dynamic_ncols=True)
     for step in bar:
         t0 = time.time()
@@ -678,7 +716,7 @@ def train(args: Args, resume=None):
         # 4. loss in the phase's space, backward, update; then the sampler follows the new weights
         STEP_START["phase"] = "loss"
         stats = policy_update(run.model, run.optimizer, Batch(ro["prompt_ids"], ro["responses"], adv, keep), phase, args,
-                              run.start_id, run.pad)
+                              run.start_id, run.pad, token_id(run.tokenizer, STOP_TOKEN))
         STEP_START.clear()
         if not stats.skipped:
             sync_generation_copy(run.gen_model, run.model)
@@ -687,22 +725,39 @@ def train(args: Args, resume=None):
         row = metrics_row(step, phase, ro, adv, stats, run.optimizer, t_gen, time.time() - t0)
         if args.eval_every and step % args.eval_every == 0:
             row.update(evaluator.metrics_for_training(run.gen_model, run.tokenizer, args, run.dtype, run.gen_batch_size))
-        append_jsonl(os.path.join(args.output_dir, "metrics.jsonl"), [row])
-        append_jsonl(os.path.join(args.output_dir, "samples.jsonl"), sample_rows(step, ro, adv, keep, args.group_size))
-        tqdm.write(console_line(row))
+        warnings = raise_alarms(row, run.alarms, len(ro["texts"]))
+        samples = sample_rows(step, ro, adv, keep, args.group_size)
+        shown = samples[::len(samples) // 4 or 1] if step == 1 or step % args.save_every == 0 else ()  # now and then
+        log_row(args, trackers, row, shown)
+        append_jsonl(os.path.join(args.output_dir, "samples.jsonl"), samples)
+        tqdm.write("\n".join([console_line(row)] + warnings))
         # 6. checkpoint, stop requests, runaway NaN
         stop, runaway = STOP_REQUEST["signal"], run.bad_in_row >= args.max_bad_steps
         if step % args.save_every == 0 or step == args.steps or stop or runaway:
             save_checkpoint(args.output_dir, step, run, args)
         if runaway or stop:
-            bar.close()
+            bar.close(), close_trackers(trackers)
             print(f"error: {run.bad_in_row} non-finite steps in a row at step {step}; no NaN was written, last "
                   f"weights in {args.output_dir}/checkpoint-{step}; lower --lr or check the data" if runaway else
                   f"stopped by {stop} after step {step}; continue with: python dsrl.py --output-dir "
                   f"{args.output_dir} --resume", file=sys.stderr)
             return 3 if runaway else 0
-    bar.close()
+    bar.close(), close_trackers(trackers)
     return 0
+
+ALARMS = {  # metrics key: (a step's condition, the likely cause and the fix); warned when it holds 3 steps in a row
+    "alarm_truncated": (lambda r, n: r["truncated_frac"] >= 0.9, "nearly every response hits --max-new-tokens and "
+                        "gets reward 0: raise --max-new-tokens"),
+    "alarm_uniform": (lambda r, n: r["n_pos"] + r["n_neg"] == 0, "every group is uniform (all right or all wrong): "
+                      "no gradient; use data at the model's level or a larger --group-size"),
+    "alarm_no_box": (lambda r, n: r["reward_no_box"] >= 0.9 * n, "nearly every response lacks a \\boxed{} answer: "
+                     "check the chat template and the prompts of --dataset")}
+
+def raise_alarms(row, streaks, n_responses):
+    """Silent failures announced: row[key] counts the steps in a row its condition held. -> warnings to print."""
+    for key, (holds, _) in ALARMS.items():
+        row[key] = streaks[key] = streaks.get(key, 0) + 1 if holds(row, n_responses) else 0
+    return [f"warning: {message} (3 steps in a row)" for key, (_, message) in ALARMS.items() if row[key] == 3]
 
 def metrics_row(step, phase: Phase, ro, adv, stats: UpdateStats, optimizer, t_gen, t_step):
     """One line of metrics.jsonl (keys listed in README, "Outputs")."""
@@ -716,7 +771,7 @@ def metrics_row(step, phase: Phase, ro, adv, stats: UpdateStats, optimizer, t_ge
             "skipped": int(stats.skipped), "response_len_mean": sum(lengths) / len(lengths),
             "truncated_frac": sum(ro["truncated"]) / len(ro["truncated"]), "gen_tokens": sum(lengths),
             **{f"reward_{k}": v for k, v in ro["outcomes"].items()},
-            "lr": optimizer.param_groups[0]["lr"], "time_gen_s": t_gen, "time_step_s": t_step}
+            **stats.diagnostics, "lr": optimizer.param_groups[0]["lr"], "time_gen_s": t_gen, "time_step_s": t_step}
 
 def sample_rows(step, ro, adv, keep, group_size):
     """Lines of samples.jsonl: every response of the step with its reward, advantage and token count."""
@@ -811,6 +866,7 @@ def start_run(args: Args, resume=None) -> Run:
         if state["rng"].get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         run.first_step, run.bad_in_row = state["step"] + 1, state.get("bad_in_row", 0)
+        run.alarms = state.get("alarms", {})
         for path in logs:
             truncate_jsonl(path, state["step"])
         print(f"resumed from {resume_path} at step {state['step']}", file=sys.stderr)
@@ -844,7 +900,7 @@ def save_checkpoint(output_dir, step, run: Run, args, rng=None):
         run.tokenizer.save_pretrained(tmp)
         rng = rng or rng_state()
         torch.save({"step": step, "optimizer": run.optimizer.state_dict(), "rng": rng, "args": dataclasses.asdict(args),
-                    "bad_in_row": run.bad_in_row}, os.path.join(tmp, "trainer_state.pt"))
+                    "bad_in_row": run.bad_in_row, "alarms": run.alarms}, os.path.join(tmp, "trainer_state.pt"))
         if os.path.exists(final):  # re-saving the same step after a resume
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -888,6 +944,42 @@ def _line_step(line):
 def append_jsonl(path, rows):
     with open(path, "a", encoding="utf-8") as fh:
         fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+
+def open_trackers(args, first_step):
+    """--report-to: TensorBoard (<output-dir>/tensorboard) and W&B (WANDB_MODE=offline works), imported only when asked
+    for. --resume goes on in the same tracker run: TensorBoard purges the steps after the checkpoint, W&B resumes the id
+    kept in <output-dir>/wandb_id. The config is logged once."""
+    trackers, config, resumed = {}, dataclasses.asdict(args), first_step > 1
+    for name in filter(None, args.report_to.split(",")):
+        if name == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+            trackers[name] = SummaryWriter(os.path.join(args.output_dir, name), purge_step=first_step * resumed)
+            trackers[name].add_text("config", json.dumps(config).replace(", ", ",  \n"), first_step - 1)  # markdown
+        else:
+            import wandb
+            id_file = os.path.join(args.output_dir, "wandb_id")
+            run_id = open(id_file).read() if resumed and os.path.exists(id_file) else "dsrl-" + os.urandom(4).hex()
+            open(id_file, "w").write(run_id)
+            trackers[name] = wandb.init(project="dsrl", id=run_id, resume="allow", dir=args.output_dir, config=config)
+    return trackers
+
+def log_row(args, trackers, row, samples=()):
+    """A row to metrics.jsonl (the record) and to each tracker, with a few responses and their rewards when given."""
+    append_jsonl(os.path.join(args.output_dir, "metrics.jsonl"), [row])
+    logged = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
+    if samples:
+        logged["samples"] = "\n\n".join(f"reward {s['reward']}, gold {s['gold']}: {s['response']}" for s in samples)
+    for name, tracker in trackers.items():
+        if name == "wandb":
+            tracker.log(logged, step=row["step"])
+            continue
+        for key, value in logged.items():
+            (tracker.add_text if isinstance(value, str) else tracker.add_scalar)(key, value, row["step"])
+        tracker.flush()
+
+def close_trackers(trackers):
+    for tracker in trackers.values():
+        tracker.finish() if hasattr(tracker, "finish") else tracker.close()  # a W&B run, a TensorBoard writer
 
 def read_checkpoint(path):
     """trainer_state of a checkpoint whose files read back whole, or None (truncated or corrupt: a disk fault)."""

@@ -761,6 +761,7 @@ def run_align(model, tokenizer, examples, rollouts, a, dtype):
 FIGURES = {  # file -> metric keys (one panel each); keys a run lacks are left out
     "reward.png": ["reward_mean"], "solved.png": ["solved_all", "solved_none"],
     "response_length.png": ["response_len_mean", "truncated_frac"], "loss.png": ["loss", "grad_norm"],
+    "diagnostics.png": list(dsrl.DIAGNOSTIC_KEYS),  # in the space each step trained: P(y) in the warm-up
 }
 
 

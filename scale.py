@@ -430,7 +430,8 @@ VERL_KEYS = {"model": ["actor_rollout_ref.model.path"], "dataset": ["data.train_
              "eval_every": ["trainer.test_freq", "trainer.test_freq_early", "trainer.test_freq_late"],
              "eval_k": [ROLLOUT + "val_kwargs.n"], "eval_before_train": ["trainer.val_before_train"],
              "seed": ["+data.seed"],  # read by verl's sampler with data.get("seed", 1), absent from the yaml
-             "output_dir": ["trainer.default_local_dir", "trainer.validation_data_dir", "trainer.experiment_name"]}
+             "output_dir": ["trainer.default_local_dir", "trainer.validation_data_dir", "trainer.experiment_name"],
+             "report_to": ["trainer.logger"]}
 # The official scripts' settings that none of our flags changes: speed, memory, GPUs, validation sampling.
 TOKENS_PER_GPU = 10240  # dynamic micro-batches: at most this many tokens per GPU per forward (official 1024 * 10)
 VERL_FIXED = {"algorithm.adv_estimator": "grpo", "algorithm.norm_adv_by_std_in_grpo": True,
@@ -448,7 +449,7 @@ VERL_FIXED = {"algorithm.adv_estimator": "grpo", "algorithm.norm_adv_by_std_in_g
               ROLLOUT + "tensor_model_parallel_size": 2, ROLLOUT + "enable_chunked_prefill": True,
               ROLLOUT + "val_kwargs.do_sample": True,  # validation samples (verl's default: greedy), as the paper
               "trainer.n_gpus_per_node": 8, "trainer.nnodes": 1, "trainer.test_freq_threshold": 100,
-              "trainer.project_name": "DSRL", "trainer.logger": '["console"]', "trainer.resume_mode": "auto"}
+              "trainer.project_name": "DSRL", "trainer.resume_mode": "auto"}
 # Settings of the P(y) loss: the official baseline script (grpo) leaves them at the yaml's defaults.
 PY_FIXED = {"algorithm.pretrain_norm_adv_by_std": False, ACTOR + "pretrain_loss_agg_mode": "token-mean"}
 OFFICIAL_FILES = {"aime24": "data/aime_2024_20times.parquet", "aime25": "data/aime_2025_20times.parquet",
@@ -519,6 +520,7 @@ def verl_values(a: "dsrl.Args", rows: int, train_file: str) -> dict:
                "save_total_limit": [a.save_total_limit or "null"],
                "eval_k": [1 if all(f.endswith("_20times.parquet") for f in files) else a.eval_k],
                "eval_before_train": [a.eval_before_train and a.eval_every > 0],
+               "report_to": ["[" + ",".join(f'"{n}"' for n in ["console"] + a.report_to.split(",") if n) + "]"],
                "output_dir": [a.output_dir, os.path.join(a.output_dir, "validation"), os.path.basename(
                    os.path.normpath(a.output_dir))]}
     values = {}
@@ -561,8 +563,8 @@ def verl_comments(a: "dsrl.Args", rows, assumed: bool, values: dict) -> list:
                  "differs from ours for the same seed")
     keep = values["trainer.max_actor_ckpt_to_keep"]
     notes.append(f"# trainer.max_actor_ckpt_to_keep={keep}: from --save-total-limit (the official scripts: null, all)")
-    notes.append("# trainer.logger, trainer.resume_mode: the official scripts log to wandb too and never resume; "
-                 "add wandb to the logger list if you use it")
+    notes.append("# trainer.logger, trainer.resume_mode: from --report-to (the official scripts: console and wandb); "
+                 "the official scripts never resume")
     if not all(f.endswith(".parquet") and os.path.isfile(f) for f in [values["data.train_files"]] + val_files(a)):
         notes.append("# data.train_files, data.val_files: verl parquet files where the command runs (the fork's "
                      "data/ holds math_train.parquet and the *_20times.parquet validation files)")

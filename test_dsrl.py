@@ -745,7 +745,7 @@ def _batch(tok, n=8):
 def loss_backward(model, space, prompts, responses, adv, keep, coef, args, start, pad):
     """policy_loss_backward through its records -> (loss, samples run, their tokens, token-mean denominator)."""
     phase = dsrl.Phase(space, "all", space == "y|x", coef, "rl")  # `keep` is given, so `samples` is unused here
-    loss, active, denom = dsrl.policy_loss_backward(model, dsrl.Batch(prompts, responses, adv, keep), phase, args,
+    loss, active, denom, _ = dsrl.policy_loss_backward(model, dsrl.Batch(prompts, responses, adv, keep), phase, args,
                                                     start, pad)
     return loss, len(active), sum(len(responses[i]) for i in active), denom
 
@@ -770,6 +770,47 @@ def test_micro_batched_gradient_equals_one_batch(plain, space, samples):
         assert out[mbs][0][0] == pytest.approx(out[100][0][0], abs=1e-6)
         for name, g in out[100][1].items():
             assert torch.allclose(out[mbs][1][name], g, atol=1e-6), name
+
+
+def reference_diagnostics(model, contexts, responses, stop_id, temperature):
+    """The official actor's diagnostics from the model's own full-vocabulary logits, one unpadded row at a time: the
+    entropy a token-mean over all tokens, the rest a mean over responses of token-means (fork's mask_and_mean)."""
+    tokens, per_seq = [], []
+    for context, response in zip(contexts, responses):
+        logits = model(input_ids=torch.tensor([list(context) + list(response)])).logits[0, len(context) - 1:-1]
+        logp = (logits.double() / temperature).log_softmax(-1)  # (T, V)
+        p, taken = logp.exp(), logp.gather(-1, torch.tensor(response)[:, None]).squeeze(-1)
+        top = p.sort(-1, descending=True).values
+        rows = torch.stack([-(p * logp).sum(-1), taken, taken.exp(), top[:, 0], top[:, 1], top[:, 2], p[:, stop_id]], 1)
+        tokens.append(rows)
+        per_seq.append(rows.mean(0))
+    values = [torch.cat(tokens)[:, 0].mean().item()] + torch.stack(per_seq).mean(0)[1:].tolist()
+    return dict(zip(["entropy", "logprob_mean", "prob_mean", "top1_prob_mean", "top2_prob_mean", "top3_prob_mean",
+                     "eos_prob_mean"], values))
+
+
+@pytest.mark.parametrize("space,samples", [("y", "neg"), ("y|x", "all")])
+def test_step_diagnostics_equal_an_independent_full_vocabulary_computation(plain, space, samples):
+    """Every diagnostic key of a step, from the loss's own chunks (chunk 5, micro-batches of 3, temperature 0.7),
+    against the full-vocabulary logits of each sample the step ran (kept, A != 0), in the step's space."""
+    model, tok = plain
+    prompts, responses, rewards = _batch(tok)
+    adv = dsrl.group_advantages(rewards, 4, use_std=(space == "y|x"))
+    keep = dsrl.sample_mask(adv, samples)
+    start, pad, stop = dsrl.token_id(tok, "<|im_start|>"), dsrl.pad_id(tok), tok.convert_tokens_to_ids("<|im_end|>")
+    phase = dsrl.Phase(space, samples, space == "y|x", 0.5, "rl")
+    *_, got = dsrl.policy_loss_backward(model, dsrl.Batch(prompts, responses, adv, keep), phase,
+                                        small_args(micro_batch_size=3, temperature=0.7, logprob_chunk=5), start, pad, stop)
+    run = [i for i in range(len(responses)) if keep[i] and adv[i] != 0]
+    assert len(run) >= 2
+    with torch.no_grad():
+        want = reference_diagnostics(model, [[start] if space == "y" else prompts[i] for i in run],
+                                     [responses[i] for i in run], stop, 0.7)
+    assert set(got) == set(want) | {"pg_clipfrac", "pg_clipfrac_lower", "ppo_kl"}
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    assert got["pg_clipfrac"] == got["pg_clipfrac_lower"] == got["ppo_kl"] == 0.0  # ratio exactly 1
+    assert 0 < want["eos_prob_mean"] and want["top1_prob_mean"] > want["top2_prob_mean"] > want["top3_prob_mean"]
 
 
 def test_token_mean_counts_only_kept_tokens(plain):
@@ -1206,6 +1247,23 @@ def test_loop_gradient_is_prerl_coef_times_the_p_y_loss_at_the_run_temperature(w
     assert metrics["n_neg"] > 0 and metrics["grad_norm"] == pytest.approx(norm, rel=1e-4), (
         f"logged grad_norm {metrics['grad_norm']:.6g}, independent {norm:.6g}: the P(y) loss must be scaled by "
         "--prerl-coef and use the sampling temperature")
+
+
+@pytest.mark.slow
+def test_loop_diagnostics_are_the_p_y_samples_at_the_run_temperature_and_stop_token(wiring_run, tiny):
+    """Catches: the stop token's id or the temperature not reaching the diagnostics, another space or other samples.
+    Step 1 (NSR-PreRL) logs the diagnostics of its A < 0 samples in P(y) at temperature 0.7, the stop token <|im_end|>."""
+    _, _, samples, metrics, _, _ = wiring_run
+    model, tok = tiny
+    start, im_end = tok.convert_tokens_to_ids("<|im_start|>"), tok.convert_tokens_to_ids("<|im_end|>")
+    rewards = [s["reward"] for s in samples]
+    ys = [tok(s["response"], add_special_tokens=False)["input_ids"] for s in samples]
+    ys = [y + [im_end] * (s["response_tokens"] - len(y)) for y, s in zip(ys, samples)]  # the stop token is not logged
+    kept = [i for i, r in enumerate(rewards) if r < statistics.mean(rewards[i - i % 4:i - i % 4 + 4])]
+    with torch.no_grad():
+        want = reference_diagnostics(model, [[start]] * len(kept), [ys[i] for i in kept], im_end, 0.7)
+    assert kept
+    assert {k: metrics[k] for k in want} == pytest.approx(want, rel=1e-5, abs=1e-7)
 
 
 def independent_nsr_gradient(model, tok, samples, coef, temperature):
@@ -1845,7 +1903,7 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tiny_model_dir, ti
     def nan_loss(model, *a, **k):
         for p in model.parameters():
             p.grad = torch.full_like(p, float("nan"))
-        return float("nan"), [0], 1
+        return float("nan"), [0], 1, dsrl.step_diagnostics([])
     monkeypatch.setattr(dsrl, "policy_loss_backward", nan_loss)
     out = tmp_path / "run"
     args = dsrl.Args(model=tiny_model_dir, dataset=tiny_data, output_dir=str(out), steps=10, prompts_per_step=2,
@@ -1858,6 +1916,133 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tiny_model_dir, ti
     assert all(torch.equal(saved[k], start[k]) for k in start)  # no NaN written, nothing changed
 
 
+def test_each_alarm_counts_its_streak_and_warns_once_at_three_steps_in_a_row():
+    """Each silent failure alone: its counter climbs 1, 2, 3, .. while it holds and drops to 0 when it stops; one
+    warning, naming the flag that fixes it, on the third step in a row; the other alarms stay at 0."""
+    healthy = {"truncated_frac": 0.25, "n_pos": 3, "n_neg": 5, "reward_no_box": 2}  # 16 responses
+    failures = {"alarm_truncated": ({"truncated_frac": 0.95}, "--max-new-tokens"),
+                "alarm_uniform": ({"n_pos": 0, "n_neg": 0}, "--group-size"), "alarm_no_box": ({"reward_no_box": 15}, "chat template")}
+    for key, (change, fix) in failures.items():
+        streaks, counts, warned = {}, [], []
+        for failing in (True, True, True, True, False, True):
+            row = {**healthy, **(change if failing else {})}
+            warned.append(dsrl.raise_alarms(row, streaks, 16))
+            counts.append({k: row[k] for k in failures})
+        assert [c[key] for c in counts] == [1, 2, 3, 4, 0, 1], key
+        assert all(c[other] == 0 for c in counts for other in failures if other != key), key
+        assert [len(w) for w in warned] == [0, 0, 1, 0, 0, 0] and fix in warned[2][0], (key, warned)
+    assert dsrl.raise_alarms({**healthy, "truncated_frac": 0.85, "n_pos": 1, "reward_no_box": 14}, {}, 16) == []
+
+
+@pytest.mark.slow
+def test_loop_raises_the_alarms_and_keeps_their_counters_across_a_resume(tiny_model_dir, tiny_data, tmp_path, capsys):
+    """Two new tokens: every response is cut, has no box, every group is all wrong. The loop counts 1, 2, 3, warns at
+    step 3 on the console, and a run resumed from checkpoint-2 counts on from 2 (the counters are in the checkpoint)."""
+    out = tmp_path / "run"
+    argv = cli_args(tiny_model_dir, tiny_data, out, steps=3, **{"max-new-tokens": 2, "save-every": 1, "save-total-limit": 0,
+                                                                  "prompts-per-step": 2, "group-size": 2})
+    capsys.readouterr()
+    assert in_process(dsrl.main, [str(a) for a in argv]) == 0
+    console = capsys.readouterr().out
+    metrics = read_jsonl(out / "metrics.jsonl")
+    for key, fix in (("alarm_truncated", "--max-new-tokens"), ("alarm_uniform", "--group-size"), ("alarm_no_box", "box")):
+        assert [m[key] for m in metrics] == [1, 2, 3], key
+        assert sum(fix in line and line.startswith("warning:") for line in console.splitlines()) == 1, (key, console)
+    shutil.rmtree(out / "checkpoint-3")
+    assert in_process(dsrl.main, [str(a) for a in argv] + ["--resume"]) == 0
+    assert [m["alarm_no_box"] for m in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3]
+
+
+def tracked_run(tmp_path, model, data, monkeypatch, report_to):
+    """A 3-step DSRL run reporting to `report_to`, evaluation rows included (a stub evaluator), then resumed from its
+    checkpoint-2 by path: step 3 runs again. -> (metrics.jsonl rows, output dir)"""
+    monkeypatch.setattr(evaluator, "metrics_for_training", lambda model, tok, args, *a: {"eval/tiny/avg@4": 0.125})
+    out = tmp_path / "run"
+    argv = [str(a) for a in cli_args(model, data, out, **{"report-to": report_to, "eval-every": 2, "save-total-limit": 0,
+                                                           "prompts-per-step": 2, "group-size": 4})]
+    assert in_process(dsrl.main, argv) == 0
+    assert in_process(dsrl.main, argv + ["--resume", str(out / "checkpoint-2")]) == 0
+    return read_jsonl(out / "metrics.jsonl"), out
+
+
+def logged_numbers(metrics):
+    """{(key, step): value} of every number in metrics.jsonl, as a tracker should hold it."""
+    return {(k, m["step"]): v for m in metrics for k, v in m.items()
+            if k != "step" and isinstance(v, (int, float)) and not math.isnan(v)}
+
+
+@pytest.mark.slow
+def test_report_to_tensorboard_logs_config_every_row_and_samples_and_resumes_in_place(tiny_model_dir, tiny_data,
+                                                                                        tmp_path, monkeypatch):
+    """The event files read back: every number of every metrics row (the step-0 and step-2 eval rows too) once per step,
+    step 3 once although it ran twice (the resumed writer purges it), the config, responses with their rewards."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    metrics, out = tracked_run(tmp_path, tiny_model_dir, tiny_data, monkeypatch, "tensorboard")
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
+    events.Reload()
+    logged = {(key, e.step): e.value for key in events.Tags()["scalars"] for e in events.Scalars(key)}
+    assert len(logged) == sum(len(events.Scalars(key)) for key in events.Tags()["scalars"])  # one event per step
+    want = logged_numbers(metrics)
+    assert set(logged) >= set(want) and ("eval/tiny/avg@4", 0) in want and ("entropy", 3) in want
+    assert all(logged[k] == pytest.approx(v, rel=1e-6, abs=1e-6) for k, v in want.items())
+    text = {tag: [(e.step, e.tensor_proto.string_val[0].decode()) for e in events.Tensors(tag)]
+            for tag in events.Tags()["tensors"]}
+    assert [step for step, _ in text["config/text_summary"]] == [0, 2] and '"lr": 0.001' in text["config/text_summary"][0][1]
+    samples = text["samples/text_summary"]  # EventAccumulator purges scalars only: step 3's text is there twice
+    assert sorted({step for step, _ in samples}) == [1, 2, 3] and "reward" in samples[0][1]
+
+
+def wandb_records(path):
+    """The records of an offline W&B run file: a 7-byte header, then LevelDB-log blocks of 32 KiB whose records
+    (crc 4, length 2, type 1: full, first, middle, last) carry protobuf Records."""
+    from wandb.proto import wandb_internal_pb2
+    data, pos, payload, records = open(path, "rb").read(), 7, b"", []
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # block trailer
+            pos += 32768 - pos % 32768
+            continue
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        payload, pos = payload + data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):
+            records.append(wandb_internal_pb2.Record.FromString(payload))
+            payload = b""
+        elif kind == 0:
+            break
+    return records
+
+
+@pytest.mark.slow
+def test_report_to_wandb_offline_logs_config_every_row_and_samples_and_resumes_the_same_run(tiny_model_dir, tiny_data,
+                                                                                              tmp_path, monkeypatch):
+    """W&B in offline mode, read back from its run files: the resumed process continues the same run id; together the
+    two hold every number of every metrics row at its step, the config and responses with their rewards."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    metrics, out = tracked_run(tmp_path, tiny_model_dir, tiny_data, monkeypatch, "wandb")
+    files = sorted((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    records = [r for f in files for r in wandb_records(f)]
+    assert len(files) == 2 and {r.run.run_id for r in records if r.HasField("run")} == {(out / "wandb_id").read_text()}
+    logged, texts = {}, {}
+    for r in records:
+        if r.HasField("history"):
+            row = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item}
+            for k, v in row.items():
+                (texts if isinstance(v, str) else logged)[(k, row["_step"])] = v
+    assert all(logged[k] == pytest.approx(v, rel=1e-9, abs=1e-12) for k, v in logged_numbers(metrics).items())
+    assert ("eval/tiny/avg@4", 0) in logged and "reward" in texts[("samples", 1)]
+    config = {item.key: json.loads(item.value_json) for r in records if r.HasField("run") for item in r.run.config.update}
+    assert config["lr"] == 0.001 and config["report_to"] == "wandb" and config["eval_every"] == 2
+
+
+@pytest.mark.parametrize("extra,module", [("tensorboard", "tensorboard"), ("wandb", "wandb")])
+def test_report_to_a_missing_extra_is_one_line_before_anything_loads(tmp_path, monkeypatch, capsys, extra, module):
+    monkeypatch.setitem(sys.modules, module, None)  # as if not installed
+    assert dsrl.main(["--model", "/not/loaded", "--output-dir", str(tmp_path / "o"), "--report-to", extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: --report-to {extra}: not installed (pip install {extra})"]
+
+
 BAD_INPUTS = {  # name -> (flags, fragment of the one-line error)
     "missing model": (["--model", "/no/such/model"], "model path not found"),
     "missing dataset": (["--dataset", "/no/such/file.parquet"], "dataset file not found"),
@@ -1866,6 +2051,7 @@ BAD_INPUTS = {  # name -> (flags, fragment of the one-line error)
     "negative warmup": (["--mode", "grpo", "--warmup-steps=-1"], "--warmup-steps -1: must be between 0"),
     "negative lr": (["--lr=-1e-6"], "--lr -1e-06: must be > 0"),
     "device typo": (["--device", "cpuu"], "--device cpuu: give auto, cpu, cuda or cuda:N"),
+    "unknown tracker": (["--report-to", "tensorboard,mlflow"], "--report-to: tensorboard and/or wandb"),
 }
 
 
@@ -2484,7 +2670,7 @@ def write_run(run_dir, phases):
         for step, phase in enumerate(phases, 1):
             fh.write(json.dumps({"step": step, "phase": phase, "reward_mean": step / 10, "solved_all": 1, "solved_none": 0,
                                  "response_len_mean": 10.0 + step, "loss": 0.1, "grad_norm": 0.5,
-                                 "eval/amc23/avg@4": 0.2}) + "\n")
+                                 "eval/amc23/avg@4": 0.2, "entropy": 1.0 / step, "eos_prob_mean": 0.1}) + "\n")
     with open(os.path.join(run_dir, "samples.jsonl"), "w") as fh:
         for step in range(1, len(phases) + 1):
             fh.write(json.dumps({"step": step, "response": RESPONSE, "reward": 1.0}) + "\n")
@@ -2500,7 +2686,7 @@ def test_cli_plot(tmp_path, capsys):
         fh.write('{"step": 5, "rew')  # a run still writing: the torn last line is skipped
     r = run_eval(["plot", tmp_path / "dsrl", tmp_path / "grpo", "--out", tmp_path / "plots"], capsys)
     assert r.returncode == 0, r.stderr
-    for name in ("reward", "solved", "response_length", "loss", "eval", "behaviours"):
+    for name in ("reward", "solved", "response_length", "loss", "eval", "behaviours", "diagnostics"):
         assert (tmp_path / "plots" / f"{name}.png").stat().st_size > 1000
 
 
@@ -2705,7 +2891,8 @@ def test_readme_lists_every_flag_and_metric_key():
     for f in dsrl.dataclasses.fields(dsrl.Args):
         assert f"| `--{f.name.replace('_', '-')}` |" in readme, f.name
     for key in ("reward_mean", "n_used", "tokens_used", "loss_tokens", "solved_all", "grad_norm", "skipped",
-                "truncated_frac", "gen_tokens", "reward_timeout", "time_gen_s"):
+                "truncated_frac", "gen_tokens", "reward_timeout", "time_gen_s", *dsrl.DIAGNOSTIC_KEYS, "ppo_kl",
+                "pg_clipfrac_lower", *dsrl.ALARMS):
         assert f"`{key}`" in readme, key
 
 
@@ -2798,7 +2985,7 @@ def test_print_verl_command_maps_every_flag_at_non_default_values():
         "--lr", "2e-6", "--group-size", 4, "--prompts-per-step", 128, "--max-new-tokens", 2048, "--max-prompt-tokens",
         512, "--warmup-steps", 9, "--clip-high", 0.28, "--top-p", 0.95, "--weight-decay", 0.05, "--seed", 7,
         "--steps", 350, "--eval-every", 10, "--eval-k", 8, "--eval-benchmarks", "aime24,math500",
-        "--save-total-limit", 0, "--temperature", 0.7, "--output-dir", "/no/such/run7")
+        "--save-total-limit", 0, "--temperature", 0.7, "--output-dir", "/no/such/run7", "--report-to", "wandb")
     expected = {ACT + "optim.lr": "2e-06", ROLL + "n": "4", "data.train_batch_size": "128", ACT + "ppo_mini_batch_size": "128",
                 "data.max_response_length": "2048", "data.max_prompt_length": "512",
                 ROLL + "max_num_batched_tokens": "2560",  # prompt + response: vLLM's chunked prefill refuses less
@@ -2811,7 +2998,7 @@ def test_print_verl_command_maps_every_flag_at_non_default_values():
                 "trainer.val_before_train": "True", ROLL + "val_kwargs.n": "8", ROLL + "val_kwargs.do_sample": "True",
                 "data.val_files": "[data/aime_2024_20times.parquet,math500]", "trainer.max_actor_ckpt_to_keep": "null",
                 "data.train_files": "data/math_train.parquet", "trainer.default_local_dir": "/no/such/run7",
-                "trainer.experiment_name": "run7"}
+                "trainer.experiment_name": "run7", "trainer.logger": '["console","wandb"]'}
     assert {k: keys.get(k) for k in expected} == expected
     import scale
     listed = {name for name in scale.VERL_KEYS} | {"print_verl_command", "plan"}  # the two actions
