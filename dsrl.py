@@ -32,14 +32,15 @@ Departures from the official code (the same list is in README.md, "Departures"):
     The official `pretrain_loss_disable_step=D` runs steps 1..D-1 in P(y), so W = D - 1 (default 19).
  8. Rows with an empty ground truth are skipped (4 in the official MATH file). The official run keeps them:
     they only add A = 0 samples to the GRPO denominator of their step; dropping them shifts the data order.
- 9. Gradient checkpointing (official: on) is on with CUDA, off on CPU; P(y|x)'s shared prompt forward is not checkpointed.
-10. Diagnostics: of the samples a step runs (2), in its space, over the whole step (1). Official: of all responses, per
-    micro-batch; also the P(y|x) entropy in P(y) steps and rl_div_pretrain_ratio, from forwards we skip (2).
+ 9. Gradient checkpointing (official: on) is on with CUDA, off on CPU; P(y|x)'s shared prompt forward is not
+    checkpointed.
+ 10. Diagnostics: of the samples a step runs (2), in its space, over the whole step (1). Official: of all responses,
+     per micro-batch; also the P(y|x) entropy in P(y) steps and rl_div_pretrain_ratio, from forwards we skip (2).
 """
 
 import argparse, copy, csv, dataclasses, functools, glob, inspect, json, math, os  # noqa: E401 (standard library)
 import importlib.util, random, re, shutil, signal, sys, tempfile, time  # noqa: E401
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, fields
 from typing import NamedTuple
 
@@ -48,8 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-sys.modules.setdefault("dsrl", sys.modules[__name__])  # as a script too, `import dsrl` (scale, eval) finds this module
-import grader, scale  # noqa: E401 (the reward's answer checker; where a run fits: memory plan, checkpointing)
+import grader, scale  # noqa: E401 (the reward's answer checker; where a run fits: memory plan, official launch)
 
 SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 START_TOKEN = "<|im_start|>"   # the one token that stands in for the prompt in P(y) space
@@ -60,50 +60,65 @@ MODES = {"dsrl": ("y", "neg"), "grpo": ("y|x", "all"), "nsr-prerl": ("y", "neg")
          "nsr-rl": ("y|x", "neg"), "psr-rl": ("y|x", "pos")}  # nsr-rl / psr-rl: the ablations with the prompt kept
 
 # ---- Settings: one source of truth. The help line names the official value where ours differs. -------------
+def flag(default, help_text):  # a field of Args: its default and its --help line
+    return field(default=default, metadata={"help": help_text})
+
 @dataclass
 class Args:
-    model: str = field(default="Qwen/Qwen3-0.6B", metadata={"help": "hub id or local path of a causal LM (official: Qwen3-4B)"})
-    dataset: str = field(default=DEFAULT_DATASET, metadata={"help": "hub id or local .parquet/.jsonl/.json/.csv (verl format, problem+answer or problem+solution)"})
-    mode: str = field(default="dsrl", metadata={"help": "one of: " + ", ".join(MODES)})
-    warmup_steps: int = field(default=19, metadata={"help": "dsrl: number of NSR-PreRL updates before GRPO (official pretrain_loss_disable_step=20 -> 19)"})
-    warmup_space: str = field(default="y", metadata={"help": "dsrl: warm-up in y = P(y) (NSR-PreRL) or 'y|x' = P(y|x) (NSR-RL warm-up: the paper's ablation)"})
-    prerl_coef: float = field(default=0.01, metadata={"help": "scale of the P(y) loss (official pretrain_loss_coef)"})
-    steps: int = field(default=348, metadata={"help": "optimizer steps in total (official: 348 = 6 epochs of 128 prompts)"})
-    prompts_per_step: int = field(default=16, metadata={"help": "prompts per step (official: 128)"})
-    group_size: int = field(default=8, metadata={"help": "responses sampled per prompt, G >= 2"})
-    max_prompt_tokens: int = field(default=1024, metadata={"help": "prompts longer than this are cut from the left"})
-    max_new_tokens: int = field(default=1024, metadata={"help": "response length limit (official: 8192)"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature; log-probs use the same one"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling"})
-    lr: float = field(default=1e-6, metadata={"help": "AdamW learning rate, constant"})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
-    clip_low: float = field(default=0.2, metadata={"help": "PPO clip epsilon below 1"})
-    clip_high: float = field(default=0.2, metadata={"help": "PPO clip epsilon above 1 (official GRPO baseline script: 0.28)"})
-    clip_dual: float = field(default=10.0, metadata={"help": "dual-clip constant c for negative advantages"})
-    grad_clip: float = field(default=1.0, metadata={"help": "gradient-norm clip"})
-    micro_batch_size: int = field(default=8, metadata={"help": "sequences per forward/backward (gradient accumulation, exact)"})
-    gen_batch_size: int = field(default=0, metadata={"help": "sequences per generate call (rounded down to whole groups), 0 = auto: the most groups that fit"})
-    kv_cache: str = field(default="dynamic", metadata={"help": "generate's KV cache: dynamic, static (compiled decode on GPU) or compile (static + torch.compile on any device)"})
-    logprob_chunk: int = field(default=256, metadata={"help": "tokens per chunk of the vocabulary projection (memory ~ 4 x chunk x vocab x 4 bytes)"})
-    reward: str = field(default="math", metadata={"help": "math (equivalence checker) or official (exact official string scorer)"})
-    seed: int = field(default=0, metadata={"help": "seed for data order, sampling and init of everything random"})
-    output_dir: str = field(default="runs/dsrl", metadata={"help": "where config, metrics, samples and checkpoints go"})
-    save_every: int = field(default=50, metadata={"help": "checkpoint every N steps (and always at the end)"})
-    save_total_limit: int = field(default=2, metadata={"help": "keep only the last N checkpoints, 0 = keep all"})
-    resume: str = field(default="", metadata={"help": "continue from the latest checkpoint in --output-dir (bare flag) or from a checkpoint path"})
-    max_bad_steps: int = field(default=5, metadata={"help": "stop after this many non-finite steps in a row"})
-    eval_every: int = field(default=0, metadata={"help": "run eval.py accuracy every N steps, 0 = never (official: 5)"})
-    eval_benchmarks: str = field(default="aime24,aime25,amc23", metadata={"help": "benchmarks for --eval-every (names or files)"})
-    eval_k: int = field(default=4, metadata={"help": "samples per problem for --eval-every (official: 20)"})
-    eval_before_train: bool = field(default=True, metadata={"help": "with --eval-every, evaluate before step 1 too (a step-0 row) (official: off in the DSRL script, on in the GRPO baseline's)"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
-    dtype: str = field(default="auto", metadata={"help": "compute dtype: auto (bf16 on a GPU that has it, else fp32), bfloat16 or float32; weights stay fp32"})
-    gradient_checkpointing: bool = field(default=None, metadata={"help": "recompute each layer's activations in the loss backward (official: on); unset = on with CUDA, off on CPU"})
-    deterministic: bool = field(default=False, metadata={"help": "torch's deterministic algorithms (for GPU runs; CPU runs repeat bit for bit without it)"})
-    print_verl_command: bool = field(default=False, metadata={"help": "print the official multi-GPU launch of this experiment (verl) and exit"})
-    plan: bool = field(default=False, metadata={"help": "print the memory plan of these flags on this device and exit (reads only the model's config.json)"})
-    report_to: str = field(default="", metadata={"help": "live curves: tensorboard, wandb or both (comma-separated)"})
+    model: str = flag("Qwen/Qwen3-0.6B", "hub id or local path of a causal LM (official: Qwen3-4B)")
+    dataset: str = flag(DEFAULT_DATASET, "hub id or local .parquet/.jsonl/.json/.csv "
+                                         "(verl format, problem+answer or problem+solution)")
+    mode: str = flag("dsrl", "one of: " + ", ".join(MODES))
+    warmup_steps: int = flag(19, "dsrl: number of NSR-PreRL updates before GRPO (official "
+                                 "pretrain_loss_disable_step=20 -> 19)")
+    warmup_space: str = flag("y", "dsrl: warm-up in y = P(y) (NSR-PreRL) or 'y|x' = P(y|x) "
+                                  "(NSR-RL warm-up: the paper's ablation)")
+    prerl_coef: float = flag(0.01, "scale of the P(y) loss (official pretrain_loss_coef)")
+    steps: int = flag(348, "optimizer steps in total (official: 348 = 6 epochs of 128 prompts)")
+    prompts_per_step: int = flag(16, "prompts per step (official: 128)")
+    group_size: int = flag(8, "responses sampled per prompt, G >= 2")
+    max_prompt_tokens: int = flag(1024, "prompts longer than this are cut from the left")
+    max_new_tokens: int = flag(1024, "response length limit (official: 8192)")
+    temperature: float = flag(1.0, "sampling temperature; log-probs use the same one")
+    top_p: float = flag(1.0, "nucleus sampling")
+    lr: float = flag(1e-6, "AdamW learning rate, constant")
+    weight_decay: float = flag(0.01, "AdamW weight decay")
+    clip_low: float = flag(0.2, "PPO clip epsilon below 1")
+    clip_high: float = flag(0.2, "PPO clip epsilon above 1 (official GRPO baseline script: 0.28)")
+    clip_dual: float = flag(10.0, "dual-clip constant c for negative advantages")
+    grad_clip: float = flag(1.0, "gradient-norm clip")
+    micro_batch_size: int = flag(8, "sequences per forward/backward (gradient accumulation, exact)")
+    gen_batch_size: int = flag(0, "sequences per generate call (rounded down to whole groups), "
+                                  "0 = auto: the most groups that fit")
+    kv_cache: str = flag("dynamic", "generate's KV cache: dynamic, static (compiled decode on GPU) "
+                                    "or compile (static + torch.compile on any device)")
+    logprob_chunk: int = flag(256, "tokens per chunk of the vocabulary projection "
+                                   "(memory ~ 4 x chunk x vocab x 4 bytes)")
+    reward: str = flag("math", "math (equivalence checker) or official (exact official string scorer)")
+    seed: int = flag(0, "seed for data order, sampling and init of everything random")
+    output_dir: str = flag("runs/dsrl", "where config, metrics, samples and checkpoints go")
+    save_every: int = flag(50, "checkpoint every N steps (and always at the end)")
+    save_total_limit: int = flag(2, "keep only the last N checkpoints, 0 = keep all")
+    resume: str = flag("", "continue from the latest checkpoint in --output-dir (bare flag) or from a checkpoint path")
+    max_bad_steps: int = flag(5, "stop after this many non-finite steps in a row")
+    eval_every: int = flag(0, "run eval.py accuracy every N steps, 0 = never (official: 5)")
+    eval_benchmarks: str = flag("aime24,aime25,amc23", "benchmarks for --eval-every (names or files)")
+    eval_k: int = flag(4, "samples per problem for --eval-every (official: 20)")
+    eval_before_train: bool = flag(True, "with --eval-every, evaluate before step 1 too (a step-0 row) "
+                                         "(official: off in the DSRL script, on in the GRPO baseline's)")
+    device: str = flag("auto", "auto, cpu, cuda or cuda:N")
+    dtype: str = flag("auto", "compute dtype: auto (bf16 on a GPU that has it, else fp32), bfloat16 or float32; "
+                              "weights stay fp32")
+    gradient_checkpointing: bool = flag(None, "recompute each layer's activations in the loss backward (official: on); "
+                                              "unset = on with CUDA, off on CPU")
+    deterministic: bool = flag(False, "torch's deterministic algorithms "
+                                      "(for GPU runs; CPU runs repeat bit for bit without it)")
+    print_verl_command: bool = flag(False, "print the official multi-GPU launch of this experiment (verl) and exit")
+    plan: bool = flag(False, "print the memory plan of these flags on this device and exit "
+                             "(reads only the model's config.json)")
+    report_to: str = flag("", "live curves: tensorboard, wandb or both (comma-separated)")
 
+# Flags that may change on --resume: the run stays the same.
 RESUMABLE_CHANGES = {"steps", "output_dir", "resume", "save_every", "save_total_limit", "device", "micro_batch_size",
                      "gen_batch_size", "kv_cache", "logprob_chunk", "max_bad_steps", "eval_every", "eval_benchmarks",
                      "eval_k", "eval_before_train", "deterministic", "gradient_checkpointing", "plan",
@@ -112,13 +127,19 @@ RESUMABLE_CHANGES = {"steps", "output_dir", "resume", "save_every", "save_total_
 class UsageError(Exception):
     """Bad input: reported as one line on stderr, exit code 2, no traceback."""
 
+def scale_call(fn, *args):  # scale.py imports nothing of ours: its one-line ValueErrors are our usage errors
+    try:
+        return fn(*args)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
 CHOICES = {"mode": list(MODES), "reward": ["math", "official"], "kv_cache": ["dynamic", "static", "compile"],
            "dtype": ["auto", "bfloat16", "float32"], "warmup_space": ["y", "y|x"]}
 
 def build_parser():
     """One --flag per field of Args. Defaults stay in Args, so the parsed namespace holds the given flags only."""
-    p = argparse.ArgumentParser(description="Dual Space RL (DSRL) trainer: NSR-PreRL warm-up in P(y), then GRPO in P(y|x)",
-                                argument_default=argparse.SUPPRESS)
+    p = argparse.ArgumentParser(description="Dual Space RL (DSRL) trainer: NSR-PreRL warm-up in P(y), then GRPO in "
+                                "P(y|x)", argument_default=argparse.SUPPRESS)
     for f in fields(Args):
         kw = {"help": f.metadata["help"] + f" (default: {f.default})"}
         if f.name == "resume":
@@ -152,7 +173,8 @@ def check_args(a: Args):
         (a.clip_low > 0 and a.clip_high > 0 and a.clip_dual > 1 and a.grad_clip > 0,
          "--clip-low, --clip-high and --grad-clip must be > 0, --clip-dual > 1"),
         (a.save_every >= 1 and a.save_total_limit >= 0, "--save-every must be >= 1 and --save-total-limit >= 0"),
-        (a.max_bad_steps >= 1 and a.eval_every >= 0 and a.eval_k >= 1, "--max-bad-steps and --eval-k must be >= 1, --eval-every >= 0"),
+        (a.max_bad_steps >= 1 and a.eval_every >= 0 and a.eval_k >= 1,
+         "--max-bad-steps and --eval-k must be >= 1, --eval-every >= 0"),
         (re.fullmatch(r"auto|cpu|cuda(:\d+)?", a.device), f"--device {a.device}: give auto, cpu, cuda or cuda:N"),
         (not (a.deterministic and a.top_p < 1 and resolve_device(a.device).startswith("cuda")), "--deterministic with "
          "--top-p < 1: top-p's float cumsum on CUDA raises or varies in some torch versions; use --top-p 1"),
@@ -208,9 +230,8 @@ def row_to_example(row: dict):
         gold = row["answer"] if "answer" in row else last_boxed(str(row.get("solution") or ""))
     else:
         return None
-    if not messages or not all(isinstance(m.get("content"), str) for m in messages) or messages[-1].get("role") != "user":
-        return None
-    if gold is None or not str(gold).strip():
+    if (not messages or not all(isinstance(m.get("content"), str) for m in messages)
+            or messages[-1].get("role") != "user" or gold is None or not str(gold).strip()):
         return None
     return {"messages": messages, "answer": str(gold).strip()}
 
@@ -454,10 +475,56 @@ def sample_responses(model, tokenizer, prompt_ids, group_size, max_new_tokens, t
     return responses, truncated
 
 # ---- Log-probs of y in the two spaces: P(y|x) (prompt kept) and P(y) (prompt replaced by <|im_start|>) -----
+def resolve_device(name: str) -> str:
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: no CUDA device is available (use --device cpu)")
+    if "OMP_NUM_THREADS" not in os.environ:  # CPU threads wait for each other at each op: one busy core stalls all,
+        torch.set_num_threads(max(1, min(torch.get_num_threads(), (os.cpu_count() or 2) // 2)))  # so half the cores
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+
+def resolve_dtype(name: str, device: str):
+    """--dtype: auto = bf16 on a GPU with native bf16, else fp32 (CPU, or a T4: fp32 compute works there, bf16
+    would be emulated). bf16 asked of a GPU without it is a UsageError, before anything loads."""
+    cuda = resolve_device(device).startswith("cuda")
+    native_bf16 = cuda and torch.cuda.is_bf16_supported(including_emulation=False)
+    if name == "bfloat16" and cuda and not native_bf16:
+        raise UsageError(f"--dtype bfloat16: {torch.cuda.get_device_name()} has no native bf16; "
+                         "use --dtype auto (fp32)")
+    return getattr(torch, name) if name != "auto" else torch.bfloat16 if native_bf16 else torch.float32
+
+def use_checkpointing(args, device) -> bool:
+    """--gradient-checkpointing: on with CUDA (as the official run), off on CPU; the flag overrides either way."""
+    return str(device).startswith("cuda") if args.gradient_checkpointing is None else bool(args.gradient_checkpointing)
+
+@contextmanager
+def checkpointed_layers(model, enabled=True):  # official: actor_rollout_ref.model.enable_gradient_checkpointing
+    """Within the block, every decoder layer keeps only its inputs and recomputes its activations in backward
+    (torch's non-reentrant checkpoint). Hugging Face's own switch drops the KV cache, which the shared prompt
+    forward needs; here the layers keep it and read it through `read_only_cache`. Never used for the sampler."""
+    layers = list(model.base_model.layers) if enabled else []
+    for layer in layers:  # an instance attribute shadows the class's forward for this block only
+        layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
+
+def read_only_cache(cache):
+    """The prompt's KV cache, read by the response pass without being appended to: a layer recomputed under
+    checkpointing then sees the same keys and values (an appending cache would hold the response's twice).
+    Same numbers as DynamicCache's update: the concatenation of the prompt's and the new keys/values."""
+    def update(key_states, value_states, layer_idx, *args, **kwargs):
+        layer = cache.layers[layer_idx]
+        return torch.cat([layer.keys, key_states], -2), torch.cat([layer.values, value_states], -2)
+    cache.update = update
+    return cache
+
 def _chunk_logprob(hidden, targets, weight, bias, temperature, stop_id=-1):
     """log pi(target | state) for (K, H) states. Logits (K, V) live only inside this chunk. stop_id >= 0: also the
     (K, 7) diagnostics of the full distribution: entropy, log-prob, prob, top-1/2/3 probs, P(stop token)."""
-    with torch.autocast(hidden.device.type, enabled=torch.is_autocast_enabled(hidden.device.type), cache_enabled=False):
+    on = torch.is_autocast_enabled(hidden.device.type)
+    with torch.autocast(hidden.device.type, enabled=on, cache_enabled=False):
         logits = F.linear(hidden, weight, bias).float()  # (K, V); a bf16 weight per chunk: grads add up in fp32
     if temperature != 1.0:  # the official actor divides by the rollout temperature; at 1.0 skip the copy
         logits = logits / temperature
@@ -488,10 +555,11 @@ def token_logprobs(model, states, targets, target_mask, temperature, chunk):
         DIAGNOSTICS.setdefault("parts", []).append((torch.cat([d for _, d in parts]), target_mask.sum(1)))
     return logp.masked_scatter(target_mask, torch.cat([lp for lp, _ in parts])) if parts else logp
 
-def logprob_y_given_x(model, prompt_ids, response_ids, pad, temperature=1.0, chunk=256, share_prompt=True, checkpointing=False):
+def logprob_y_given_x(model, prompt_ids, response_ids, pad, temperature=1.0, chunk=256, share_prompt=True,
+                      checkpointing=False):
     """log pi(y_t | x, y_<t) per response token (the standard RL space) -> (logp, mask), (N, T). Prompts left-padded,
     responses right-padded, positions from the mask. The samples of a prompt share one forward of it (its KV cache,
-    repeated per sample; exact: x does not see y). checkpointing: the response pass under scale.checkpointed_layers."""
+    repeated per sample; exact: x does not see y). checkpointing: the response pass under checkpointed_layers."""
     device = next(model.parameters()).device
     y, y_mask = right_pad(response_ids, pad, device)  # (N, T)
     rows = {}
@@ -508,26 +576,26 @@ def logprob_y_given_x(model, prompt_ids, response_ids, pad, temperature=1.0, chu
         layer.keys, layer.values = layer.keys.index_select(0, idx), layer.values.index_select(0, idx)
     mask = torch.cat([x_mask[idx], y_mask.long()], 1)  # (N, P+T)
     positions = x_mask.sum(1)[idx, None] + torch.arange(y.shape[1], device=device)  # continue after the prompt
-    with scale.checkpointed_layers(model, checkpointing):  # the response pass only: it reads, never appends to, the cache
+    with checkpointed_layers(model, checkpointing):  # the response pass only: it reads, never appends to, the cache
         hidden = model.base_model(input_ids=y, attention_mask=mask, position_ids=positions, use_cache=False,
-                                  **{cache_key: scale.read_only_cache(prefix[cache_key])}).last_hidden_state  # (N, T, H)
+                                  **{cache_key: read_only_cache(prefix[cache_key])}).last_hidden_state  # (N, T, H)
     # the last prompt state predicts y_0; the state of y_t predicts y_{t+1}
     states = torch.cat([prefix.last_hidden_state[idx, -1:], hidden[:, :-1]], 1)  # (N, T, H)
     return token_logprobs(model, states, y, y_mask, temperature, chunk), y_mask
 
 def logprob_y(model, start_id, response_ids, pad, temperature=1.0, chunk=256, checkpointing=False):
     """log pi(y_t | <|im_start|>, y_<t): the pre-train space P(y). Input [<|im_start|>] + y, positions 0..|y|.
-    -> (logp, mask), (N, T). checkpointing: the body's layers recompute in backward (scale.checkpointed_layers)."""
+    -> (logp, mask), (N, T). checkpointing: the body's layers recompute in backward (checkpointed_layers)."""
     device = next(model.parameters()).device
     y, y_mask = right_pad(response_ids, pad, device)  # (N, T)
     start = torch.full((y.shape[0], 1), start_id, dtype=torch.long, device=device)
     ids = torch.cat([start, y], 1)  # (N, 1+T)
     mask = torch.cat([torch.ones_like(start), y_mask.long()], 1)
     positions = torch.arange(ids.shape[1], device=device).expand_as(ids)  # 0..|y| (pads are masked)
-    with scale.checkpointed_layers(model, checkpointing):
-        hidden = model.base_model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).last_hidden_state
+    with checkpointed_layers(model, checkpointing):
+        hidden = model.base_model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                  use_cache=False).last_hidden_state
     return token_logprobs(model, hidden[:, :-1], y, y_mask, temperature, chunk), y_mask  # state t predicts y_t
-
 
 # ---- Advantages, sample masks (NSR / PSR), the clipped token-mean loss -------------------------------------
 def group_advantages(rewards, group_size: int, use_std: bool):
@@ -592,8 +660,9 @@ class UpdateStats(NamedTuple):
     diagnostics: dict   # the official actor's diagnostics of the step (step_diagnostics)
 
 def policy_loss_backward(model, batch: Batch, phase: Phase, args, start_id, pad, stop_id=-1):
-    """Forward + backward of coef * token_mean(PPO loss) in the phase's space over length-sorted micro-batches, for the
-    samples that can change the gradient (kept, A != 0). -> (loss, samples run, token-mean denominator, diagnostics)."""
+    """Forward + backward of coef * token_mean(PPO loss) in the phase's space over length-sorted micro-batches, for
+    the samples that can change the gradient (kept, A != 0). -> (loss, samples run, token-mean denominator,
+    diagnostics)."""
     ys_all, adv = batch.response_ids, batch.adv
     kept = [i for i in range(len(ys_all)) if batch.keep[i]]
     n_tokens = sum(len(ys_all[i]) for i in kept)  # token-mean denominator
@@ -602,7 +671,7 @@ def policy_loss_backward(model, batch: Batch, phase: Phase, args, start_id, pad,
     by_length = (lambda i: len(ys_all[i])) if phase.space == "y" else (lambda i: (batch.prompt_ids[i], len(ys_all[i])))
     active = sorted((i for i in kept if adv[i] != 0), key=by_length)
     total, device, dtype = 0.0, next(model.parameters()).device, resolve_dtype(args.dtype, args.device)
-    ckpt = scale.use_checkpointing(args, device.type)
+    ckpt = use_checkpointing(args, device.type)
     DIAGNOSTICS.update(stop_id=stop_id, parts=[])  # token_logprobs adds each pass's diagnostics
     for s in range(0, len(active), args.micro_batch_size):
         mb = active[s:s + args.micro_batch_size]
@@ -715,8 +784,9 @@ def train(args: Args, resume=None):
         keep = sample_mask(adv, phase.samples)
         # 4. loss in the phase's space, backward, update; then the sampler follows the new weights
         STEP_START["phase"] = "loss"
-        stats = policy_update(run.model, run.optimizer, Batch(ro["prompt_ids"], ro["responses"], adv, keep), phase, args,
-                              run.start_id, run.pad, token_id(run.tokenizer, STOP_TOKEN))
+        batch = Batch(ro["prompt_ids"], ro["responses"], adv, keep)
+        stats = policy_update(run.model, run.optimizer, batch, phase, args, run.start_id, run.pad,
+                              token_id(run.tokenizer, STOP_TOKEN))
         STEP_START.clear()
         if not stats.skipped:
             sync_generation_copy(run.gen_model, run.model)
@@ -724,7 +794,8 @@ def train(args: Args, resume=None):
         # 5. log
         row = metrics_row(step, phase, ro, adv, stats, run.optimizer, t_gen, time.time() - t0)
         if args.eval_every and step % args.eval_every == 0:
-            row.update(evaluator.metrics_for_training(run.gen_model, run.tokenizer, args, run.dtype, run.gen_batch_size))
+            row.update(evaluator.metrics_for_training(run.gen_model, run.tokenizer, args, run.dtype,
+                                                      run.gen_batch_size))
         warnings = raise_alarms(row, run.alarms, len(ro["texts"]))
         samples = sample_rows(step, ro, adv, keep, args.group_size)
         shown = samples[::len(samples) // 4 or 1] if step == 1 or step % args.save_every == 0 else ()  # now and then
@@ -787,16 +858,6 @@ def console_line(row):
             f"gen {row['time_gen_s']:.1f}s step {row['time_step_s']:.1f}s")
 
 # ---- Model, checkpoints, resume, logs ----------------------------------------------------------------------
-def resolve_device(name: str) -> str:
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: no CUDA device is available (use --device cpu)")
-    if "OMP_NUM_THREADS" not in os.environ:  # CPU threads wait for each other at each op: one busy core stalls all,
-        torch.set_num_threads(max(1, min(torch.get_num_threads(), (os.cpu_count() or 2) // 2)))  # so half the cores
-    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
-
-def resolve_dtype(name: str, device: str):  # auto: bf16 where the GPU has it natively, else fp32 (CPU, T4)
-    return scale.compute_dtype(name, resolve_device(device))
-
 def load_model_and_tokenizer(name_or_path: str, device: str = "cpu"):
     """fp32 master weights (an AdamW update at lr 1e-6 vanishes in bf16 weights); compute runs in
     autocast. Hub ids and local paths both work."""
@@ -845,8 +906,8 @@ def start_run(args: Args, resume=None) -> Run:
     """Load data and model, seed, build AdamW; from a checkpoint (path, state), restore optimizer, RNG and step."""
     check_args(args)
     device, (resume_path, state) = resolve_device(args.device), resume or (None, None)
-    dtype = resolve_dtype(args.dtype, device)
-    plan = scale.plan_run(args, resume_path or args.model, device, dtype)  # printed; --plan exits here
+    dtype, ckpt = resolve_dtype(args.dtype, device), use_checkpointing(args, device)
+    plan = scale_call(scale.plan_run, args, resume_path or args.model, device, dtype, ckpt)  # printed; --plan exits
     prepare_output_dir(args, resume_path)
     if args.deterministic:  # before CUDA starts: cuBLAS needs a fixed workspace to repeat its sums
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -916,7 +977,7 @@ def save_checkpoint(output_dir, step, run: Run, args, rng=None):
 def list_checkpoints(output_dir):
     """Complete checkpoints, oldest first. Partial ones (a kill during saving) are skipped with a warning."""
     found = []
-    for path in glob.glob(os.path.join(output_dir, "checkpoint-*")) + glob.glob(os.path.join(output_dir, ".tmp-checkpoint-*")):
+    for path in [p for prefix in ("", ".tmp-") for p in glob.glob(os.path.join(output_dir, prefix + "checkpoint-*"))]:
         complete = os.path.basename(path).startswith("checkpoint-") and all(
             os.path.exists(os.path.join(path, f)) for f in CHECKPOINT_FILES)
         if not complete:
@@ -1014,7 +1075,8 @@ def resolve_resume(args: Args, explicit: set):
     clash = sorted(k for k in explicit - RESUMABLE_CHANGES if k in saved and saved[k] != getattr(args, k))
     if clash:
         raise UsageError(f"--resume: {', '.join(clash)} differ from the checkpoint's run "
-                         f"({', '.join(f'{k}={saved[k]!r}' for k in clash)}); drop these flags or use a new --output-dir")
+                         f"({', '.join(f'{k}={saved[k]!r}' for k in clash)}); drop these flags or use a new "
+                         "--output-dir")
     for k, v in saved.items():  # unspecified flags take the run's values
         if k not in explicit and k not in ("resume", "output_dir") and hasattr(args, k):
             setattr(args, k, v)
@@ -1037,7 +1099,7 @@ def out_of_memory(run, args, step, rng, phase):
     them with the random state of the step's start (a resume redoes it exactly), name flags the plan fits, exit 2."""
     save_checkpoint(args.output_dir, step - 1, run, args, rng)
     flags = scale.flags_after_out_of_memory(run.model.config, args, run.gen_batch_size, phase, run.model.device.type,
-                                            run.dtype, scale.use_checkpointing(args, run.model.device.type))
+                                            run.dtype, use_checkpointing(args, run.model.device.type))
     print(f"error: out of GPU memory in the {phase} of step {step}; saved checkpoint-{step - 1}; " + (
         f"continue with: python dsrl.py --output-dir {args.output_dir} --resume {flags}" if flags else
         "it is at its smallest setting: start anew with a smaller --model or --max-new-tokens"), file=sys.stderr)
@@ -1047,7 +1109,7 @@ def main(argv=None):
     args, explicit = parse_args(argv)
     try:
         if args.print_verl_command:  # nothing is loaded: the same experiment on the official multi-GPU engine
-            print(scale.verl_command(args))
+            print(scale_call(scale.verl_command, args, MODES, DEFAULT_DATASET))
             return 0
         args, resume = resolve_resume(args, explicit)
         return train(args, resume)
@@ -1061,5 +1123,6 @@ def main(argv=None):
             args.output_dir) else "no checkpoint was written yet: start the run again"), file=sys.stderr)
         return 130
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # run the importable module: eval.py's `import dsrl` (--eval-every) then shares it
+    import dsrl
+    sys.exit(dsrl.main())

@@ -3,14 +3,15 @@
 It holds what is not the method (dsrl.py is) but decides where the method can run:
  1. One GPU: the memory plan. `python dsrl.py --plan [flags]` prints it and exits; every training run prints it
     before the first step. It is computed by formula from the model's config.json and the flags: nothing is
-    allocated, no weights are read. It also resolves `--gen-batch-size 0` ("auto"), the compute dtype, and holds the
-    gradient checkpointing of the loss passes (`--gradient-checkpointing`). Before it, a hub id named in the flags
-    gets a 5-second look at the Hugging Face Hub (`hub_reachable`), not half a minute of the client's retries.
+    allocated, no weights are read. It also resolves `--gen-batch-size 0` ("auto"). Before it, a hub id named in
+    the flags gets a 5-second look at the Hugging Face Hub (`hub_reachable`), not half a minute of the client's retries.
  2. Beyond one GPU: the official multi-GPU launch (the verl fork, 8 GPUs, vLLM) of the same experiment.
     `python dsrl.py --print-verl-command ...` prints it; README.md, "From one GPU to the official launch".
 
-dsrl.py imports this module; this module reads dsrl's settings (Args, MODES, UsageError) only when called, so
-the two import in either order.
+dsrl.py imports this module; this module imports nothing of the project: it takes the run's settings (dsrl.Args)
+and the mode table as arguments, and raises ValueError with one line for settings that cannot run, which dsrl.py
+reports as a usage error (exit code 2). The compute dtype, the device and the gradient checkpointing of the loss
+are the method's compute path: dsrl.py resolves them and passes them in.
 """
 
 import math
@@ -19,14 +20,9 @@ import re
 import shlex
 import sys
 import urllib.request
-from contextlib import contextmanager
 from dataclasses import fields, replace
-from functools import partial
 
 import torch
-from torch.utils.checkpoint import checkpoint
-
-import dsrl  # Args, MODES, UsageError, read when called: dsrl.py imports this module at its top
 
 # ---- One GPU: the memory plan -------------------------------------------------------------------------------
 GiB = 2 ** 30
@@ -121,43 +117,14 @@ def activation_bytes(config, n_seqs, n_prompts, prompt_len, response_len, elem, 
     return prompt + body + recompute + outside + mask
 
 
-def compute_dtype(name, device):
-    """--dtype: auto = bf16 on a GPU with native bf16, else fp32 (CPU, or a T4: fp32 compute works there, bf16
-    would be emulated). bf16 asked of a GPU without it is a UsageError (one line), before anything loads."""
-    cuda = str(device).startswith("cuda")
-    if name == "bfloat16" and cuda and not bf16_supported():
-        raise dsrl.UsageError(f"--dtype bfloat16: {torch.cuda.get_device_name()} has no native bf16; "
-                              "use --dtype auto (fp32)")
-    if name != "auto":
-        return getattr(torch, name)
-    return torch.bfloat16 if cuda and bf16_supported() else torch.float32
-
-
-def bf16_supported():
-    """Native bf16 on the current CUDA device (a T4 has none; emulation would be slow and is not counted)."""
-    try:
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    except TypeError:  # older torch without the argument
-        return torch.cuda.is_bf16_supported()
-
-
-def use_checkpointing(args, device) -> bool:
-    """--gradient-checkpointing: on with CUDA (as the official run), off on CPU; the flag overrides either way."""
-    given = getattr(args, "gradient_checkpointing", None)
-    return str(device).startswith("cuda") if given is None else bool(given)
-
-
-def memory_plan(config, args, free_bytes=None, device=None, dtype=None, checkpointing=None, n_params=None,
-                prompt_tokens=None, expands_kv=None, advise=True) -> dict:
+def memory_plan(config, args, free_bytes, device, dtype, checkpointing, n_params=None, prompt_tokens=None,
+                expands_kv=None, advise=True) -> dict:
     """Bytes per part of a run of `args` on `config`. Phases do not overlap: sampling (KV cache and a decode step's
     transients) and the loss (activations) each come on top of the training state and the sampling copy.
     `--gen-batch-size 0` resolves to the most whole groups whose sampling phase fits `free_bytes` less the MARGIN
-    (all of them when free_bytes is None). device, dtype, checkpointing: as resolved for the run (default: from args
-    and this machine). prompt_tokens: the longest prompt of the data, when known (default: --max-prompt-tokens).
+    (all of them when free_bytes is None). device, dtype, checkpointing: as dsrl.py resolved them for the run.
+    prompt_tokens: the longest prompt of the data, when known (default: --max-prompt-tokens).
     expands_kv: whether a decode step expands keys and values (default: decode_expands_kv on this transformers)."""
-    device = device or dsrl.resolve_device(args.device)
-    dtype = dtype or compute_dtype(args.dtype, device)
-    checkpointing = use_checkpointing(args, device) if checkpointing is None else checkpointing
     n_params = n_params or count_parameters(config)
     elem, group, vocab = torch.tensor([], dtype=dtype).element_size(), args.group_size, config.vocab_size
     # The longest prompt the run can meet: the dataset's longest after the chat template, when the caller has
@@ -347,21 +314,21 @@ def free_device_memory(device):
         return None
 
 
-def plan_run(args, model_name, device, dtype):
-    """Print the plan of this run. --plan: then exit 0, like --help. A run that cannot fit raises a UsageError with
+def plan_run(args, model_name, device, dtype, checkpointing):
+    """Print the plan of this run. --plan: then exit 0, like --help. A run that cannot fit raises a ValueError with
     one line naming flags that fit, before any data or weights are loaded. -> the plan"""
     if not hub_reachable(model_name, *([] if args.plan else [args.dataset])):  # --plan reads the model's config only
-        raise dsrl.UsageError(NO_HUB)
+        raise ValueError(NO_HUB)
     config = model_config(model_name)
     if config is None:
-        raise dsrl.UsageError(f"model path not found or without a config.json: {model_name} (give a model directory "
-                              "or a hub id)")
+        raise ValueError(f"model path not found or without a config.json: {model_name} (give a model directory "
+                         "or a hub id)")
     try:
-        plan = memory_plan(config, args, free_device_memory(device), device, dtype)
+        plan = memory_plan(config, args, free_device_memory(device), device, dtype, checkpointing)
     except AttributeError as e:  # a config without the decoder sizes the formulas read (not Qwen/Llama-like)
         if args.plan:
-            raise dsrl.UsageError(f"no memory plan for {model_name}: its config has no {e.name} "
-                                  "(a Qwen/Llama-style decoder config is needed)")
+            raise ValueError(f"no memory plan for {model_name}: its config has no {e.name} "
+                             "(a Qwen/Llama-style decoder config is needed)")
         return {"gen_batch_size": args.gen_batch_size or args.prompts_per_step * args.group_size}
     cuda = str(device).startswith("cuda")
     name = f"{device} ({torch.cuda.get_device_name(torch.device(device))})" if cuda else f"{device} (this machine)"
@@ -372,36 +339,9 @@ def plan_run(args, model_name, device, dtype):
         sys.exit(0)
     if not plan["fits"]:
         fix = f"use {plan['suggestion']}" if plan["suggestion"] else plan["advice"]
-        raise dsrl.UsageError(f"this run does not fit: needs {plan['peak'] / GiB:.1f} GiB, "
-                              f"{plan['free_bytes'] / GiB:.1f} GiB free on {device}; {fix} (see python dsrl.py --plan)")
+        raise ValueError(f"this run does not fit: needs {plan['peak'] / GiB:.1f} GiB, "
+                         f"{plan['free_bytes'] / GiB:.1f} GiB free on {device}; {fix} (see python dsrl.py --plan)")
     return plan
-
-
-# Gradient checkpointing of the loss passes (official: actor_rollout_ref.model.enable_gradient_checkpointing=True).
-@contextmanager
-def checkpointed_layers(model, enabled=True):
-    """Within the block, every decoder layer keeps only its inputs and recomputes its activations in backward
-    (torch's non-reentrant checkpoint). Hugging Face's own switch drops the KV cache, which the shared prompt
-    forward needs; here the layers keep it and read it through `read_only_cache`. Never used for the sampler."""
-    layers = list(model.base_model.layers) if enabled else []
-    for layer in layers:  # an instance attribute shadows the class's forward for this block only
-        layer.forward = partial(checkpoint, layer.forward, use_reentrant=False)
-    try:
-        yield
-    finally:
-        for layer in layers:
-            del layer.forward
-
-
-def read_only_cache(cache):
-    """The prompt's KV cache, read by the response pass without being appended to: a layer recomputed under
-    checkpointing then sees the same keys and values (an appending cache would hold the response's twice).
-    Same numbers as DynamicCache's update: the concatenation of the prompt's and the new keys/values."""
-    def update(key_states, value_states, layer_idx, *args, **kwargs):
-        layer = cache.layers[layer_idx]
-        return torch.cat([layer.keys, key_states], -2), torch.cat([layer.values, value_states], -2)
-    cache.update = update
-    return cache
 
 
 # ---- Beyond one GPU: the official multi-GPU launch (verl) --------------------------------------------------
@@ -468,9 +408,9 @@ NOT_IN_VERL = {  # our flags without an official counterpart, and why
     "gradient_checkpointing": "the official launch always checkpoints (model.enable_gradient_checkpointing=True)"}
 
 
-def train_rows(a: "dsrl.Args"):
+def train_rows(a, default_dataset):
     """-> (rows of --dataset as verl reads them, or None when assumed, file name for data.train_files)."""
-    if a.dataset == dsrl.DEFAULT_DATASET:  # the hub copy of MATH; verl reads the fork's parquet file of it
+    if a.dataset == default_dataset:  # the hub copy of MATH; verl reads the fork's parquet file of it
         return None, "data/math_train.parquet"
     if not os.path.isfile(a.dataset):  # often printed on one machine for another: never open what is not here
         return None, a.dataset
@@ -481,18 +421,18 @@ def train_rows(a: "dsrl.Args"):
         with open(a.dataset, encoding="utf-8") as fh:
             return sum(1 for line in fh if line.strip()), a.dataset
     except Exception as e:
-        raise dsrl.UsageError(f"cannot read dataset file {a.dataset}: {type(e).__name__} "
-                              "(is it a valid parquet/jsonl file?)")
+        raise ValueError(f"cannot read dataset file {a.dataset}: {type(e).__name__} "
+                         "(is it a valid parquet/jsonl file?)")
 
 
-def val_files(a: "dsrl.Args") -> list:
+def val_files(a) -> list:
     """--eval-benchmarks as files the fork reads: our benchmark names -> its *_20times.parquet files."""
     return [OFFICIAL_FILES.get(b, b) for b in a.eval_benchmarks.split(",") if b]
 
 
-def mode_values(a: "dsrl.Args") -> dict:
-    """--mode and --warmup-steps -> the official sample switches and P(y) schedule (dp_actor.py, ray_trainer.py)."""
-    space, samples = dsrl.MODES[a.mode]
+def mode_values(a, space, samples) -> dict:
+    """--mode (its space and samples) and --warmup-steps -> the official sample switches and P(y) schedule
+    (dp_actor.py, ray_trainer.py)."""
     dsrl_run, prerl_only = a.mode == "dsrl", space == "y" and a.mode != "dsrl"
     values = dict(zip(VERL_KEYS["mode"], [space == "y" and samples == "neg", space == "y" and samples == "pos",
                                           dsrl_run or space == "y|x" and samples != "pos",
@@ -509,7 +449,7 @@ def mode_values(a: "dsrl.Args") -> dict:
     return values
 
 
-def verl_values(a: "dsrl.Args", rows: int, train_file: str) -> dict:
+def verl_values(a, rows: int, train_file: str, space: str, samples: str) -> dict:
     """Every printed key -> value, in the order of VERL_KEYS, then the fixed settings."""
     epochs = math.ceil(a.steps / (rows // a.prompts_per_step))  # verl drops the last partial batch of an epoch
     files = val_files(a)
@@ -526,7 +466,7 @@ def verl_values(a: "dsrl.Args", rows: int, train_file: str) -> dict:
     values = {}
     for name, keys in VERL_KEYS.items():
         if name == "mode":
-            values.update(mode_values(a))
+            values.update(mode_values(a, space, samples))
         elif name != "warmup_steps":  # set with the mode
             values.update(zip(keys, derived.get(name, [getattr(a, name)] * len(keys))))
     token_limit = max(TOKENS_PER_GPU, a.max_prompt_tokens + a.max_new_tokens)  # one sequence must fit
@@ -536,10 +476,10 @@ def verl_values(a: "dsrl.Args", rows: int, train_file: str) -> dict:
     return values
 
 
-def verl_comments(a: "dsrl.Args", rows, assumed: bool, values: dict) -> list:
+def verl_comments(a, rows, assumed: bool, values: dict, space: str) -> list:
     """Where the printed run differs from the official scripts or from ours: one `#` line each, with the reason."""
     notes = [f"# --{f.name.replace('_', '-')} {getattr(a, f.name)!s:.40}".rstrip() + f": no official counterpart; {why}"
-             for f in fields(dsrl.Args) if (why := NOT_IN_VERL.get(f.name))]
+             for f in fields(a) if (why := NOT_IN_VERL.get(f.name))]
     per_epoch = rows // a.prompts_per_step  # verl drops the last partial batch
     guess = " assumed: MATH train; count them where the file is" if assumed else ""
     notes.append(f"# trainer.total_training_steps={a.steps}: verl stops there; total_epochs="
@@ -556,7 +496,7 @@ def verl_comments(a: "dsrl.Args", rows, assumed: bool, values: dict) -> list:
     if a.mode == "dsrl":
         notes.append("# --warmup-space y: the warm-up in P(y), as officially (pretrain_only_warmup=True); "
                      "--warmup-space 'y|x' prints the NSR-RL warm-up's two launches")
-    if dsrl.MODES[a.mode][0] == "y|x":
+    if space == "y|x":
         notes.append(f"# --warmup-steps {a.warmup_steps}: unused by {a.mode}; algorithm.pretrain_loss_disable_step "
                      "unset as in the official scripts (no P(y) loss)")
     notes.append(f"# +data.seed={a.seed}: verl's data-order seed (unset in the official scripts: 1); verl's order "
@@ -571,23 +511,25 @@ def verl_comments(a: "dsrl.Args", rows, assumed: bool, values: dict) -> list:
     return notes
 
 
-def verl_command(a: "dsrl.Args") -> str:
-    """The official launch of the same experiment: comments first, then `python3 -m verl.trainer.main_ppo k=v ...`."""
+def verl_command(a, modes: dict, default_dataset: str) -> str:
+    """The official launch of the run of settings `a` (dsrl.Args), given dsrl's mode table (mode -> (space, samples))
+    and default dataset: comments first, then `python3 -m verl.trainer.main_ppo k=v ...`."""
+    space, samples = modes[a.mode]
     if a.mode == "dsrl" and a.warmup_space == "y|x" and a.warmup_steps > 0:
-        return policy_space_warmup_launches(a)
-    rows, train_file = train_rows(a)
+        return policy_space_warmup_launches(a, modes, default_dataset)
+    rows, train_file = train_rows(a, default_dataset)
     assumed = rows is None
     rows = MATH_ROWS if assumed else rows
     if rows < a.prompts_per_step:
-        raise dsrl.UsageError(f"--prompts-per-step {a.prompts_per_step} exceeds the {rows} rows of {a.dataset}: "
-                              "verl drops the last partial batch, so it would have no batch at all; "
-                              "use fewer prompts per step")
-    values = verl_values(a, rows, train_file)
+        raise ValueError(f"--prompts-per-step {a.prompts_per_step} exceeds the {rows} rows of {a.dataset}: "
+                         "verl drops the last partial batch, so it would have no batch at all; "
+                         "use fewer prompts per step")
+    values = verl_values(a, rows, train_file, space, samples)
     lines = ["python3 -m verl.trainer.main_ppo"] + [f"{k}={shlex.quote(str(v))}" for k, v in values.items()]
-    return "\n".join(verl_comments(a, rows, assumed, values) + [" \\\n    ".join(lines)])
+    return "\n".join(verl_comments(a, rows, assumed, values, space) + [" \\\n    ".join(lines)])
 
 
-def policy_space_warmup_launches(a: "dsrl.Args") -> str:
+def policy_space_warmup_launches(a, modes: dict, default_dataset: str) -> str:
     """--warmup-space 'y|x' (NSR-RL warm-up, then GRPO) as two launches: the fork fixes positive_rl / negative_rl
     for a whole run (dp_actor.py, update_policy), so no key switches them at step W + 1. The second launch resumes
     from the first's checkpoint at step W (weights, AdamW state, data position: ray_trainer.py, _load_checkpoint)."""
@@ -598,6 +540,7 @@ def policy_space_warmup_launches(a: "dsrl.Args") -> str:
     return "\n".join([
         f"# --warmup-space y|x: the official code cannot switch the RL loss's samples during a run (positive_rl and "
         f"negative_rl are fixed), so this is two launches in the same trainer.default_local_dir. 1: NSR-RL for the "
-        f"{w} warm-up steps, saved at step {w}:", drop(verl_command(warm)),
+        f"{w} warm-up steps, saved at step {w}:", drop(verl_command(warm, modes, default_dataset)),
         f"# 2: GRPO to step {a.steps}; trainer.resume_mode=auto resumes from global_step_{w} of launch 1 (weights, "
-        "AdamW state, step and data position carry on, as in our hand-over):", drop(verl_command(rl))])
+        "AdamW state, step and data position carry on, as in our hand-over):",
+        drop(verl_command(rl, modes, default_dataset))])

@@ -122,7 +122,10 @@ def memory_plan(config, args, device):
     import torch
     # the weights are on the device already: the plan counts them itself, so give it the memory before them
     free = torch.cuda.mem_get_info()[0] + torch.cuda.memory_allocated() if device.startswith("cuda") else None
-    return scale.memory_plan(config, args, free_bytes=free)
+    import dsrl  # the run's compute path: device, dtype and checkpointing as the trainer resolves them
+    device = dsrl.resolve_device(device)
+    return scale.memory_plan(config, args, free, device, dsrl.resolve_dtype(args.dtype, device),
+                             dsrl.use_checkpointing(args, device))
 
 
 def load(o, deterministic=False):

@@ -128,8 +128,7 @@ GIVEN = {  # pieces the copy holds on purpose: code the student is handed, not a
     "device = next(model.parameters()).device": "the other functions of dsrl.py and eval.py begin so too",
     "next(model.parameters()).device": "the same line's expressions",
     "next(model.parameters())": "the same line's expressions",
-    "scale.checkpointed_layers(model, checkpointing)": "the sheet gives the checkpointing context (not graded)",
-    "scale.checkpointed_layers": "the same context, and dsrl.py's other functions use it",
+    "checkpointed_layers(model, checkpointing)": "the sheet gives the checkpointing context (not graded)",
 }
 
 
