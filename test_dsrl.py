@@ -2335,6 +2335,7 @@ def test_official_protocol_on_a_20_times_file_is_mean_at_20_and_pass_at_k_by_pro
     path, texts = twenty_times_file(str(tmp_path / "tiny_20times.parquet"), rights)
     seen = []
     monkeypatch.setattr(dsrl, "sample_responses", spy_sampler(tok, texts, seen))
+    monkeypatch.setattr(evaluator, "sampling_batch", lambda model, name, prompts, k, *a: len(prompts) * k)  # no model
     a = evaluator.build_parser().parse_args(["accuracy", "--model", "m", "--protocol", "official", "--benchmarks", path])
     evaluator.apply_protocol(a)
     assert (a.k, a.max_new_tokens, a.temperature, a.top_p) == (1, 8192, 1.0, 1.0)
@@ -2363,6 +2364,7 @@ def test_eval_every_logs_the_official_validation_keys(tmp_path, monkeypatch):
     path, _ = twenty_times_file(str(tmp_path / "t_20times.parquet"), [[True] * 20, [False] * 20])
     texts = ["\\boxed{3}", "\\boxed{9}", "\\boxed{3}", "x"] + ["\\boxed{4}"] * 0 + ["\\boxed{1}"] * 4
     monkeypatch.setattr(dsrl, "sample_responses", spy_sampler(tok, texts, []))
+    monkeypatch.setattr(evaluator, "sampling_batch", lambda model, name, prompts, k, *a: len(prompts) * k)  # no model
     m = evaluator.metrics_for_training(None, tok, dsrl.Args(eval_benchmarks=path, eval_k=4), torch.float32)
     want = {"val-core/qwen_tiny/reward/mean@4": 0.25, "val-aux/qwen_tiny/reward/pass@1": 0.25,
             "val-aux/qwen_tiny/reward/pass@2": (1 - 1 / 6) / 2, "val-aux/qwen_tiny/reward/pass@4": 0.5}
@@ -2397,6 +2399,7 @@ def run_benchmark(tmp_path, monkeypatch, name, rows, texts, k=1, suffix=".jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     seen = []
     monkeypatch.setattr(dsrl, "sample_responses", spy_sampler(make_tokenizer(), texts, seen))
+    monkeypatch.setattr(evaluator, "sampling_batch", lambda model, name, prompts, k, *a: len(prompts) * k)  # no model
     (tmp_path / "s").unlink(missing_ok=True)
     res = evaluator.evaluate_accuracy(None, make_tokenizer(), [f"{name}={path}"], k, 64, samples_path=str(tmp_path / "s"))
     return res[name], read_jsonl(tmp_path / "s"), seen[0][0]
@@ -2928,14 +2931,15 @@ def test_code_cites_only_documents_the_repository_has():
 
 
 def test_default_output_folders_are_ignored_by_git():
-    """What the commands write by default (runs/, eval_results/, plots/) stays out of `git status`."""
+    """What the commands write by default (runs/, eval_results/, plots/) stays out of `git status`: one default
+    per subcommand that writes (dsrl.py, and eval.py's accuracy, behaviours, align, plot, sweep)."""
     if not os.path.exists(os.path.join(HERE, ".gitignore")):
         pytest.skip("no .gitignore in this copy")
     ignored = {line.strip().strip("/") for line in open(os.path.join(HERE, ".gitignore"))}
     defaults = [dsrl.Args().output_dir]
     for sub in evaluator.build_parser()._subparsers._group_actions[0].choices.values():
         defaults += [a.default for a in sub._actions if a.dest in ("output", "out")]
-    assert len(defaults) == 5, defaults
+    assert len(defaults) == 6, defaults
     for path in defaults:
         assert path.split("/")[0] in ignored, f"{path} (a default output) is not in .gitignore"
 
