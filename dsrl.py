@@ -8,37 +8,34 @@ NSR-PreRL: push DOWN log P(y) = sum_t log pi(y_t | <|im_start|>, y_<t) of the wr
 gradient goes through the model *without the prompt* ("pre-train space"). DSRL: do that for a short
 warm-up, then hand the weights over to ordinary GRPO in P(y|x) ("policy reincarnation").
 
-Run:   python dsrl.py --model Qwen/Qwen3-0.6B  (DSRL, one GPU);  --mode grpo|nsr-prerl|...  (the six modes);
-       python dsrl.py --output-dir runs/x --resume  (continue a stopped run)
+Run:   python dsrl.py --model Qwen/Qwen3-0.6B  (one GPU);  --mode grpo|nsr-prerl|...;  --output-dir runs/x --resume
 
 Departures from the official code (the same list is in README.md, "Departures"):
- 1. Token-mean over ALL kept tokens of the step. Official: token-mean per micro-batch, micro-batches
-    weighted by their share of sequences. Ours is the clean definition and makes micro-batching exact.
- 2. Work that cannot change the gradient is skipped: no conditional forward in P(y)-only steps, no P(y)
-    forward in GRPO steps, no forward for masked or zero-advantage samples (their tokens still count in
-    the GRPO denominator, as in the official loss). The G samples of a prompt share one forward of that
-    prompt (sampler and P(y|x) loss). Official computes all of them and multiplies by 0.
- 3. No separate old-log-prob pass: with one update per batch the PPO ratio is exactly 1, so
-    old_logp = logp.detach(). The clipped (and dual-clipped) form is kept for the general case.
- 4. Reward: by default grader.py's equivalence checker (strings, then exact rationals, then 60-digit
-    mpmath numerics; never eval or sympy), which accepts everything the official Hendrycks string scorer
-    accepts, except hedges ("42 or 43"), and more (0.50 = 1/2). `--reward official` is the official scorer.
- 5. Sampling with Hugging Face `generate` (official: vLLM), from a bf16 copy of the fp32 master
-    weights that is re-synced after every update (official: FSDP fp32 master + bf16 rollout engine).
- 6. Default sizes for one GPU: Qwen3-0.6B, 16 prompts x 8 samples, 1,024 new tokens, checkpoints every
-    50 steps (official: Qwen3-4B, 128 x 8, 8,192). Loss, clip and optimizer settings are the official ones.
-    Evaluation only with --eval-every (official: every 5 steps), then also before step 1 (official: not).
- 7. `--warmup-steps W` counts warm-up UPDATES: steps 1..W use P(y), steps W+1.. use P(y|x).
-    The official `pretrain_loss_disable_step=D` runs steps 1..D-1 in P(y), so W = D - 1 (default 19).
- 8. Rows with an empty ground truth are skipped (4 in the official MATH file). The official run keeps them:
-    they only add A = 0 samples to the GRPO denominator of their step; dropping them shifts the data order.
- 9. Gradient checkpointing (official: on) is on with CUDA, off on CPU; P(y|x)'s shared prompt forward is not
-    checkpointed.
+ 1. Token-mean over ALL kept tokens of the step (official: per micro-batch, micro-batches weighted by their share of
+    sequences): the clean definition, and micro-batching is exact.
+ 2. Work that cannot change the gradient is skipped: no P(y|x) forward in P(y)-only steps, no P(y) forward in GRPO
+    steps, none for masked or A = 0 samples (their tokens still count in the GRPO denominator, as officially). A
+    prompt's G samples share one forward of it (sampler and P(y|x) loss). Official: computes all, multiplies by 0.
+ 3. No old-log-prob pass: with one update per batch the PPO ratio is exactly 1, so old_logp = logp.detach(); the
+    clipped (and dual-clipped) form is kept for the general case.
+ 4. Reward: by default grader.py's equivalence checker (strings, exact rationals, 60-digit mpmath numerics; never eval
+    or sympy): it accepts all the official Hendrycks scorer accepts but hedges ("42 or 43", "at least 12"), and more
+    (0.50 = 1/2). `--reward official` is the official scorer.
+ 5. Sampling with Hugging Face `generate` (official: vLLM) from a bf16 copy of the fp32 master weights, re-synced
+    after every update (official: FSDP fp32 master + bf16 rollout engine).
+ 6. One-GPU defaults: Qwen3-0.6B, 16 prompts x 8 samples, 1,024 new tokens, checkpoints every 50 steps (official:
+    Qwen3-4B, 128 x 8, 8,192); loss, clip and optimizer as officially. Evaluation only with --eval-every (official:
+    every 5 steps), then also before step 1 (official: not).
+ 7. `--warmup-steps W` counts warm-up UPDATES: steps 1..W in P(y), W+1.. in P(y|x); the official
+    `pretrain_loss_disable_step=D` runs 1..D-1 in P(y), so W = D - 1 (default 19).
+ 8. Rows with an empty ground truth are skipped (4 in the official MATH file; officially kept, they only add A = 0
+    samples to their step's GRPO denominator): the data order shifts.
+ 9. Gradient checkpointing (official: on): on with CUDA, off on CPU; P(y|x)'s shared prompt forward is not checkpointed.
  10. Diagnostics: of the samples a step runs (2), in its space, over the whole step (1). Official: of all responses,
      per micro-batch; also the P(y|x) entropy in P(y) steps and rl_div_pretrain_ratio, from forwards we skip (2).
 """
 
-import argparse, copy, csv, dataclasses, functools, glob, inspect, json, math, os  # noqa: E401 (standard library)
+import argparse, copy, dataclasses, functools, glob, inspect, json, math, os  # noqa: E401 (standard library)
 import importlib.util, random, re, shutil, signal, sys, tempfile, time  # noqa: E401
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, fields
@@ -66,13 +63,10 @@ def flag(default, help_text):  # a field of Args: its default and its --help lin
 @dataclass
 class Args:
     model: str = flag("Qwen/Qwen3-0.6B", "hub id or local path of a causal LM (official: Qwen3-4B)")
-    dataset: str = flag(DEFAULT_DATASET, "hub id or local .parquet/.jsonl/.json/.csv "
-                                         "(verl format, problem+answer or problem+solution)")
+    dataset: str = flag(DEFAULT_DATASET, "hub id or .parquet/.jsonl/.json/.csv: verl rows, problem+answer/solution")
     mode: str = flag("dsrl", "one of: " + ", ".join(MODES))
-    warmup_steps: int = flag(19, "dsrl: number of NSR-PreRL updates before GRPO (official "
-                                 "pretrain_loss_disable_step=20 -> 19)")
-    warmup_space: str = flag("y", "dsrl: warm-up in y = P(y) (NSR-PreRL) or 'y|x' = P(y|x) "
-                                  "(NSR-RL warm-up: the paper's ablation)")
+    warmup_steps: int = flag(19, "dsrl: warm-up updates before GRPO (official pretrain_loss_disable_step=20 -> 19)")
+    warmup_space: str = flag("y", "dsrl: warm-up in y = P(y) (NSR-PreRL) or 'y|x' (NSR-RL: the paper's ablation)")
     prerl_coef: float = flag(0.01, "scale of the P(y) loss (official pretrain_loss_coef)")
     steps: int = flag(348, "optimizer steps in total (official: 348 = 6 epochs of 128 prompts)")
     prompts_per_step: int = flag(16, "prompts per step (official: 128)")
@@ -88,12 +82,9 @@ class Args:
     clip_dual: float = flag(10.0, "dual-clip constant c for negative advantages")
     grad_clip: float = flag(1.0, "gradient-norm clip")
     micro_batch_size: int = flag(8, "sequences per forward/backward (gradient accumulation, exact)")
-    gen_batch_size: int = flag(0, "sequences per generate call (rounded down to whole groups), "
-                                  "0 = auto: the most groups that fit")
-    kv_cache: str = flag("dynamic", "generate's KV cache: dynamic, static (compiled decode on GPU) "
-                                    "or compile (static + torch.compile on any device)")
-    logprob_chunk: int = flag(256, "tokens per chunk of the vocabulary projection "
-                                   "(memory ~ 4 x chunk x vocab x 4 bytes)")
+    gen_batch_size: int = flag(0, "sequences per generate call (whole groups), 0 = auto: the most that fit")
+    kv_cache: str = flag("dynamic", "generate's KV cache: dynamic, static (compiled on GPU) or compile (everywhere)")
+    logprob_chunk: int = flag(256, "tokens per chunk of the vocabulary projection (~ 4 x chunk x vocab x 4 bytes)")
     reward: str = flag("math", "math (equivalence checker) or official (exact official string scorer)")
     seed: int = flag(0, "seed for data order, sampling and init of everything random")
     output_dir: str = flag("runs/dsrl", "where config, metrics, samples and checkpoints go")
@@ -104,25 +95,18 @@ class Args:
     eval_every: int = flag(0, "run eval.py accuracy every N steps, 0 = never (official: 5)")
     eval_benchmarks: str = flag("aime24,aime25,amc23", "benchmarks for --eval-every (names or files)")
     eval_k: int = flag(4, "samples per problem for --eval-every (official: 20)")
-    eval_before_train: bool = flag(True, "with --eval-every, evaluate before step 1 too (a step-0 row) "
-                                         "(official: off in the DSRL script, on in the GRPO baseline's)")
+    eval_before_train: bool = flag(True, "with --eval-every, a step-0 row too (official: DSRL script off, GRPO on)")
     device: str = flag("auto", "auto, cpu, cuda or cuda:N")
-    dtype: str = flag("auto", "compute dtype: auto (bf16 on a GPU that has it, else fp32), bfloat16 or float32; "
-                              "weights stay fp32")
-    gradient_checkpointing: bool = flag(None, "recompute each layer's activations in the loss backward (official: on); "
-                                              "unset = on with CUDA, off on CPU")
-    deterministic: bool = flag(False, "torch's deterministic algorithms "
-                                      "(for GPU runs; CPU runs repeat bit for bit without it)")
+    dtype: str = flag("auto", "compute dtype: auto (bf16 on a GPU that has it, else fp32); weights stay fp32")
+    gradient_checkpointing: bool = flag(None, "recompute layers in the loss backward (official: on); unset: on CUDA")
+    deterministic: bool = flag(False, "torch's deterministic algorithms (GPU; CPU runs repeat bit for bit anyway)")
     print_verl_command: bool = flag(False, "print the official multi-GPU launch of this experiment (verl) and exit")
-    plan: bool = flag(False, "print the memory plan of these flags on this device and exit "
-                             "(reads only the model's config.json)")
+    plan: bool = flag(False, "print the memory plan of these flags on this device and exit (reads config.json only)")
     report_to: str = flag("", "live curves: tensorboard, wandb or both (comma-separated)")
 
-# Flags that may change on --resume: the run stays the same.
 RESUMABLE_CHANGES = {"steps", "output_dir", "resume", "save_every", "save_total_limit", "device", "micro_batch_size",
                      "gen_batch_size", "kv_cache", "logprob_chunk", "max_bad_steps", "eval_every", "eval_benchmarks",
-                     "eval_k", "eval_before_train", "deterministic", "gradient_checkpointing", "plan",
-                     "report_to"}  # may change on --resume: the run stays the same
+                     "eval_k", "eval_before_train", "deterministic", "gradient_checkpointing", "plan", "report_to"}
 
 class UsageError(Exception):
     """Bad input: reported as one line on stderr, exit code 2, no traceback."""
@@ -138,8 +122,7 @@ CHOICES = {"mode": list(MODES), "reward": ["math", "official"], "kv_cache": ["dy
 
 def build_parser():
     """One --flag per field of Args. Defaults stay in Args, so the parsed namespace holds the given flags only."""
-    p = argparse.ArgumentParser(description="Dual Space RL (DSRL) trainer: NSR-PreRL warm-up in P(y), then GRPO in "
-                                "P(y|x)", argument_default=argparse.SUPPRESS)
+    p = argparse.ArgumentParser(description="DSRL: NSR-PreRL in P(y), then GRPO", argument_default=argparse.SUPPRESS)
     for f in fields(Args):
         kw = {"help": f.metadata["help"] + f" (default: {f.default})"}
         if f.name == "resume":
@@ -187,37 +170,8 @@ def check_args(a: Args):
         raise UsageError(failed[0])
 
 # ---- Data and the chat prompt ------------------------------------------------------------------------------
-def read_rows(source: str, split: str = "train") -> list:
-    """Rows of a local .parquet/.jsonl/.json/.csv file, or of a hub dataset split."""
-    if not (source.endswith((".parquet", ".jsonl", ".json", ".csv")) or os.sep in source and os.path.exists(source)):
-        try:
-            import datasets
-            return datasets.load_dataset(source, split=split).to_list()
-        except Exception as e:
-            raise UsageError(f"cannot load dataset '{source}' from the hub ({type(e).__name__}); "
-                             "check the id or give a local .parquet/.jsonl file")
-    if not os.path.isfile(source):
-        raise UsageError(f"dataset file not found: {source} (give an existing .parquet/.jsonl file or a hub id)")
-    try:
-        if source.endswith(".parquet"):
-            import pyarrow.parquet as pq  # comes with datasets; only .parquet files need it
-            return pq.read_table(source).to_pylist()
-        with open(source, encoding="utf-8", newline="") as fh:
-            if source.endswith(".csv"):  # each cell as written: a gold "0.50" stays "0.50"
-                return list(csv.DictReader(fh, restkey="__malformed__"))
-            text = fh.read()
-        lines = json.loads(text) if text.lstrip().startswith("[") else text.split("\n")  # .json: one array of rows
-        return [_json_row(line, n) for n, line in enumerate(lines, 1) if not isinstance(line, str) or line.strip()]
-    except Exception as e:
-        raise UsageError(f"cannot read dataset file {source}: {type(e).__name__}: {str(e)[:200]} "
-                         "(is it a valid parquet/jsonl file?)")
-
-def _json_row(line, n):  # a line of a .jsonl file, or a row of a .json array -> dict
-    try:
-        row = json.loads(line) if isinstance(line, str) else line
-    except json.JSONDecodeError:
-        row = None
-    return row if isinstance(row, dict) else {"__malformed__": f"line {n}"}  # counted as malformed, never trained on
+def read_rows(source: str, split: str = "train") -> list:  # rows of a data file or a hub dataset (scale.py reads)
+    return scale_call(scale.read_rows, source, split)
 
 def row_to_example(row: dict):
     """One row -> {"messages": chat, "answer": gold}, or None if malformed. Accepted: the official verl format
@@ -254,8 +208,7 @@ def build_prompt(tokenizer, messages, max_prompt_tokens: int) -> list:
     """Chat template with the generation prompt; Qwen3 in non-thinking mode ("qwen3_no_thinking").
     Templates that do not know `enable_thinking` ignore it. Too long: keep the last tokens (left truncation)."""
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=False)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return ids[-max_prompt_tokens:]
+    return tokenizer(text, add_special_tokens=False)["input_ids"][-max_prompt_tokens:]
 
 @functools.lru_cache(maxsize=2)
 def data_order(n_examples: int, seed: int, epoch: int) -> list:
@@ -270,41 +223,15 @@ def batch_indices(n_examples: int, seed: int, step: int, batch: int) -> list:
 
 # ---- Reward: r = 1 iff the last \boxed{} of the response is equivalent to the gold answer ------------------
 def last_boxed(text):
-    """Content of the last top-level \\boxed{}/\\fbox{} (or `\\boxed 5`); None if absent or cut off."""
-    if not isinstance(text, str):
-        return None
-    found, pos = None, 0
-    for m in re.finditer(r'\\(?:boxed|fbox)(?![a-zA-Z])', text):
-        if m.start() < pos:
-            continue  # nested inside the previous box: the outer one wins
-        j = m.end()
-        while j < len(text) and text[j] == ' ':
-            j += 1
-        if j < len(text) and text[j] == '{':
-            end = _brace_end(text, j)
-            if end < 0:
-                return None  # the final box was cut off: no answer
-            found, pos = text[j + 1:end - 1], end
-        elif j > m.end():  # "\boxed 5" form: up to '$' or end of line
-            tail = re.match(r'[^$\n]*', text[j:]).group(0)
-            found, pos = tail.strip(), j + len(tail)
-    return found
-
-def _brace_end(s, i):
-    """Index just past the group opened at s[i] == '{', or -1 if unbalanced."""
-    depth = 0
-    for j in range(i, len(s)):
-        depth += (s[j] == '{') - (s[j] == '}')
-        if depth == 0:
-            return j + 1
-    return -1
+    """The answer: the content of the last top-level \\boxed{}/\\fbox{} (or `\\boxed 5`), None if absent or cut off.
+    grader.py's, so that training, evaluation and the grader's command line read the same answer."""
+    return grader.last_box(text)
 
 # The official scorer (verl/utils/reward_score/math.py): Hendrycks MATH normalisation, then string equality.
 def _fix_fracs(string):
     """\\frac12 -> \\frac{1}{2}, \\frac1{2} -> \\frac{1}{2}."""
-    parts = string.split('\\frac')
-    out = parts[0]
-    for sub in parts[1:]:
+    out, *subs = string.split('\\frac')
+    for sub in subs:
         if sub[0] != '{' and len(sub) < 2:  # IndexError on a trailing "\frac" is official behaviour
             return string
         out += '\\frac' + (sub if sub[0] == '{' else '{%s}{%s}%s' % (sub[0], sub[1], sub[2:]) if sub[1] != '{'
@@ -328,13 +255,10 @@ def strip_string(s):
     for old, new in (('\n', ''), ('\\!', ''), ('\\\\', '\\'), ('tfrac', 'frac'), ('dfrac', 'frac'), ('\\left', ''),
                      ('\\right', ''), ('^{\\circ}', ''), ('^\\circ', ''), ('\\$', '')):
         s = s.replace(old, new)
-    if '\\text{ ' in s:  # remove units on the right
-        parts = s.split('\\text{ ')
-        assert len(parts) == 2
-        s = parts[0]
+    if '\\text{ ' in s:  # remove units on the right; two of them raise (officially an AssertionError)
+        s, _ = s.split('\\text{ ')
     s = s.replace('\\%', '').replace(' .', ' 0.').replace('{.', '{0.')
-    if s[:1] == '.':
-        s = '0' + s
+    s = '0' + s if s[:1] == '.' else s
     if len(s.split('=')) == 2 and len(s.split('=')[0]) <= 2:
         s = s.split('=')[1]
     s = _fix_fracs(_fix_sqrt(s).replace(' ', '')) if s else s
@@ -392,8 +316,7 @@ def token_id(tokenizer, token: str) -> int:
     return tid
 
 def stop_ids(tokenizer, model=None) -> list:
-    """Generation stops at <|im_end|>, the tokenizer's EOS and every EOS id of the model's generation_config
-    (Qwen3: <|im_end|> and <|endoftext|>), as the official rollout does."""
+    """<|im_end|>, the tokenizer's EOS and the generation_config's EOS ids (Qwen3: + <|endoftext|>), as officially."""
     ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(STOP_TOKEN)}
     config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids.update(config_eos if isinstance(config_eos, (list, tuple)) else [config_eos])
@@ -426,15 +349,14 @@ def cache_arg(model) -> str:
     return "cache" if "cache" in inspect.signature(model.base_model.forward).parameters else "past_key_values"
 
 def cache_options(kv_cache: str) -> dict:
-    """generate's cache settings for --kv-cache: dynamic (our shared-prompt cache), static or compile."""
+    """generate's cache settings for --kv-cache: dynamic (our shared-prompt cache), static (transformers compiles
+    its decode step on a GPU) or compile (static, compiled on any device)."""
     if kv_cache == "dynamic":
         return {}
     from transformers import CompileConfig
-    options = {"cache_implementation": "static"}  # transformers compiles the decode step itself on GPU
-    if kv_cache == "compile":
-        options["compile_config"] = CompileConfig(dynamic=None)
-        options["compile_config"]._compile_all_devices = True  # also on CPU
-    return options
+    compile_config = CompileConfig(dynamic=None)
+    compile_config._compile_all_devices = True  # also on CPU
+    return {"cache_implementation": "static", **({"compile_config": compile_config} if kv_cache == "compile" else {})}
 
 def shared_prompt_cache(model, ids, mask, group_size):
     """The G samples of a prompt share its prefix: the prompt but its last token runs once through the body (no
@@ -451,9 +373,8 @@ def sample_responses(model, tokenizer, prompt_ids, group_size, max_new_tokens, t
     """G samples per prompt from P(y|x), prompt-major (sample i*G+g belongs to prompt i). Overrides the model's
     generation_config: temperature and top_p as given, no top_k, min_p or repetition penalty (official: vLLM,
     top_k -1). -> (response_ids, truncated): a response ends with its stop token unless cut at max_new_tokens."""
-    device = next(model.parameters()).device
+    device, options = next(model.parameters()).device, cache_options(kv_cache)
     stops, pad = stop_ids(tokenizer, model), pad_id(tokenizer)
-    options = cache_options(kv_cache)
     share_prompt = share_prompt and kv_cache == "dynamic"  # a static cache is allocated by generate itself
     per_call = max(1, (batch_size or group_size * len(prompt_ids)) // group_size)  # whole groups per call
     responses, truncated = [], []
@@ -498,9 +419,8 @@ def use_checkpointing(args, device) -> bool:
 
 @contextmanager
 def checkpointed_layers(model, enabled=True):  # official: actor_rollout_ref.model.enable_gradient_checkpointing
-    """Within the block, every decoder layer keeps only its inputs and recomputes its activations in backward
-    (torch's non-reentrant checkpoint). Hugging Face's own switch drops the KV cache, which the shared prompt
-    forward needs; here the layers keep it and read it through `read_only_cache`. Never used for the sampler."""
+    """Within the block, each decoder layer recomputes its activations in backward (non-reentrant checkpoint). Hugging
+    Face's own switch drops the KV cache the shared prompt forward needs: read through `read_only_cache` here."""
     layers = list(model.base_model.layers) if enabled else []
     for layer in layers:  # an instance attribute shadows the class's forward for this block only
         layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
@@ -511,9 +431,8 @@ def checkpointed_layers(model, enabled=True):  # official: actor_rollout_ref.mod
             del layer.forward
 
 def read_only_cache(cache):
-    """The prompt's KV cache, read by the response pass without being appended to: a layer recomputed under
-    checkpointing then sees the same keys and values (an appending cache would hold the response's twice).
-    Same numbers as DynamicCache's update: the concatenation of the prompt's and the new keys/values."""
+    """The prompt's KV cache, read by the response pass, never appended to: a layer recomputed under checkpointing
+    sees the same keys and values again. Same numbers as DynamicCache's update (prompt's + new keys/values)."""
     def update(key_states, value_states, layer_idx, *args, **kwargs):
         layer = cache.layers[layer_idx]
         return torch.cat([layer.keys, key_states], -2), torch.cat([layer.values, value_states], -2)
@@ -541,11 +460,9 @@ def _chunk_logprob(hidden, targets, weight, bias, temperature, stop_id=-1):
 DIAGNOSTICS = {}  # policy_loss_backward sets "stop_id"; token_logprobs then adds each pass's per-token diagnostics
 
 def token_logprobs(model, states, targets, target_mask, temperature, chunk):
-    """Per-token log-probs of `targets` (N, T) from the hidden `states` (N, T, H) that predict them. Never builds
-    the (N, T, vocab) log-softmax: the vocabulary projection runs on `chunk` real tokens at a time under activation
-    checkpointing, so memory stays flat in T (Qwen3's vocabulary is 151,936)."""
-    states = states[target_mask]  # (K, H), real response tokens only
-    flat_targets = targets[target_mask]  # (K,)
+    """Per-token log-probs of `targets` (N, T) from the hidden `states` (N, T, H) that predict them. Never builds the
+    (N, T, vocab) log-softmax: the head runs on `chunk` real tokens at a time, checkpointed (memory flat in T)."""
+    states, flat_targets = states[target_mask], targets[target_mask]  # (K, H), (K,): real response tokens only
     head, stop_id = model.get_output_embeddings(), DIAGNOSTICS.get("stop_id", -1)
     parts = [checkpoint(_chunk_logprob, states[s:s + chunk], flat_targets[s:s + chunk], head.weight, head.bias,
                         temperature, stop_id, use_reentrant=False)
@@ -661,13 +578,11 @@ class UpdateStats(NamedTuple):
 
 def policy_loss_backward(model, batch: Batch, phase: Phase, args, start_id, pad, stop_id=-1):
     """Forward + backward of coef * token_mean(PPO loss) in the phase's space over length-sorted micro-batches, for
-    the samples that can change the gradient (kept, A != 0). -> (loss, samples run, token-mean denominator,
-    diagnostics)."""
+    the samples that can change the gradient (kept, A != 0). -> (loss, samples run, denominator, diagnostics)."""
     ys_all, adv = batch.response_ids, batch.adv
     kept = [i for i in range(len(ys_all)) if batch.keep[i]]
     n_tokens = sum(len(ys_all[i]) for i in kept)  # token-mean denominator
-    # Length-sorted micro-batches pad little; in P(y|x) samples of one prompt stay together so that they
-    # share the prompt's forward pass.
+    # Length-sorted micro-batches pad little; in P(y|x) a prompt's samples stay together to share its forward.
     by_length = (lambda i: len(ys_all[i])) if phase.space == "y" else (lambda i: (batch.prompt_ids[i], len(ys_all[i])))
     active = sorted((i for i in kept if adv[i] != 0), key=by_length)
     total, device, dtype = 0.0, next(model.parameters()).device, resolve_dtype(args.dtype, args.device)
@@ -712,20 +627,16 @@ def optimizer_step(model, optimizer, grad_clip):
         if p.grad is None:
             p.grad = torch.zeros_like(p)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip).item()
-    skipped = not math.isfinite(grad_norm)
-    if not skipped:
+    if math.isfinite(grad_norm):
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return grad_norm, skipped
+    return grad_norm, not math.isfinite(grad_norm)
 
 def policy_update(model, optimizer, batch: Batch, phase: Phase, args, start_id, pad, stop_id=-1) -> UpdateStats:
     """One optimizer step of the phase's loss. A non-finite loss or gradient skips the update."""
     loss, active, loss_tokens, diagnostics = policy_loss_backward(model, batch, phase, args, start_id, pad, stop_id)
-    if math.isfinite(loss):
-        grad_norm, skipped = optimizer_step(model, optimizer, args.grad_clip)
-    else:
-        model.zero_grad(set_to_none=True)
-        grad_norm, skipped = float("nan"), True
+    grad_norm, skipped = optimizer_step(model, optimizer, args.grad_clip) if math.isfinite(loss) else (math.nan, True)
+    model.zero_grad(set_to_none=True)  # a skipped step leaves no gradient behind
     tokens_used = sum(len(batch.response_ids[i]) for i in active)
     return UpdateStats(loss, len(active), tokens_used, loss_tokens, grad_norm, skipped, diagnostics)
 
@@ -757,15 +668,14 @@ def rollout(run: Run, args, step: int):
     texts = run.tokenizer.batch_decode(responses, skip_special_tokens=True)
     golds = [ex["answer"] for ex in batch for _ in range(args.group_size)]
     rewards, outcomes = score(texts, golds, args.reward)
-    prompt_per_sample = [p for p in prompt_ids for _ in range(args.group_size)]
-    return dict(idx=idx, prompt_ids=prompt_per_sample, responses=responses, truncated=truncated, texts=texts,
-                golds=golds, rewards=rewards, outcomes=outcomes)
+    return dict(idx=idx, prompt_ids=[p for p in prompt_ids for _ in range(args.group_size)], responses=responses,
+                truncated=truncated, texts=texts, golds=golds, rewards=rewards, outcomes=outcomes)
 
 def train(args: Args, resume=None):
     from tqdm import tqdm
     import eval as evaluator  # --eval-every; imported here, not at the top, because eval.py imports dsrl.py
     run = start_run(args, resume)
-    trackers = open_trackers(args, run.first_step)
+    trackers = evaluator.open_trackers(args, run.first_step)  # --report-to: live curves
     if args.eval_every and args.eval_before_train and run.first_step == 1:  # the curve's starting point: step 0
         log_row(args, trackers, {"step": 0, **evaluator.metrics_for_training(run.gen_model, run.tokenizer, args,
                                                                              run.dtype, run.gen_batch_size)})
@@ -807,13 +717,13 @@ def train(args: Args, resume=None):
         if step % args.save_every == 0 or step == args.steps or stop or runaway:
             save_checkpoint(args.output_dir, step, run, args)
         if runaway or stop:
-            bar.close(), close_trackers(trackers)
+            bar.close(), evaluator.close_trackers(trackers)
             print(f"error: {run.bad_in_row} non-finite steps in a row at step {step}; no NaN was written, last "
                   f"weights in {args.output_dir}/checkpoint-{step}; lower --lr or check the data" if runaway else
                   f"stopped by {stop} after step {step}; continue with: python dsrl.py --output-dir "
                   f"{args.output_dir} --resume", file=sys.stderr)
             return 3 if runaway else 0
-    bar.close(), close_trackers(trackers)
+    bar.close(), evaluator.close_trackers(trackers)
     return 0
 
 ALARMS = {  # metrics key: (a step's condition, the likely cause and the fix); warned when it holds 3 steps in a row
@@ -859,10 +769,8 @@ def console_line(row):
 
 # ---- Model, checkpoints, resume, logs ----------------------------------------------------------------------
 def load_model_and_tokenizer(name_or_path: str, device: str = "cpu"):
-    """fp32 master weights (an AdamW update at lr 1e-6 vanishes in bf16 weights); compute runs in
-    autocast. Hub ids and local paths both work."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+    """fp32 master weights (an AdamW update at lr 1e-6 vanishes in bf16 weights); compute runs in autocast."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, logging as hf_logging
     hf_logging.disable_progress_bar()  # one progress bar (ours) on the console
     local = os.path.exists(name_or_path) or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
     if local and not os.path.isdir(name_or_path):
@@ -915,11 +823,9 @@ def start_run(args: Args, resume=None) -> Run:
     examples, n_malformed = load_problems(args.dataset)
     model, tokenizer = load_model_and_tokenizer(resume_path or args.model, device)
     start_id, pad = token_id(tokenizer, START_TOKEN), pad_id(tokenizer)
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    random.seed(args.seed), torch.manual_seed(args.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
     run = Run(model, None, tokenizer, optimizer, examples, start_id, pad, dtype, 1, 0, plan["gen_batch_size"])
-    logs = [os.path.join(args.output_dir, name) for name in ("metrics.jsonl", "samples.jsonl")]
     if resume_path:
         optimizer.load_state_dict(state["optimizer"])
         random.setstate(state["rng"]["python"])  # the sampler's and the data's random streams continue exactly
@@ -928,12 +834,9 @@ def start_run(args: Args, resume=None) -> Run:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         run.first_step, run.bad_in_row = state["step"] + 1, state.get("bad_in_row", 0)
         run.alarms = state.get("alarms", {})
-        for path in logs:
-            truncate_jsonl(path, state["step"])
         print(f"resumed from {resume_path} at step {state['step']}", file=sys.stderr)
-    else:
-        for path in logs:
-            open(path, "w").close()
+    for name in ("metrics.jsonl", "samples.jsonl"):  # cut back to the checkpoint; a fresh run starts them empty
+        truncate_jsonl(os.path.join(args.output_dir, name), state["step"] if resume_path else -1)
     with open(os.path.join(args.output_dir, "config.json"), "w") as fh:
         json.dump({**dataclasses.asdict(args), "resolved_device": device, "resolved_dtype": str(dtype),
                    "n_examples": len(examples), "n_malformed_rows": n_malformed}, fh, indent=2)
@@ -953,15 +856,14 @@ def rng_state():  # Python's, torch's and CUDA's random state: a checkpoint's, o
 def save_checkpoint(output_dir, step, run: Run, args, rng=None):
     """checkpoint-N/: HF weights + tokenizer (from_pretrained loads it) and trainer_state.pt, written to a temporary
     folder and renamed (a kill never leaves a complete-looking partial one); a failed write raises UsageError."""
-    final = os.path.join(output_dir, f"checkpoint-{step}")
-    tmp = os.path.join(output_dir, f".tmp-checkpoint-{step}")
+    final, tmp = (os.path.join(output_dir, f"{prefix}checkpoint-{step}") for prefix in ("", ".tmp-"))
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         run.model.save_pretrained(tmp)
         run.tokenizer.save_pretrained(tmp)
-        rng = rng or rng_state()
-        torch.save({"step": step, "optimizer": run.optimizer.state_dict(), "rng": rng, "args": dataclasses.asdict(args),
-                    "bad_in_row": run.bad_in_row, "alarms": run.alarms}, os.path.join(tmp, "trainer_state.pt"))
+        torch.save({"step": step, "optimizer": run.optimizer.state_dict(), "rng": rng or rng_state(),
+                    "args": dataclasses.asdict(args), "bad_in_row": run.bad_in_row, "alarms": run.alarms},
+                   os.path.join(tmp, "trainer_state.pt"))
         if os.path.exists(final):  # re-saving the same step after a resume
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -988,13 +890,12 @@ def list_checkpoints(output_dir):
 
 def truncate_jsonl(path, last_step):
     """Drop lines of steps after `last_step` (a run resumed from checkpoint-N repeats steps N+1..)."""
-    if not os.path.exists(path):
-        return
-    with open(path, encoding="utf-8") as fh:
-        lines = [ln for ln in fh if ln.strip() and _line_step(ln) <= last_step]
-    with open(path + ".tmp", "w", encoding="utf-8") as fh:
-        fh.writelines(lines)
-    os.replace(path + ".tmp", path)
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as fh:
+            lines = [ln for ln in fh if ln.strip() and _line_step(ln) <= last_step]
+        with open(path + ".tmp", "w", encoding="utf-8") as fh:
+            fh.writelines(lines)
+        os.replace(path + ".tmp", path)
 
 def _line_step(line):
     try:
@@ -1006,41 +907,12 @@ def append_jsonl(path, rows):
     with open(path, "a", encoding="utf-8") as fh:
         fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
-def open_trackers(args, first_step):
-    """--report-to: TensorBoard (<output-dir>/tensorboard) and W&B (WANDB_MODE=offline works), imported only when asked
-    for. --resume goes on in the same tracker run: TensorBoard purges the steps after the checkpoint, W&B resumes the id
-    kept in <output-dir>/wandb_id. The config is logged once."""
-    trackers, config, resumed = {}, dataclasses.asdict(args), first_step > 1
-    for name in filter(None, args.report_to.split(",")):
-        if name == "tensorboard":
-            from torch.utils.tensorboard import SummaryWriter
-            trackers[name] = SummaryWriter(os.path.join(args.output_dir, name), purge_step=first_step * resumed)
-            trackers[name].add_text("config", json.dumps(config).replace(", ", ",  \n"), first_step - 1)  # markdown
-        else:
-            import wandb
-            id_file = os.path.join(args.output_dir, "wandb_id")
-            run_id = open(id_file).read() if resumed and os.path.exists(id_file) else "dsrl-" + os.urandom(4).hex()
-            open(id_file, "w").write(run_id)
-            trackers[name] = wandb.init(project="dsrl", id=run_id, resume="allow", dir=args.output_dir, config=config)
-    return trackers
-
 def log_row(args, trackers, row, samples=()):
-    """A row to metrics.jsonl (the record) and to each tracker, with a few responses and their rewards when given."""
+    """A row to metrics.jsonl, the record, and to --report-to's trackers (eval.py's track: live curves)."""
     append_jsonl(os.path.join(args.output_dir, "metrics.jsonl"), [row])
-    logged = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
-    if samples:
-        logged["samples"] = "\n\n".join(f"reward {s['reward']}, gold {s['gold']}: {s['response']}" for s in samples)
-    for name, tracker in trackers.items():
-        if name == "wandb":
-            tracker.log(logged, step=row["step"])
-            continue
-        for key, value in logged.items():
-            (tracker.add_text if isinstance(value, str) else tracker.add_scalar)(key, value, row["step"])
-        tracker.flush()
-
-def close_trackers(trackers):
-    for tracker in trackers.values():
-        tracker.finish() if hasattr(tracker, "finish") else tracker.close()  # a W&B run, a TensorBoard writer
+    if trackers:
+        import eval as evaluator  # here, not at the top: eval.py imports dsrl.py
+        evaluator.track(trackers, row, samples)
 
 def read_checkpoint(path):
     """trainer_state of a checkpoint whose files read back whole, or None (truncated or corrupt: a disk fault)."""

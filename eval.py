@@ -19,6 +19,7 @@ into --output and prints the Markdown table. Bad input: one `error: ...` line, e
 """
 
 import argparse
+import dataclasses
 import functools
 import json
 import math
@@ -575,6 +576,47 @@ def metrics_for_training(model, tokenizer, args, dtype, gen_batch_size=None) -> 
             section = "val-core" if key == f"mean@{n_max}" else "val-aux"
             out[f"{section}/{res['data_source']}/reward/{key}"] = value
     return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Live curves: dsrl.py --report-to (metrics.jsonl stays the record; `plot` draws from it alone)
+# ----------------------------------------------------------------------------------------------------
+def open_trackers(args, first_step):
+    """dsrl.py --report-to: TensorBoard (<output-dir>/tensorboard) and W&B (WANDB_MODE=offline works), imported
+    only when asked for. --resume goes on in the same tracker run: TensorBoard purges the steps after the
+    checkpoint, W&B resumes the id kept in <output-dir>/wandb_id. The config is logged once."""
+    trackers, config, resumed = {}, dataclasses.asdict(args), first_step > 1
+    for name in filter(None, args.report_to.split(",")):
+        if name == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+            trackers[name] = SummaryWriter(os.path.join(args.output_dir, name), purge_step=first_step * resumed)
+            trackers[name].add_text("config", json.dumps(config).replace(", ", ",  \n"), first_step - 1)  # markdown
+        else:
+            import wandb
+            id_file = os.path.join(args.output_dir, "wandb_id")
+            run_id = open(id_file).read() if resumed and os.path.exists(id_file) else "dsrl-" + os.urandom(4).hex()
+            open(id_file, "w").write(run_id)
+            trackers[name] = wandb.init(project="dsrl", id=run_id, resume="allow", dir=args.output_dir, config=config)
+    return trackers
+
+
+def track(trackers, row, samples=()):
+    """One metrics row of dsrl.py to each tracker, with a few responses and their rewards when given."""
+    logged = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
+    if samples:
+        logged["samples"] = "\n\n".join(f"reward {s['reward']}, gold {s['gold']}: {s['response']}" for s in samples)
+    for name, tracker in trackers.items():
+        if name == "wandb":
+            tracker.log(logged, step=row["step"])
+            continue
+        for key, value in logged.items():
+            (tracker.add_text if isinstance(value, str) else tracker.add_scalar)(key, value, row["step"])
+        tracker.flush()
+
+
+def close_trackers(trackers):
+    for tracker in trackers.values():
+        tracker.finish() if hasattr(tracker, "finish") else tracker.close()  # a W&B run, a TensorBoard writer
 
 
 def official_markdown(results):

@@ -287,9 +287,9 @@ def _split_top_level(s, pattern):
     return parts, separators
 
 
-def _last_box(text):
-    """Content of the last top-level \\boxed{}/\\fbox{} (or `\\boxed 5`); None if absent or cut off.
-    Mirrors dsrl.last_boxed for the command line only: training calls dsrl.last_boxed."""
+def last_box(text):
+    """Content of the last top-level \\boxed{}/\\fbox{} (or `\\boxed 5`); None if absent or cut off. The answer
+    training reads (dsrl.last_boxed), evaluation votes on and the command line grades: one implementation."""
     if not isinstance(text, str):
         return None
     found, end_of_found = None, 0
@@ -1249,7 +1249,7 @@ def main(argv=None):
         print("%s  (expected 2 arguments, got %d; --help explains)" % (_USAGE, len(argv)), file=sys.stderr)
         return 2
     response, gold = argv
-    answer = _last_box(response)  # what training reads: the last box only
+    answer = last_box(response)  # what training reads: the last box only
     reward, outcome = grade(answer, gold)
     cleaned_gold = ' | '.join(_cleaned_for_display(v) for v in _gold_variants(gold))
     why = ('the last box is cut off or empty, so training scores it 0' if _BOX_RE.search(response) else

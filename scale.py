@@ -3,10 +3,12 @@
 It holds what is not the method (dsrl.py is) but decides where the method can run:
  1. One GPU: the memory plan. `python dsrl.py --plan [flags]` prints it and exits; every training run prints it
     before the first step. It is computed by formula from the model's config.json and the flags: nothing is
-    allocated, no weights are read. It also resolves `--gen-batch-size 0` ("auto"). Before it, a hub id named in
-    the flags gets a 5-second look at the Hugging Face Hub (`hub_reachable`), not half a minute of the client's retries.
+    allocated, no weights are read. It also resolves `--gen-batch-size 0` ("auto").
  2. Beyond one GPU: the official multi-GPU launch (the verl fork, 8 GPUs, vLLM) of the same experiment.
     `python dsrl.py --print-verl-command ...` prints it; README.md, "From one GPU to the official launch".
+And what a run reads before anything else: a 5-second look at the Hugging Face Hub for the hub ids in the flags
+(`hub_reachable`, not half a minute of the client's retries), and the rows of a data file or hub dataset
+(`read_rows`: .parquet, .jsonl, .json, .csv; dsrl.py turns them into problems, the launch counts them).
 
 dsrl.py imports this module; this module imports nothing of the project: it takes the run's settings (dsrl.Args)
 and the mode table as arguments, and raises ValueError with one line for settings that cannot run, which dsrl.py
@@ -14,6 +16,8 @@ reports as a usage error (exit code 2). The compute dtype, the device and the gr
 are the method's compute path: dsrl.py resolves them and passes them in.
 """
 
+import csv
+import json
 import math
 import os
 import re
@@ -51,6 +55,39 @@ def hub_reachable(*names, timeout=5) -> bool:
         return False
     return True
 
+
+def read_rows(source: str, split: str = "train") -> list:
+    """Rows of a local .parquet/.jsonl/.json/.csv file, or of a hub dataset split."""
+    if not (source.endswith((".parquet", ".jsonl", ".json", ".csv")) or os.sep in source and os.path.exists(source)):
+        try:
+            import datasets
+            return datasets.load_dataset(source, split=split).to_list()
+        except Exception as e:
+            raise ValueError(f"cannot load dataset '{source}' from the hub ({type(e).__name__}); "
+                             "check the id or give a local .parquet/.jsonl file")
+    if not os.path.isfile(source):
+        raise ValueError(f"dataset file not found: {source} (give an existing .parquet/.jsonl file or a hub id)")
+    try:
+        if source.endswith(".parquet"):
+            import pyarrow.parquet as pq  # comes with datasets; only .parquet files need it
+            return pq.read_table(source).to_pylist()
+        with open(source, encoding="utf-8", newline="") as fh:
+            if source.endswith(".csv"):  # each cell as written: a gold "0.50" stays "0.50"
+                return list(csv.DictReader(fh, restkey="__malformed__"))
+            text = fh.read()
+        lines = json.loads(text) if text.lstrip().startswith("[") else text.split("\n")  # .json: one array of rows
+        return [_json_row(line, n) for n, line in enumerate(lines, 1) if not isinstance(line, str) or line.strip()]
+    except Exception as e:
+        raise ValueError(f"cannot read dataset file {source}: {type(e).__name__}: {str(e)[:200]} "
+                         "(is it a valid parquet/jsonl file?)")
+
+
+def _json_row(line, n):  # a line of a .jsonl file, or a row of a .json array -> dict
+    try:
+        row = json.loads(line) if isinstance(line, str) else line
+    except json.JSONDecodeError:
+        row = None
+    return row if isinstance(row, dict) else {"__malformed__": f"line {n}"}  # counted as malformed, never trained on
 
 def model_config(name_or_path):
     """The model's config.json from a local folder or the hub; no weights are read. -> config or None."""
@@ -418,11 +455,9 @@ def train_rows(a, default_dataset):
         if a.dataset.endswith(".parquet"):
             import pyarrow.parquet as pq  # comes with datasets; only .parquet files need it
             return pq.ParquetFile(a.dataset).metadata.num_rows, a.dataset
-        with open(a.dataset, encoding="utf-8") as fh:
-            return sum(1 for line in fh if line.strip()), a.dataset
     except Exception as e:
-        raise ValueError(f"cannot read dataset file {a.dataset}: {type(e).__name__} "
-                         "(is it a valid parquet/jsonl file?)")
+        raise ValueError(f"cannot read dataset file {a.dataset}: {type(e).__name__} (is it a valid parquet file?)")
+    return len(read_rows(a.dataset)), a.dataset  # .jsonl/.json/.csv: the rows, not the lines
 
 
 def val_files(a) -> list:
