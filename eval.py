@@ -1102,7 +1102,7 @@ def build_parser():
                         **ex("python eval.py sweep --warmup-steps 0,5,10,15,20,25 --protocol paper --output runs/sweep "
                              "-- --model Qwen/Qwen3-0.6B"))
     sw.add_argument("--warmup-steps", default="0,5,10,15,20,25", help="comma list of warm-up lengths W")
-    sw.add_argument("--output", default="runs/sweep", help="runs go to OUTPUT/warmup-W, the table to sweep.md there")
+    sw.add_argument("--output", default="runs/sweep", help="runs go to OUTPUT/warmup-W, the table (Markdown and JSON) there")
     sw.add_argument("--protocol", choices=list(PROTOCOLS), help="evaluation protocol of eval.py accuracy")
     for flag, kind in (("--benchmarks", str), ("--k", int), ("--max-new-tokens", int), ("--temperature", float),
                        ("--top-p", float), ("--limit", int), ("--device", str), ("--dtype", str),

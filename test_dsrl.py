@@ -1367,6 +1367,90 @@ def test_loop_update_is_adamw_with_weight_decay_and_the_gradient_clip(wiring_run
         "embedding rows with zero gradient must shrink by exactly 1 - lr * weight_decay (weight decay 0.1)")
 
 
+def record_calls(monkeypatch, module, names):
+    """Wraps module.<name> for each name: the arguments of every call, bound to the parameter names with the defaults
+    filled in, go to calls[name], then the real function runs. A dropped argument shows as its default."""
+    import inspect
+    calls = {name: [] for name in names}
+    for name in names:
+        real = getattr(module, name)
+
+        def wrapper(*a, _real=real, _name=name, **kw):
+            bound = inspect.signature(_real).bind(*a, **kw)
+            bound.apply_defaults()
+            calls[_name].append(dict(bound.arguments))
+            return _real(*a, **kw)
+        monkeypatch.setattr(module, name, wrapper)
+    return calls
+
+
+# Every flag the loop passes on at a non-default value, pairwise distinct where two could be swapped
+PASSED_ON = dict(WIRING_FLAGS, clip_low=0.11, clip_high=0.23, clip_dual=4.5, gradient_checkpointing=True,
+                 kv_cache="static", weight_decay=0.07, grad_clip=0.3, steps=4, save_every=4)
+
+
+@pytest.mark.slow
+def test_loop_passes_each_flag_by_name_where_the_numbers_cannot_show_it(tiny_model_dir, tmp_path, monkeypatch):
+    """Catches a flag the loop passes on, dropped (its default), or swapped with a neighbour of the same type, at the
+    call where it is used. Some cannot show in the logged numbers: with one update per batch the PPO ratio is 1, so
+    --clip-low/--clip-high/--clip-dual never change the loss; the vocabulary chunk and checkpointing never change a
+    log-prob. Every call is recorded with its arguments by name, in a DSRL run of one P(y) and three P(y|x) steps."""
+    data = write_parquet(wiring_rows(), str(tmp_path / "rows.parquet"))
+    args = dsrl.Args(model=tiny_model_dir, dataset=data, output_dir=str(tmp_path / "run"), **PASSED_ON)
+    calls = record_calls(monkeypatch, dsrl, ["build_prompt", "sample_responses", "score", "group_advantages",
+                                             "sample_mask", "logprob_y", "logprob_y_given_x", "ppo_clip_loss",
+                                             "token_mean_loss", "optimizer_step", "phase_for_step"])
+    adamw = record_calls(monkeypatch, torch.optim, ["AdamW"])
+    assert train_in_process(args) == 0
+    a = args
+    assert {c["max_prompt_tokens"] for c in calls["build_prompt"]} == {a.max_prompt_tokens}
+    for c in calls["sample_responses"]:
+        assert (c["group_size"], c["max_new_tokens"], c["temperature"], c["top_p"], c["batch_size"], c["kv_cache"]) == (
+            a.group_size, a.max_new_tokens, a.temperature, a.top_p, a.gen_batch_size, a.kv_cache), c
+    assert [c["kind"] for c in calls["score"]] == [a.reward] * 4
+    assert [(c["group_size"], c["use_std"]) for c in calls["group_advantages"]] == [(a.group_size, s > 1)
+                                                                                     for s in range(1, 5)]
+    assert [c["samples"] for c in calls["sample_mask"]] == ["neg", "all", "all", "all"]
+    assert [(c["mode"], c["step"], c["warmup_steps"], c["prerl_coef"], c["warmup_space"])
+            for c in calls["phase_for_step"]] == [(a.mode, s, a.warmup_steps, a.prerl_coef, a.warmup_space)
+                                                  for s in range(1, 5)]
+    assert calls["logprob_y"] and calls["logprob_y_given_x"], "both spaces must run a loss pass"
+    for name in ("logprob_y", "logprob_y_given_x"):
+        for c in calls[name]:
+            assert (c["temperature"], c["chunk"], c["checkpointing"]) == (a.temperature, a.logprob_chunk, True), c
+            assert len(c["response_ids"]) <= a.micro_batch_size
+    assert {(c["clip_low"], c["clip_high"], c["clip_dual"]) for c in calls["ppo_clip_loss"]} == {(0.11, 0.23, 4.5)}
+    assert [c["grad_clip"] for c in calls["optimizer_step"]] == [a.grad_clip] * 4
+    assert [(c["lr"], c["weight_decay"]) for c in adamw["AdamW"]] == [(a.lr, a.weight_decay)]
+
+
+@pytest.mark.slow
+def test_eval_command_lines_pass_each_flag_to_the_sampler_and_scorer(plain_model_dir, tmp_path, monkeypatch):
+    """Catches a flag of `eval.py accuracy` or `eval.py align` dropped, defaulted or swapped on its way to the sampler
+    (k, --max-new-tokens, --temperature, --top-p, --gen-batch-size as the bound), the scorer (--reward), the problem
+    limit and the alignment's log-probs (--chunk), at non-default, pairwise distinct values."""
+    bench = write_parquet(problem_rows(6, seed=3), str(tmp_path / "bench.parquet"))
+    flags = ["--model", plain_model_dir, "--device", "cpu", "--max-new-tokens", "5", "--temperature", "0.7",
+             "--top-p", "0.9", "--gen-batch-size", "6", "--seed", "4", "--reward", "official", "--limit", "2"]
+    calls = record_calls(monkeypatch, dsrl, ["sample_responses", "score"])
+    mine = record_calls(monkeypatch, evaluator, ["sampling_batch", "score_sample", "load_benchmark",
+                                                 "rollout_alignment"])
+    assert evaluator.main(["accuracy", *flags, "--benchmarks", bench, "--k", "3", "--output", str(tmp_path / "a")]) == 0
+    (c,) = calls["sample_responses"]
+    assert (c["group_size"], c["max_new_tokens"], c["temperature"], c["top_p"], len(c["prompt_ids"])) == (3, 5, 0.7, 0.9,
+                                                                                                           2), c
+    assert [b["most"] for b in mine["sampling_batch"]] == [6] and c["batch_size"] == 6
+    assert {s["reward"] for s in mine["score_sample"]} == {"official"} and len(mine["score_sample"]) == 6
+    assert [b["limit"] for b in mine["load_benchmark"]] == [2]
+    calls["sample_responses"].clear()
+    assert evaluator.main(["align", *flags, "--benchmark", bench, "--rollouts", "4", "--chunk", "7", "--output",
+                           str(tmp_path / "g")]) == 0
+    (c,) = calls["sample_responses"]
+    assert (c["group_size"], c["max_new_tokens"], c["temperature"], c["top_p"], c["batch_size"]) == (2, 5, 0.7, 0.9, 4)
+    assert {(r["temperature"], r["chunk"]) for r in mine["rollout_alignment"]} == {(0.7, 7)}
+    assert len(mine["rollout_alignment"]) == 4 and {k["kind"] for k in calls["score"]} == {"official"}
+
+
 @pytest.mark.slow
 def test_bf16_sampler_follows_the_weights_and_resume_by_path_writes_into_that_run(tiny_model_dir, tiny_data, tmp_path,
                                                                                   monkeypatch):

@@ -29,8 +29,8 @@ EXERCISES = [
 ]
 # Copied (paths from the project root; a missing optional one is skipped; test_dsrl.py and README.md as
 # student_text gives them). An allow-list, so that a new instructor file cannot reach the students by accident.
-STUDENT_FILES = ["README.md", "grader.py", "scale.py", "test_dsrl.py", "test_grader.py", "requirements.txt",
-                 "testdata", "bench/README.md", "course/ASSIGNMENT.md", "course/WRITEUP.md", "course/grade.py",
+STUDENT_FILES = ["README.md", "REPRODUCE.md", ".gitignore", "grader.py", "scale.py", "test_dsrl.py", "test_grader.py",
+                 "requirements.txt", "testdata", "bench/README.md", "course/ASSIGNMENT.md", "course/WRITEUP.md", "course/grade.py",
                  "course/make_exercises.py", "course/tiny_task.py", "course/run_experiments.sh", "course/summarize.py",
                  "course/run_junk_experiment.sh", "course/junk_summary.py"]
 OPTIONAL = {"pytest.ini"}  # the root pytest configuration (markers), when the project has one
