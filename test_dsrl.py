@@ -1173,7 +1173,7 @@ def wiring_rows():
     return rows
 
 
-WIRING_FLAGS = dict(mode="dsrl", warmup_steps=1, steps=2, save_every=1, prompts_per_step=4, group_size=4, max_new_tokens=10, max_prompt_tokens=110,
+WIRING_FLAGS = dict(mode="dsrl", warmup_steps=1, steps=3, save_every=1, save_total_limit=0, prompts_per_step=4, group_size=4, max_new_tokens=10, max_prompt_tokens=110,
                     temperature=0.7, top_p=0.9, prerl_coef=0.05, weight_decay=0.1, grad_clip=1e-3, lr=1e-3,
                     gen_batch_size=8, micro_batch_size=3, logprob_chunk=5, reward="official", seed=7, device="cpu")
 
@@ -1200,7 +1200,7 @@ def test_loop_samples_are_generate_at_the_given_flags(wiring_run, tiny):
     args, rows, samples, _, calls, _ = wiring_run
     model, tok = tiny
     got = [(c["temperature"], c["top_p"], c["input_ids"][0], c["max_new_tokens"]) for c in calls]
-    assert got == [(0.7, 0.9, 8, 10)] * 4, (
+    assert got == [(0.7, 0.9, 8, 10)] * 2 * args.steps, (
         f"generate got (temperature, top_p, rows, max_new_tokens) = {got}: expected two calls per step of 2 prompts x 4 "
         "samples (--gen-batch-size 8) at temperature 0.7, top-p 0.9, --max-new-tokens 10")
     idx = expected_order(len(rows), args.seed, 1, args.prompts_per_step)
@@ -1286,13 +1286,14 @@ def independent_nsr_gradient(model, tok, samples, coef, temperature):
 
 @pytest.mark.slow
 def test_loop_grpo_gradient_is_the_p_y_given_x_loss_at_the_run_temperature(wiring_run):
-    """Catches: temperature 1.0 in the P(y|x) loss, std not applied, the prompt of another sample. Step 2 (GRPO)
-    logs the grad_norm of token-mean(-A log pi(y_t | x, y_<t) / 0.7) over every sample, A = (r - mean) / (std + 1e-6),
-    recomputed here from checkpoint-1's weights and the model's own logits."""
+    """Catches: temperature 1.0 in the P(y|x) loss, std not applied, the prompt of another sample. Step 3 (GRPO; step 2's
+    groups are all uniform) logs the grad_norm of token-mean(-A log pi(y_t | x, y_<t) / 0.7) over every sample,
+    A = (r - mean) / (std + 1e-6), recomputed here from checkpoint-2's weights and the model's own logits."""
     from transformers import AutoModelForCausalLM
     args, rows, _, _, _, by_step = wiring_run
-    samples, metrics = by_step[2]
-    model = AutoModelForCausalLM.from_pretrained(os.path.join(args.output_dir, "checkpoint-1"))
+    samples, metrics = by_step[3]
+    assert metrics["phase"] == "rl" and metrics["n_pos"] > 0, "step 3 must be a GRPO step with mixed groups: change the seed"
+    model = AutoModelForCausalLM.from_pretrained(os.path.join(args.output_dir, "checkpoint-2"))
     tok = make_tokenizer()
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
     rewards = [s["reward"] for s in samples]
@@ -1306,7 +1307,6 @@ def test_loop_grpo_gradient_is_the_p_y_given_x_loss_at_the_run_temperature(wirin
     loss = sum(-a * reference_logprobs(model, x, y, 0.7).sum() for a, x, y in zip(adv, prompts, ys) if a != 0)
     (loss / sum(map(len, ys))).backward()
     norm = math.sqrt(sum((p.grad ** 2).sum().item() for p in model.parameters() if p.grad is not None))
-    assert metrics["phase"] == "rl" and metrics["n_pos"] > 0, "step 2 must be a GRPO step with mixed groups: change the seed"
     assert metrics["grad_norm"] == pytest.approx(norm, rel=1e-4), (
         f"logged grad_norm {metrics['grad_norm']:.6g}, independent {norm:.6g}: the GRPO loss uses the sampling "
         "temperature, std-normalised advantages and each sample's own prompt")
@@ -1323,7 +1323,8 @@ def test_loop_warmup_space_flag_changes_only_the_warmup_space(wiring_run, tiny, 
     samples, metrics = read_jsonl(tmp_path / "run" / "samples.jsonl"), read_jsonl(tmp_path / "run" / "metrics.jsonl")
     step1 = [s for s in samples if s["step"] == 1]
     assert [(s["response"], s["reward"]) for s in step1] == [(s["response"], s["reward"]) for s in samples_py]
-    assert [(m["phase"], m["space"], m["samples"]) for m in metrics] == [("warmup", "P(y|x)", "neg"), ("rl", "P(y|x)", "all")]
+    assert [(m["phase"], m["space"], m["samples"]) for m in metrics] == [("warmup", "P(y|x)", "neg")] + [
+        ("rl", "P(y|x)", "all")] * (args.steps - 1)
     model, tok = tiny
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
     rewards = [s["reward"] for s in step1]
@@ -1744,9 +1745,11 @@ def test_nothing_from_sampling_lives_into_the_loss(plain, kv_cache):
     from transformers import Cache
     model, tok = plain
     prompts = [dsrl.build_prompt(tok, r["prompt"], 512) for r in problem_rows(2)]
+    gc.collect()
+    before = {id(o) for o in gc.get_objects() if isinstance(o, Cache)}  # other tests' objects (failed ones' frames)
     dsrl.sample_responses(model, tok, prompts, 2, 6, kv_cache=kv_cache)
     gc.collect()
-    caches = [type(o).__name__ for o in gc.get_objects() if isinstance(o, Cache)]
+    caches = [type(o).__name__ for o in gc.get_objects() if isinstance(o, Cache) and id(o) not in before]
     assert not caches, f"--kv-cache {kv_cache}: {caches} alive after sampling"
     weights = {id(t) for t in list(model.parameters()) + list(model.buffers())}
     extra = [tuple(v.shape) for k, v in vars(model).items() if torch.is_tensor(v) and id(v) not in weights]
