@@ -918,6 +918,14 @@ def plot_runs(run_dirs: list, out_dir: str) -> list:
 # ----------------------------------------------------------------------------------------------------
 # Files and tables
 # ----------------------------------------------------------------------------------------------------
+def read_json(path: str):
+    """The JSON document at path, or None where there is none."""
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
 def read_jsonl(path: str) -> list:
     if not os.path.isfile(path):
         raise dsrl.UsageError(f"file not found: {path}")
@@ -1027,15 +1035,17 @@ def cmd_sweep(a):
                 for w in ("--" + key.replace("_", "-"), str(getattr(a, key)))]
     table = {}
     for w in [int(x) for x in a.warmup_steps.split(",") if x.strip()]:
-        run = os.path.join(a.output, f"warmup-{w}")
-        resume = ["--resume"] if dsrl.list_checkpoints(run) else []
-        run_python([os.path.join(here, "dsrl.py")] + train + ["--mode", "dsrl", "--warmup-steps", str(w),
-                                                               "--output-dir", run] + resume)
+        run, report = os.path.join(a.output, f"warmup-{w}"), os.path.join(a.output, f"warmup-{w}", "eval")
+        flags = train + ["--mode", "dsrl", "--warmup-steps", str(w), "--output-dir", run]
+        saved = dsrl.list_checkpoints(run)
+        if not saved or int(saved[-1].rsplit("-", 1)[1]) < dsrl.parse_args(flags)[0].steps:  # else finished
+            run_python([os.path.join(here, "dsrl.py")] + flags + ["--resume"] * bool(saved))
         final = dsrl.list_checkpoints(run)[-1]
-        run_python([os.path.join(here, "eval.py"), "accuracy", "--model", final, "--output", os.path.join(run, "eval")]
-                   + evaluate)
-        with open(os.path.join(run, "eval", "accuracy.json")) as fh:
-            table[w] = {"checkpoint": final, "results": json.load(fh)["results"]}
+        done = read_json(os.path.join(report, "accuracy.json"))
+        if done is None or done["config"]["model"] != final:  # evaluated once per final checkpoint
+            run_python([os.path.join(here, "eval.py"), "accuracy", "--model", final, "--output", report] + evaluate)
+            done = read_json(os.path.join(report, "accuracy.json"))
+        table[w] = {"checkpoint": final, "results": done["results"]}
     benches = list(next(iter(table.values()))["results"]) if table else []
     header = ["warm-up steps"] + [f"{b} {headline(table[min(table)]['results'][b])[0]}" for b in benches] + ["mean"]
     rows = []

@@ -2828,7 +2828,8 @@ def test_plot_pass_at_k_curves_from_two_accuracy_files(tmp_path, monkeypatch, ca
 def test_warmup_sweep_is_one_command_and_one_table(tiny_model_dir, tiny_data, tmp_path, monkeypatch, capsys):
     """eval.py sweep --warmup-steps 0,1: one dsrl.py run per W (W = 0: GRPO from step 1; W = 1: one P(y) step), each
     final checkpoint evaluated with the given flags, one table whose numbers are the runs' accuracy.json; rerunning the
-    command resumes the runs instead of starting over. (The two scripts run in this process here, not as children.)"""
+    command runs nothing that is done and resumes a run that is not (a larger --steps) instead of starting over.
+    (The two scripts run in this process here, not as children.)"""
     calls = []
 
     def run_python(argv):
@@ -2839,9 +2840,13 @@ def test_warmup_sweep_is_one_command_and_one_table(tiny_model_dir, tiny_data, tm
     monkeypatch.setattr(evaluator, "run_python", run_python)
     bench = repeated_benchmark(str(tmp_path / "bench.parquet"), n_unique=2, copies=1)
     out = tmp_path / "sweep"
-    argv = ["sweep", "--warmup-steps", "0,1", "--output", out, "--benchmarks", bench, "--k", 2, "--max-new-tokens", 12,
-            "--", "--model", tiny_model_dir, "--dataset", tiny_data, "--steps", 2, "--prompts-per-step", 2,
-            "--group-size", 2, "--max-new-tokens", 6, "--lr", "1e-3", "--device", "cpu", "--warmup-steps", 5, "--mode", "grpo"]
+
+    def sweep(warmups, steps):
+        return ["sweep", "--warmup-steps", warmups, "--output", out, "--benchmarks", bench, "--k", 2,
+                "--max-new-tokens", 12, "--", "--model", tiny_model_dir, "--dataset", tiny_data, "--steps", steps,
+                "--prompts-per-step", 2, "--group-size", 2, "--max-new-tokens", 6, "--lr", "1e-3", "--device", "cpu",
+                "--warmup-steps", 5, "--mode", "grpo"]
+    argv = sweep("0,1", 2)
     assert run_eval(argv, capsys).returncode == 0
     # the given --warmup-steps 5 and --mode grpo are overridden: the sweep's values come last (argparse: last wins)
     assert [c[len(c) - c[::-1].index("--warmup-steps")] for c in calls if "--warmup-steps" in c] == ["0", "1"]
@@ -2854,8 +2859,13 @@ def test_warmup_sweep_is_one_command_and_one_table(tiny_model_dir, tiny_data, tm
         assert table[w]["results"] == evaluated["results"] and evaluated["config"]["model"].endswith("checkpoint-2")
     md = open(out / "sweep.md").read()
     assert md.count("\n") == 4 and "| warm-up steps | bench avg@2 | mean |" in md
-    calls.clear()
-    assert run_eval(argv, capsys).returncode == 0 and all("--resume" in c for c in calls if "--warmup-steps" in c)
+    calls.clear()  # the same command again: both runs are finished and evaluated, nothing runs, the same table
+    assert run_eval(argv, capsys).returncode == 0 and calls == [] and json.load(open(out / "sweep.json"))["runs"] == table
+    assert run_eval(sweep("1", 3), capsys).returncode == 0  # W = 1 resumed from checkpoint-2, checkpoint-3 evaluated
+    assert [(os.path.basename(c[0]), "--resume" in c) for c in calls] == [("dsrl.py", True), ("eval.py", False)]
+    assert [m["step"] for m in read_jsonl(out / "warmup-1" / "metrics.jsonl")] == [1, 2, 3]
+    evaluated = json.load(open(out / "warmup-1" / "eval" / "accuracy.json"))
+    assert evaluated["config"]["model"].endswith("checkpoint-3")
 
 
 def test_plot_without_matplotlib_is_a_one_line_error(tmp_path, monkeypatch, capsys):
@@ -2880,7 +2890,7 @@ def test_eval_every_writes_eval_metrics_into_the_run(tiny_model_dir, tiny_data, 
         "warmup-steps": 1, "eval-every": 2, "eval-benchmarks": tiny_data, "eval-k": 2}), capsys)
     assert code == 0, err[-2000:]
     m0, m1, m2 = read_jsonl(out / "metrics.jsonl")
-    assert m0["step"] == 0 and set(m0) == {"step"} | {k for k in m2 if k.startswith("eval/")}  # before step 1
+    assert m0["step"] == 0 and set(m0) == {"step"} | {k for k in m2 if k.startswith(("eval/", "val-"))}  # pre step 1
     assert not any(k.startswith("eval/") for k in m1)
     assert m2["eval/math_tiny/n_problems"] == 2  # the 64 fixture rows hold 2 distinct problems (1+1, 0+1)
     assert 0.0 <= m2["eval/math_tiny/avg@2"] <= m2["eval/math_tiny/pass@2"] <= 1.0
