@@ -188,7 +188,7 @@ def one_step(o, run, args, new_tokens, phases):
     adv = dsrl.group_advantages(rewards, args.group_size, ph.use_std)
     batch = dsrl.Batch([p for p in prompt_ids for _ in range(args.group_size)], responses, adv,
                        dsrl.sample_mask(adv, ph.samples))
-    _, active, _ = phase("loss", lambda: dsrl.policy_loss_backward(model, batch, ph, args, start_id, pad))
+    _, active, *_ = phase("loss", lambda: dsrl.policy_loss_backward(model, batch, ph, args, start_id, pad))
     phase("optimizer", lambda: dsrl.optimizer_step(model, optimizer, args.grad_clip))
     dsrl.sync_generation_copy(gen_model, model)
     svt.sync(device)
