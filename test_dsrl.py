@@ -3600,6 +3600,23 @@ def test_trainer_and_gpu_check_need_neither_pytest_nor_pyarrow_for_a_jsonl_datas
     assert os.path.exists(tmp_path / "m" / "config.json")
 
 
+def test_reward_agreement_bench_scores_labelled_cases_it_is_given(tmp_path):
+    """bench/reward_agreement.py runs against today's dsrl.py (catches a renamed reward function): on three labelled
+    cases, one of them a miss of the official string scorer, its agreement column reads 1 for dsrl and 2/3 for it."""
+    cases = tmp_path / "cases.jsonl"
+    cases.write_text("".join(json.dumps(c) + "\n" for c in [
+        {"response": "so \\boxed{\\frac{2}{4}}", "gold": "0.5", "equal": True},
+        {"response": "\\boxed{3}", "gold": "3", "equal": True},
+        {"response": "\\boxed{4}", "gold": "3", "equal": False}]))
+    res = subprocess.run([sys.executable, os.path.join(HERE, "bench", "reward_agreement.py"), str(cases)],
+                         capture_output=True, text=True, timeout=HANG_S, cwd=HERE)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in res.stdout.splitlines()
+            if line.startswith("| ") and "agreement" not in line}
+    assert rows == {"dsrl.reward": "1.000", "official string scorer": "0.667"}, res.stdout
+    assert "right 2, wrong 1" in res.stdout
+
+
 def test_gpu_check_keeps_the_rows_of_a_section_that_crashes(tmp_path, monkeypatch):
     """Catches a crashed section (a CUDA error kills its process) losing the rows it had written: run_section
     returns them, marked partial, with the error line."""

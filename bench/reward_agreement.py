@@ -67,7 +67,7 @@ def main():
     import dsrl
     print(f"{len(cases)} cases, {sum(bool(c.get('ambiguous')) for c in cases)} ambiguous")
     print("| scorer | agreement | non-ambiguous | p50 | p99 | max |\n|---|---|---|---|---|---|")
-    measure("dsrl.math_reward", dsrl.math_reward, cases)
+    measure("dsrl.reward", lambda response, gold: dsrl.reward(response, gold)[0], cases)
     measure("official string scorer", dsrl.official_reward, cases)
     if a.math_verify:
         subprocess.run([a.math_verify, os.path.abspath(__file__), a.cases, "--only-math-verify"], check=True)

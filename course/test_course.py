@@ -299,8 +299,8 @@ def test_grader_json_and_a_wrong_solution(tmp_path):
         "exercise 1 group_advantages: PASS", res.stdout.strip().splitlines()[1], "score=1/2"], res.stdout + res.stderr
     assert res.stdout.strip().splitlines()[1].startswith("exercise 2 sample_mask: FAIL (")
     out = json.loads((tmp_path / "r.json").read_text())
-    assert (out["score"], out["max_score"]) == (grade.POINTS[1], grade.POINTS[1] + grade.POINTS[2])
-    assert [t["score"] for t in out["tests"]] == [grade.POINTS[1], 0] and out["tests"][1]["output"].startswith("FAIL (")
+    assert (out["score"], out["max_score"]) == (grade.POINTS["1"], grade.POINTS["1"] + grade.POINTS["2"])
+    assert [t["score"] for t in out["tests"]] == [grade.POINTS["1"], 0] and out["tests"][1]["output"].startswith("FAIL (")
 
 
 @pytest.mark.slow
@@ -344,7 +344,7 @@ def test_grader_all_grades_a_folder_of_submissions(tmp_path):
     (tmp_path / "subs" / "carol").mkdir()
     res = run_grade("--all", tmp_path / "subs", "--only", 1, 2, "--json", tmp_path / "all.json")
     assert res.returncode == 0, res.stderr
-    p1, p2 = grade.POINTS[1], grade.POINTS[2]
+    p1, p2 = grade.POINTS["1"], grade.POINTS["2"]
     assert res.stdout.strip().splitlines() == [
         "student\tex1\tex2\tpoints\tscore", f"alice\tPASS\tPASS\t{p1 + p2}/{p1 + p2}\t2/2",
         f"bob\tPASS\tFAIL\t{p1}/{p1 + p2}\t1/2", f"carol\tFAIL\tFAIL\t0/{p1 + p2}\t0/2"], res.stdout
@@ -370,8 +370,7 @@ STUDENT_BUGS = [  # (exercise, file, reference line, the same line with a plausi
     (3, "dsrl.py", "return token_logprobs(model, states, y, y_mask, temperature, chunk), y_mask",  # full vocabulary
      "return (model.lm_head(states).float() / temperature).log_softmax(-1).gather(-1, y[..., None]).squeeze(-1) * y_mask, y_mask"),
     (4, "dsrl.py", "start = torch.full((y.shape[0], 1), start_id,", "start = torch.full((y.shape[0], 1), pad,"),  # wrong token
-    (4, "dsrl.py", "position_ids=positions, use_cache=False).last_hidden_state",
-     "position_ids=positions, use_cache=False).last_hidden_state.detach()"),
+    (4, "dsrl.py", "use_cache=False).last_hidden_state\n", "use_cache=False).last_hidden_state.detach()\n"),
     (4, "dsrl.py", "return token_logprobs(model, hidden[:, :-1], y, y_mask, temperature, chunk), y_mask",  # full vocabulary
      "return (model.lm_head(hidden[:, :-1]).float() / temperature).log_softmax(-1).gather(-1, y[..., None]).squeeze(-1) * y_mask, y_mask"),
     (5, "dsrl.py", "dual = torch.minimum(loss, -adv * clip_dual)", "dual = loss"),  # no dual clip
@@ -379,8 +378,7 @@ STUDENT_BUGS = [  # (exercise, file, reference line, the same line with a plausi
     (5, "dsrl.py", "ratio.clamp(1 - clip_low, 1 + clip_high)", "ratio.clamp(1 - clip_high, 1 + clip_low)"),  # swapped
     (6, "dsrl.py", "return (per_token * mask).sum() / max(n_tokens, 1)",  # a mean per sequence
      "return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()"),
-    (7, "dsrl.py", 'MODES["grpo" if mode == "dsrl" and step > warmup_steps else mode]',  # off by one
-     'MODES["grpo" if mode == "dsrl" and step >= warmup_steps else mode]'),
+    (7, "dsrl.py", 'warm = mode == "dsrl" and step <= warmup_steps', 'warm = mode == "dsrl" and step < warmup_steps'),
     (7, "dsrl.py", 'coef=prerl_coef if space == "y" else 1.0', "coef=1.0"),  # the P(y) coefficient not applied
     (8, "eval.py", "    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))",
      "    return 1.0 - (1.0 - c / n) ** k"),  # biased pass@k
