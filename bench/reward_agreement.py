@@ -1,4 +1,4 @@
-"""Agreement and latency of dsrl's reward (dsrl.math_reward), the official string scorer and (optionally) math_verify.
+"""Agreement and latency of dsrl's reward (dsrl.reward), the official string scorer and (optionally) math_verify.
 
     python bench/reward_agreement.py [CASES.jsonl]        # default: testdata/answer_cases_dev.jsonl
     python bench/reward_agreement.py --math-verify /tmp/mv/bin/python
@@ -40,7 +40,7 @@ def measure(name, fn, cases):
     latencies.sort()
     ms = lambda q: 1000 * latencies[min(len(latencies) - 1, int(q * len(latencies)))]  # noqa: E731
     print(f"| {name} | {agree / len(cases):.3f} | {agree_clear / n_clear:.3f} | {ms(0.5):.2f} ms | "
-          f"{ms(0.99):.1f} ms | {1000 * latencies[-1]:.1f} ms |", flush=True)
+          f"{ms(0.99):.2f} ms | {1000 * latencies[-1]:.2f} ms |", flush=True)
 
 
 def math_verify_equal(response, gold):
