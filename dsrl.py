@@ -447,14 +447,14 @@ def _chunk_logprob(hidden, targets, weight, bias, temperature, stop_id=-1):
         logits = F.linear(hidden, weight, bias).float()  # (K, V); a bf16 weight per chunk: grads add up in fp32
     if temperature != 1.0:  # the official actor divides by the rollout temperature; at 1.0 skip the copy
         logits = logits / temperature
-    log_z = logits.logsumexp(-1)
-    logp = logits.gather(-1, targets[:, None]).squeeze(-1) - log_z  # (K,)
+    log_probs = logits.log_softmax(-1)  # its backward needs only its output: 3 (K, V) copies at the peak, not 5
+    logp = log_probs.gather(-1, targets[:, None]).squeeze(-1)  # (K,)
     if stop_id < 0:
         return logp, None
-    with torch.no_grad():  # as the official actor logs them; entropy = log Z - sum_v p_v z_v (verl's form)
-        p = (logits - log_z[:, None]).exp_()
+    with torch.no_grad():  # as the official actor logs them; entropy -sum_v p_v log p_v = verl's log Z - sum_v p_v z_v
+        p = log_probs.exp()
         top, stop = p.topk(3, -1).values, p[:, stop_id].clone()  # copies: p is reused below
-        entropy = log_z - p.mul_(logits).sum(-1)
+        entropy = -p.mul_(log_probs).sum(-1)
         return logp, torch.stack([entropy, logp, logp.exp(), *top.T, stop], 1)
 
 DIAGNOSTICS = {}  # policy_loss_backward sets "stop_id"; token_logprobs then adds each pass's per-token diagnostics

@@ -31,7 +31,7 @@ import torch
 # ---- One GPU: the memory plan -------------------------------------------------------------------------------
 GiB = 2 ** 30
 SAMPLER_LOGIT_COPIES = 4  # generate's per-step fp32 logits, scores, probabilities and top-p mask: (n, vocab) each
-CHUNK_COPIES = 4          # the checkpointed vocabulary chunk in backward: logits, recomputed logits, softmax, grad
+CHUNK_COPIES = 3          # the checkpointed vocabulary chunk in backward: log-softmax output, its gradient, gather's
 MARGIN = 0.10  # auto sizing and the flags the plan proposes leave this share of free memory unplanned (fragmentation)
 GQA_DECODE_FROM = (5, 23)  # transformers from 5.23 attends a decode step's query to the KV heads as cached
 
