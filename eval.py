@@ -508,7 +508,8 @@ def sampling_batch(model, name, prompts, k, max_new_tokens, most=0):
 def evaluate_benchmark(model, tokenizer, name, examples, k, max_new_tokens, temperature, top_p, dtype,
                        gen_batch_size, reward, official=False):
     """k samples per problem (official: per row) from P(y|x) -> (metrics, per-sample rows). model: the sampler
-    (dsrl.generation_copy); gen_batch_size: the most sequences per generate call, 0 = as many as fit (sampling_batch)."""
+    (dsrl.generation_copy); gen_batch_size: the most sequences per generate call, 0 = as many as fit
+    (sampling_batch)."""
     prompts = [dsrl.build_prompt(tokenizer, ex["messages"], 10 ** 9) for ex in examples]  # eval never cuts
     batch = sampling_batch(model, name, prompts, k, max_new_tokens, gen_batch_size)
     responses, truncated = dsrl.sample_responses(model, tokenizer, prompts, k, max_new_tokens, temperature, top_p,
@@ -765,7 +766,8 @@ def token_agreement(lx: list, ly: list) -> dict:
 def alignment_summary(per_rollout: list, lx: list, ly: list) -> dict:
     inner = [r["inner"] for r in per_rollout]
     cos = [r["cosine"] for r in per_rollout]
-    return {"rollouts": len(per_rollout), "inner_mean": statistics.mean(inner), "inner_median": statistics.median(inner),
+    return {"rollouts": len(per_rollout), "inner_mean": statistics.mean(inner),
+            "inner_median": statistics.median(inner),
             "cosine_mean": statistics.mean(cos), "cosine_median": statistics.median(cos),
             "negative_frac": sum(i < 0 for i in inner) / len(inner), **token_agreement(lx, ly)}
 
@@ -1094,7 +1096,8 @@ def add_sampling_flags(p, output):
 
 def build_parser():
     ex = lambda s: dict(formatter_class=argparse.RawDescriptionHelpFormatter, epilog="example:\n  " + s)
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     acc = sub.add_parser("accuracy", help="Avg@k, pass@k, maj@k per benchmark",
                          **ex("python eval.py accuracy --model Qwen/Qwen3-0.6B --benchmarks aime24,amc23 --k 32"))
@@ -1112,7 +1115,8 @@ def build_parser():
                         **ex("python eval.py sweep --warmup-steps 0,5,10,15,20,25 --protocol paper --output runs/sweep "
                              "-- --model Qwen/Qwen3-0.6B"))
     sw.add_argument("--warmup-steps", default="0,5,10,15,20,25", help="comma list of warm-up lengths W")
-    sw.add_argument("--output", default="runs/sweep", help="runs go to OUTPUT/warmup-W, the table (Markdown and JSON) there")
+    sw.add_argument("--output", default="runs/sweep",
+                    help="runs go to OUTPUT/warmup-W, the table (Markdown and JSON) there")
     sw.add_argument("--protocol", choices=list(PROTOCOLS), help="evaluation protocol of eval.py accuracy")
     for flag, kind in (("--benchmarks", str), ("--k", int), ("--max-new-tokens", int), ("--temperature", float),
                        ("--top-p", float), ("--limit", int), ("--device", str), ("--dtype", str),

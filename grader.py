@@ -201,7 +201,8 @@ _REPEATING_RE = re.compile(r'(\d*)\.(\d*)\\overline\{(\d{1,30})\}')
 _APPROX_RE = re.compile(r'\\approx|≈')
 _THOUSANDS_RE = re.compile(r'^[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?$')
 _MATRIX_RE = re.compile(r'^\\begin\{([pbvBV]?matrix|array)\}(?:\{[lcr|\s]*\})?(.*)\\end\{\1\}$', re.S)
-_BRACKETED_MATRIX_RE = re.compile(r'^(?:\(\s*(\\begin\{.*\})\s*\)|\[\s*(\\begin\{.*\})\s*\])$', re.S)  # [\begin{array}..]
+# a matrix inside ( ) or [ ]: (\begin{array}..)
+_BRACKETED_MATRIX_RE = re.compile(r'^(?:\(\s*(\\begin\{.*\})\s*\)|\[\s*(\\begin\{.*\})\s*\])$', re.S)
 _RELATION_RE = re.compile(r'\\leq?(?![a-zA-Z])|\\geq?(?![a-zA-Z])|\\[lg]t(?![a-zA-Z])|<=|>=|[<>=]|≤|≥')
 _UNION_RE = re.compile(r'\\cup(?![a-zA-Z])|∪')
 _TOKEN_RE = re.compile(r'(\d+\.?\d*|\.\d+)|\\([a-zA-Z]+)|([a-zA-Z])|(\S)')
@@ -433,7 +434,8 @@ def _text_form(s):
 
 def _choice(s, lower_case=False, last='E'):
     """A multiple-choice answer: "C", "(C)" or "(C) 12" (spaces may be gone: "(C)12") -> ("C", "12" or None);
-    letters A to `last`. A lower-case "(c)" only when lower_case (against another choice: alone it is the variable c)."""
+    letters A to `last`. A lower-case "(c)" only when lower_case (against another choice: alone it is the
+    variable c)."""
     both = 'A-%sa-%s' % (last, last.lower())
     letters = both if lower_case else 'A-' + last
     m = re.fullmatch(r'\(([%s])\)(?!\s*[-+*/^=,]|.*\([%s]\))\s*(.*)|([A-%s])' % (letters, both, last), s.strip(), re.S)
