@@ -2107,6 +2107,8 @@ def test_report_to_wandb_offline_logs_config_every_row_and_samples_and_resumes_t
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     metrics, out = tracked_run(tmp_path, tiny_model_dir, tiny_data, monkeypatch, "wandb")
+    import wandb
+    wandb.teardown()  # shuts the W&B service down: its run files are closed before they are read
     runs = [wandb_records(f) for f in (out / "wandb").glob("offline-run-*/run-*.wandb")]
     # in start order, read from the run records (folder names carry the start second and a suffix on a clash)
     runs.sort(key=lambda rs: min(r.run.start_time.ToNanoseconds() for r in rs if r.HasField("run")))
