@@ -447,7 +447,7 @@ def _chunk_logprob(hidden, targets, weight, bias, temperature, stop_id=-1):
         logits = F.linear(hidden, weight, bias).float()  # (K, V); a bf16 weight per chunk: grads add up in fp32
     if temperature != 1.0:  # the official actor divides by the rollout temperature; at 1.0 skip the copy
         logits = logits / temperature
-    log_probs = logits.log_softmax(-1)  # its backward needs only its output: 3 (K, V) copies at the peak, not 5
+    log_probs = logits.log_softmax(-1)  # backward keeps its output only: 3 (K, V) copies (bench/logprob_memory.py)
     logp = log_probs.gather(-1, targets[:, None]).squeeze(-1)  # (K,)
     if stop_id < 0:
         return logp, None
